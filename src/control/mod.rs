@@ -1,0 +1,129 @@
+//! The control file: TOML written by the host agent, parsed with every error's line and
+//! column, validated into a [`Config`].
+//!
+//! - `parse`: text → `RawConfig` (spans kept), collecting every error.
+//! - `validate`: `RawConfig` → [`Config`] (durations, CIDRs, ranges, duplicates, DNS).
+
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::addr::UpstreamAddr;
+
+mod parse;
+
+pub use parse::{load, parse_str};
+
+/// A validated control file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub relay: RelaySettings,
+    /// In file order; ports never overlap.
+    pub mappings: Vec<Mapping>,
+}
+
+/// `[relay]`: every key has a default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RelaySettings {
+    /// Addresses on which each mapped port is opened. Default `["0.0.0.0", "::"]`.
+    pub bind: Vec<IpAddr>,
+    /// Default empty.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Prometheus endpoint; `None` when `""`. Default `127.0.0.1:9477`.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Default 5s.
+    pub connect_timeout: Duration,
+    /// Default 3s.
+    pub proxy_header_timeout: Duration,
+    /// `None` when "0s" (the default): never.
+    pub idle_timeout: Option<Duration>,
+    /// `None` when "0s". Default 60s.
+    pub tcp_keepalive: Option<Duration>,
+    /// Default 10s.
+    pub shutdown_grace: Duration,
+    /// Whole relay. Default 100000.
+    pub max_connections: u32,
+    /// Default `Close`.
+    pub removed_mapping: RemovedMapping,
+    /// Default true.
+    pub watch: bool,
+    /// Pipes the relay may hold at once (2 fds each), shared out over the loops.
+    /// Default 1024. Added key (not in the contract's list).
+    pub max_pipes: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemovedMapping {
+    Close,
+    Keep,
+}
+
+/// One `[[map]]` entry: a host port or a range of them, forwarded to one instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mapping {
+    /// A single port is `p..=p`.
+    pub ports: RangeInclusive<u16>,
+    /// Upstream for the first port of `ports`; port `p` goes to `upstream.port() + (p - start)`.
+    pub upstream: UpstreamAddr,
+    /// Instance label; defaults to the first host port as text when the file gives none.
+    pub name: String,
+    /// Client CIDRs allowed. Default all (`0.0.0.0/0`, `::/0`).
+    pub allow: Vec<IpNet>,
+    /// Optional cap for this mapping (all its ports together).
+    pub max_connections: Option<u32>,
+}
+
+impl Mapping {
+    /// The upstream for host port `port`, which must be in `self.ports`.
+    pub fn upstream_for(&self, port: u16) -> UpstreamAddr {
+        debug_assert!(self.ports.contains(&port));
+        let mut addr = self.upstream.0;
+        addr.set_port(self.upstream.0.port() + (port - self.ports.start()));
+        UpstreamAddr(addr)
+    }
+
+    /// Whether `ip` (IPv4-mapped IPv6 counts as IPv4) is allowed by `allow`.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// One problem in a control file, located in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub col: usize,
+    pub message: String,
+}
+
+/// Every problem found in a control file, in file order. Displays one per line as
+/// `FILE:LINE:COL: message`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigErrors {
+    /// The path as given, for messages.
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl ConfigErrors {
+    pub fn render(&self) -> String {
+        self.errors
+            .iter()
+            .map(|e| format!("{}:{}:{}: {}", self.file, e.line, e.col, e.message))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_path(_: &Path) {}

@@ -1,0 +1,12 @@
+//! portrelay: a kernel-assisted TCP relay for SSH on multi-instance hosts.
+//!
+//! - [`cli`]: command line (clap).
+//! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
+//! - [`addr`]: address newtypes, so a signature says which end it means.
+//! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
+#![deny(unsafe_code)]
+
+pub mod addr;
+pub mod cli;
+pub mod control;
+pub mod relay;
