@@ -1,0 +1,364 @@
+//! One relayed connection: a client socket, an upstream socket and two directions
+//! (client→upstream, upstream→client), each moving bytes through a pipe or buffer lent by
+//! the loop's pool. Backend-agnostic: the loop feeds readiness in, this moves bytes.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+
+use super::pipe::{Hold, PipePool};
+use super::route::Route;
+use super::sys;
+use crate::addr::ClientAddr;
+
+/// Reads a direction may make in one turn before the loop serves other connections.
+const ROUNDS_PER_TURN: usize = 16;
+
+/// One end of a connection, with what the driver last told us about it.
+pub struct Side {
+    pub fd: OwnedFd,
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer reset it, or a syscall on it failed: nothing more can be sent.
+    pub dead: bool,
+}
+
+impl Side {
+    pub fn new(fd: OwnedFd) -> Side {
+        Side {
+            fd,
+            readable: false,
+            writable: false,
+            dead: false,
+        }
+    }
+}
+
+/// The states of one direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfState {
+    /// Moving bytes.
+    Open,
+    /// The source sent FIN: drain what is held, then shut down the destination's write side.
+    Eof,
+    /// FIN passed on to the destination.
+    Closed,
+    /// Ended by an error or reset; held bytes were dropped.
+    Aborted,
+}
+
+pub struct Direction {
+    pub state: HalfState,
+    hold: Option<Hold>,
+    in_flight: usize,
+    /// Bytes delivered to the destination (exact: counted from splice/send return values).
+    pub bytes: u64,
+}
+
+impl Direction {
+    fn new() -> Direction {
+        Direction {
+            state: HalfState::Open,
+            hold: None,
+            in_flight: 0,
+            bytes: 0,
+        }
+    }
+
+    fn ended(&self) -> bool {
+        matches!(self.state, HalfState::Closed | HalfState::Aborted)
+    }
+
+    /// Ends the direction abruptly, dropping any held bytes (a pipe with bytes is closed).
+    fn abort(&mut self, pool: &mut PipePool) {
+        self.state = HalfState::Aborted;
+        self.drop_hold(pool);
+    }
+
+    fn drop_hold(&mut self, pool: &mut PipePool) {
+        if let Some(h) = self.hold.take() {
+            if self.in_flight == 0 {
+                pool.give_back(h);
+            } else {
+                pool.discard(h);
+            }
+        }
+        self.in_flight = 0;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    ToUpstream,
+    ToClient,
+}
+
+/// What a turn of [`Connection::pump`] left to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Waiting for readiness (or finished).
+    Wait,
+    /// Still has work; serve others first, then come back.
+    Yield,
+}
+
+pub struct Connection {
+    pub client: Side,
+    pub upstream: Side,
+    pub connected: bool,
+    pub to_upstream: Direction,
+    pub to_client: Direction,
+    pub route: Arc<Route>,
+    pub client_addr: ClientAddr,
+    pub started: Instant,
+    pub last_active: Instant,
+    /// Which side sent FIN first: the reason of a clean end.
+    first_eof: Option<&'static str>,
+    /// The reason of an unclean end (`reset`, `error: …`), first one wins.
+    failure: Option<String>,
+}
+
+impl Connection {
+    pub fn new(
+        client: OwnedFd,
+        upstream: OwnedFd,
+        route: Arc<Route>,
+        client_addr: ClientAddr,
+        now: Instant,
+    ) -> Connection {
+        Connection {
+            client: Side::new(client),
+            upstream: Side::new(upstream),
+            connected: false,
+            to_upstream: Direction::new(),
+            to_client: Direction::new(),
+            route,
+            client_addr,
+            started: now,
+            last_active: now,
+            first_eof: None,
+            failure: None,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.to_upstream.ended() && self.to_client.ended()
+    }
+
+    /// Why the connection ended (meaningful once `is_done`).
+    pub fn reason(&self) -> &str {
+        self.failure
+            .as_deref()
+            .or(self.first_eof)
+            .unwrap_or("error: ended without cause")
+    }
+
+    pub fn duration(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.started)
+    }
+
+    /// Moves bytes both ways until each direction blocks, ends, or uses up its turn.
+    pub fn pump(&mut self, pool: &mut PipePool) -> Turn {
+        let a = self.pump_dir(Dir::ToUpstream, pool);
+        let b = self.pump_dir(Dir::ToClient, pool);
+        if a == Turn::Yield || b == Turn::Yield {
+            Turn::Yield
+        } else {
+            Turn::Wait
+        }
+    }
+
+    fn parts(&mut self, d: Dir) -> (&mut Side, &mut Side, &mut Direction, &mut Direction) {
+        match d {
+            Dir::ToUpstream => (
+                &mut self.client,
+                &mut self.upstream,
+                &mut self.to_upstream,
+                &mut self.to_client,
+            ),
+            Dir::ToClient => (
+                &mut self.upstream,
+                &mut self.client,
+                &mut self.to_client,
+                &mut self.to_upstream,
+            ),
+        }
+    }
+
+    fn pump_dir(&mut self, d: Dir, pool: &mut PipePool) -> Turn {
+        let (src, dst, dir, reverse) = self.parts(d);
+        let result = move_bytes(src, dst, dir, pool);
+        let eof_name = match d {
+            Dir::ToUpstream => "client_eof",
+            Dir::ToClient => "upstream_eof",
+        };
+        match result {
+            Ok(turn) => {
+                if dir.state != HalfState::Open && self.first_eof.is_none() {
+                    self.first_eof = Some(eof_name);
+                }
+                turn
+            }
+            Err(Failure::Read(e)) => {
+                // The source is gone: nothing more comes from it, nothing more reaches it.
+                src.dead = true;
+                dir.abort(pool);
+                reverse.abort(pool);
+                self.fail(&e);
+                Turn::Wait
+            }
+            Err(Failure::Write(e)) => {
+                // The destination is gone. What it sent before going may still be queued:
+                // let the reverse direction read it (it reports the reset when done).
+                dst.dead = true;
+                dst.readable = true;
+                dir.abort(pool);
+                self.fail(&e);
+                Turn::Yield
+            }
+        }
+    }
+
+    fn fail(&mut self, e: &io::Error) {
+        if self.failure.is_none() {
+            self.failure = Some(match e.raw_os_error() {
+                Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset".to_string(),
+                _ => format!("error: {e}"),
+            });
+        }
+    }
+
+    /// Ends the connection now, for `reason` (idle, shutdown, reload, connect errors).
+    pub fn abort(&mut self, reason: String, pool: &mut PipePool) {
+        self.failure.get_or_insert(reason);
+        self.to_upstream.abort(pool);
+        self.to_client.abort(pool);
+    }
+
+    /// Closes both sockets once the connection is done. A peer that got our FIN is closed
+    /// gracefully (its unread bytes are discarded first, so the kernel does not answer them
+    /// with a reset that would drop the tail of what we sent); a live peer whose other side
+    /// failed is reset, so it learns of the failure.
+    pub fn close(self, pool: &mut PipePool) {
+        let Connection {
+            client,
+            upstream,
+            mut to_upstream,
+            mut to_client,
+            ..
+        } = self;
+        to_upstream.drop_hold(pool);
+        to_client.drop_hold(pool);
+        close_side(client, &to_client, &to_upstream);
+        close_side(upstream, &to_upstream, &to_client);
+    }
+}
+
+fn close_side(side: Side, inbound: &Direction, outbound: &Direction) {
+    if side.dead {
+        return;
+    }
+    if inbound.state == HalfState::Closed {
+        if outbound.state != HalfState::Closed {
+            discard_unread(&side);
+        }
+        return;
+    }
+    let _ = SockRef::from(&side.fd).set_linger(Some(Duration::ZERO));
+}
+
+/// Reads and drops what a peer sent that will never be forwarded (bounded).
+fn discard_unread(side: &Side) {
+    let mut scratch = [0u8; 4096];
+    for _ in 0..16 {
+        match sys::recv(side.fd.as_raw_fd(), &mut scratch) {
+            Ok(n) if n > 0 => continue,
+            _ => return,
+        }
+    }
+}
+
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// The data path of one direction: drain what is held into `dst`, pass on EOF, refill from
+/// `src`; repeat until a socket blocks or the turn is used up. A hold is filled only when
+/// empty, so `EAGAIN` on a read always means "socket empty", never "pipe full".
+fn move_bytes(
+    src: &mut Side,
+    dst: &mut Side,
+    dir: &mut Direction,
+    pool: &mut PipePool,
+) -> Result<Turn, Failure> {
+    for _ in 0..ROUNDS_PER_TURN {
+        if dir.ended() {
+            return Ok(Turn::Wait);
+        }
+        if dir.in_flight > 0 {
+            if !dst.writable {
+                return Ok(Turn::Wait);
+            }
+            let hold = dir.hold.as_mut().expect("bytes in flight have a hold");
+            match hold.drain_to(dst.fd.as_raw_fd(), dir.in_flight) {
+                Ok(n) => {
+                    dir.in_flight -= n;
+                    dir.bytes += n as u64;
+                    if dir.in_flight > 0 {
+                        // A short write means the socket buffer is full; the kernel will
+                        // report it writable again (it set SOCK_NOSPACE).
+                        dst.writable = false;
+                        return Ok(Turn::Wait);
+                    }
+                }
+                Err(e) if would_block(&e) => {
+                    dst.writable = false;
+                    return Ok(Turn::Wait);
+                }
+                Err(e) => return Err(Failure::Write(e)),
+            }
+        }
+        if let Some(h) = dir.hold.take() {
+            pool.give_back(h);
+        }
+        if dir.state == HalfState::Eof {
+            // Everything is delivered: pass the half-close on, keep the other direction.
+            let _ = SockRef::from(&dst.fd).shutdown(Shutdown::Write);
+            dir.state = HalfState::Closed;
+            return Ok(Turn::Wait);
+        }
+        if !src.readable {
+            return Ok(Turn::Wait);
+        }
+        let mut hold = pool.take();
+        match hold.fill_from(src.fd.as_raw_fd()) {
+            Ok(0) => {
+                pool.give_back(hold);
+                dir.state = HalfState::Eof;
+            }
+            Ok(n) => {
+                dir.in_flight = n;
+                dir.hold = Some(hold);
+            }
+            Err(e) if would_block(&e) => {
+                pool.give_back(hold);
+                src.readable = false;
+                return Ok(Turn::Wait);
+            }
+            Err(e) => {
+                pool.give_back(hold);
+                return Err(Failure::Read(e));
+            }
+        }
+    }
+    Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
+}

@@ -1,0 +1,91 @@
+//! The small readiness interface between the event loop and its io backend. The loop (and
+//! the connection state machine in it) is written once against [`Driver`]; `uring.rs` and
+//! `epoll.rs` are its two implementations.
+
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::time::Duration;
+
+use socket2::SockAddr;
+
+/// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
+/// event for a reused slot is recognised as stale) and which operation or socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Key(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Tag {
+    Wake = 0,
+    Listener = 1,
+    Client = 2,
+    Upstream = 3,
+    /// io_uring only: completions of link timeouts and cancellations, ignored.
+    Ignore = 4,
+}
+
+impl Key {
+    pub fn new(tag: Tag, slot: u32, generation: u32) -> Key {
+        Key((slot as u64) << 32 | ((generation & 0xff_ffff) as u64) << 8 | tag as u64)
+    }
+    pub fn tag(self) -> Tag {
+        match self.0 & 0xff {
+            0 => Tag::Wake,
+            1 => Tag::Listener,
+            2 => Tag::Client,
+            3 => Tag::Upstream,
+            _ => Tag::Ignore,
+        }
+    }
+    pub fn slot(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    pub fn generation(self) -> u32 {
+        ((self.0 >> 8) & 0xff_ffff) as u32
+    }
+    pub fn with_tag(self, tag: Tag) -> Key {
+        Key(self.0 & !0xff | tag as u64)
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// A connection accepted on the listener named by the key (non-blocking, close-on-exec).
+    Accepted(Key, OwnedFd),
+    /// Accepting on that listener failed; the driver has stopped accepting on it.
+    AcceptFailed(Key, io::Error),
+    /// The upstream connect started with [`Driver::connect`] finished.
+    Connected(Key, io::Result<()>),
+    /// The socket named by the key may have changed state. Edge-like: it is reported when
+    /// the state changes, so the loop keeps its own readable/writable flags.
+    Ready { key: Key, readable: bool, writable: bool },
+    /// The driver stopped reporting on this socket on its own (io_uring: a multishot poll
+    /// ended); call `watch` again to go on.
+    Unwatched(Key),
+    /// The loop's eventfd was signalled.
+    Wake,
+}
+
+pub trait Driver {
+    /// Starts accepting on a listening socket; connections arrive as [`Event::Accepted`].
+    /// The listener may be shared with other loops: each accepted connection goes to one.
+    fn accept(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
+    /// Stops accepting on a listening socket. No `Accepted` with this key follows.
+    fn stop_accept(&mut self, key: Key, fd: RawFd);
+    /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
+    /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
+    /// is watched as by [`Driver::watch`].
+    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration);
+    /// Reports readiness changes of a connected socket as [`Event::Ready`] until `unwatch`.
+    /// (After a successful connect the upstream socket is already watched.)
+    fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
+    /// Stops reporting on `fd`, which the caller is about to close.
+    fn unwatch(&mut self, key: Key, fd: RawFd);
+    /// Waits up to `timeout` (forever if `None`) for events, appending them to `events`.
+    fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()>;
+    /// Ends every request still in the kernel before the loop exits, so that no socket
+    /// (a listener above all) outlives the process's intent to close it.
+    fn close(&mut self) {}
+    /// `"uring"` or `"epoll"`.
+    fn name(&self) -> &'static str;
+}

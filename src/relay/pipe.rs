@@ -1,0 +1,146 @@
+//! What a direction holds while bytes are in flight: a pipe (spliced, zero-copy) or, when
+//! the loop's pipe pool is dry, a buffer (recv/send). Both are lent by a per-loop pool and
+//! given back empty; a pipe that still holds bytes when its connection dies is closed,
+//! never pooled, so one tenant's bytes can never reach another's connection.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::sys;
+
+/// Size of a copy-path buffer.
+const BUFFER_SIZE: usize = 64 * 1024;
+/// Empty buffers a loop keeps for reuse; more are freed.
+const IDLE_BUFFERS: usize = 64;
+
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = sys::pipe()?;
+        let capacity = sys::pipe_capacity(&write)?;
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+}
+
+pub struct Buffer {
+    data: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+/// A direction's in-flight bytes live in exactly one of these.
+pub enum Hold {
+    Pipe(Pipe),
+    Buffer(Buffer),
+}
+
+impl Hold {
+    /// Moves bytes from socket `src` into the hold. Only called when the hold is empty, so
+    /// `EAGAIN` means the socket is empty, never that the pipe is full.
+    pub fn fill_from(&mut self, src: RawFd) -> io::Result<usize> {
+        match self {
+            Hold::Pipe(p) => sys::splice(src, p.write.as_raw_fd(), p.capacity),
+            Hold::Buffer(b) => {
+                b.start = 0;
+                let n = sys::recv(src, &mut b.data)?;
+                b.end = n;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Moves up to `len` held bytes into socket `dst`.
+    pub fn drain_to(&mut self, dst: RawFd, len: usize) -> io::Result<usize> {
+        match self {
+            Hold::Pipe(p) => sys::splice(p.read.as_raw_fd(), dst, len),
+            Hold::Buffer(b) => {
+                let n = sys::send(dst, &b.data[b.start..b.end])?;
+                b.start += n;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Per-loop pool of pipes (bounded) and buffers.
+pub struct PipePool {
+    idle: Vec<Pipe>,
+    buffers: Vec<Buffer>,
+    /// Pipes lent out and not yet returned or discarded.
+    in_use: usize,
+    /// Pipes this loop may hold at once, idle or in use.
+    max: usize,
+}
+
+impl PipePool {
+    pub fn new(max: usize) -> PipePool {
+        PipePool {
+            idle: Vec::new(),
+            buffers: Vec::new(),
+            in_use: 0,
+            max,
+        }
+    }
+
+    /// A pipe if the pool allows one, else a buffer. Never fails: the copy path is the floor.
+    pub fn take(&mut self) -> Hold {
+        if let Some(p) = self.idle.pop() {
+            self.in_use += 1;
+            return Hold::Pipe(p);
+        }
+        if self.in_use < self.max {
+            match Pipe::new() {
+                Ok(p) => {
+                    self.in_use += 1;
+                    return Hold::Pipe(p);
+                }
+                Err(e) => tracing::debug!(error = %e, "pipe creation failed; copying instead"),
+            }
+        }
+        let b = self.buffers.pop().unwrap_or_else(|| Buffer {
+            data: vec![0; BUFFER_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        });
+        Hold::Buffer(b)
+    }
+
+    /// Returns an empty hold.
+    pub fn give_back(&mut self, hold: Hold) {
+        match hold {
+            Hold::Pipe(p) => {
+                self.in_use -= 1;
+                self.idle.push(p);
+            }
+            Hold::Buffer(b) => {
+                if self.buffers.len() < IDLE_BUFFERS {
+                    self.buffers.push(b);
+                }
+            }
+        }
+    }
+
+    /// Drops a hold that may still contain bytes: a pipe is closed, not pooled.
+    pub fn discard(&mut self, hold: Hold) {
+        if let Hold::Pipe(_) = hold {
+            self.in_use -= 1;
+        }
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.len()
+    }
+}

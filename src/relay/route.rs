@@ -1,0 +1,100 @@
+//! What a listener leads to: the route of one host port (its upstream and its mapping's
+//! shared state), and the listening sockets themselves. Built by the control thread, shared
+//! read-only with the loops.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use ipnet::IpNet;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::addr::{ListenAddr, UpstreamAddr};
+use crate::control::Mapping;
+
+/// The state of one `[[map]]` entry that all its ports and loops share.
+#[derive(Debug)]
+pub struct MappingState {
+    pub name: String,
+    pub allow: Vec<IpNet>,
+    pub max_connections: Option<u32>,
+    /// Live connections of this mapping, over all its ports and loops.
+    pub active: AtomicU32,
+}
+
+impl MappingState {
+    pub fn new(m: &Mapping) -> MappingState {
+        MappingState {
+            name: m.name.clone(),
+            allow: m.allow.clone(),
+            max_connections: m.max_connections,
+            active: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether a client at `ip` may use this mapping (IPv4-mapped IPv6 counts as IPv4).
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Takes one connection slot of the mapping's cap, if one is free.
+    pub fn try_acquire(&self) -> bool {
+        let Some(max) = self.max_connections else {
+            self.active.fetch_add(1, Ordering::Relaxed);
+            return true;
+        };
+        self.active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok()
+    }
+
+    pub fn release(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One host port: where its connections go.
+#[derive(Debug)]
+pub struct Route {
+    pub port: u16,
+    pub upstream: UpstreamAddr,
+    pub upstream_sockaddr: SockAddr,
+    pub mapping: std::sync::Arc<MappingState>,
+}
+
+/// A listening socket for one host port on one bind address, shared by all loops (each
+/// accepts from it; the kernel hands each connection to one of them).
+#[derive(Debug)]
+pub struct Listener {
+    pub socket: Socket,
+    pub addr: ListenAddr,
+    pub port: u16,
+}
+
+impl Listener {
+    pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            // "::" must not also take the IPv4 port that "0.0.0.0" binds.
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        Ok(Listener {
+            socket,
+            addr: ListenAddr(addr),
+            port: addr.port(),
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
