@@ -3,10 +3,12 @@
 //! - [`cli`]: command line (clap).
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`addr`]: address newtypes, so a signature says which end it means.
+//! - [`metrics`]: metric names, handles, the `/metrics` endpoint.
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
 #![deny(unsafe_code)]
 
 pub mod addr;
 pub mod cli;
 pub mod control;
+pub mod metrics;
 pub mod relay;

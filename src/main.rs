@@ -61,16 +61,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Err(errors) => {
             // The same lines as `check`, on stderr, and exit 1.
             eprintln!("{errors}");
-            anyhow::bail!("{}: invalid control file; not starting", args.config.display());
+            anyhow::bail!(
+                "{}: invalid control file; not starting",
+                args.config.display()
+            );
         }
     };
     // Block the signals before any thread starts, so that only this thread takes them.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let backend = relay::choose_backend(args.io_backend)?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let metrics = portrelay::metrics::install()?;
+    portrelay::metrics::set_backend(backend.name());
     let relay = Relay::start(&config, backend, threads)?;
+    portrelay::metrics::set_generation(1, config.mappings.len());
+    if let Some(addr) = config.relay.metrics {
+        let local = portrelay::metrics::serve(addr, metrics)
+            .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+        tracing::info!(listen = %local, "metrics endpoint at /metrics");
+    }
     tracing::info!(
         backend = backend.name(),
         threads,
@@ -80,7 +92,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     for sig in signals.forever() {
         match sig {
-            SIGHUP => tracing::warn!("SIGHUP: live reload is not implemented yet; restart to apply changes"),
+            SIGHUP => tracing::warn!(
+                "SIGHUP: live reload is not implemented yet; restart to apply changes"
+            ),
             _ => {
                 tracing::info!(signal = sig, "shutting down: no new connections, draining");
                 break;

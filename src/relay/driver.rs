@@ -58,7 +58,11 @@ pub enum Event {
     Connected(Key, io::Result<()>),
     /// The socket named by the key may have changed state. Edge-like: it is reported when
     /// the state changes, so the loop keeps its own readable/writable flags.
-    Ready { key: Key, readable: bool, writable: bool },
+    Ready {
+        key: Key,
+        readable: bool,
+        writable: bool,
+    },
     /// The driver stopped reporting on this socket on its own (io_uring: a multishot poll
     /// ended); call `watch` again to go on.
     Unwatched(Key),
@@ -86,6 +90,4 @@ pub trait Driver {
     /// Ends every request still in the kernel before the loop exits, so that no socket
     /// (a listener above all) outlives the process's intent to close it.
     fn close(&mut self) {}
-    /// `"uring"` or `"epoll"`.
-    fn name(&self) -> &'static str;
 }

@@ -167,7 +167,9 @@ impl Driver for Epoll {
             timeout = Some(Duration::ZERO);
         }
         // Round up so that a deadline 0.3 ms away does not spin with a 0 ms timeout.
-        let ms = timeout.map_or(-1, |t| t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32);
+        let ms = timeout.map_or(-1, |t| {
+            t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        });
         self.events.clear();
         // SAFETY: the buffer has room for `capacity` events; the kernel writes at most that
         // many and we set the length to the count it returned.
@@ -201,14 +203,20 @@ impl Driver for Epoll {
                     }
                 }
                 _ => {
-                    let readable = bits & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                    let readable = bits
+                        & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
+                        != 0;
                     let writable = bits & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) != 0;
                     if writable {
                         if let Some((_, fd)) = self.connecting.remove(&key) {
                             out.push(Event::Connected(key, socket_error(fd)));
                         }
                     }
-                    out.push(Event::Ready { key, readable, writable });
+                    out.push(Event::Ready {
+                        key,
+                        readable,
+                        writable,
+                    });
                 }
             }
         }
@@ -225,10 +233,6 @@ impl Driver for Epoll {
             ));
         }
         Ok(())
-    }
-
-    fn name(&self) -> &'static str {
-        "epoll"
     }
 }
 

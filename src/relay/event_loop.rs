@@ -7,7 +7,6 @@ use std::collections::BinaryHeap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use super::route::{Listener, Route};
 use super::slab::Slab;
 use super::{Command, Mailbox, Shared};
 use crate::addr::ClientAddr;
+use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -49,6 +49,8 @@ pub struct EventLoop<D: Driver> {
     now: Instant,
     /// Set once shutdown began: when the grace period ends.
     drain_until: Option<Instant>,
+    /// This loop's pipe counts as last added to the relay-wide gauges.
+    published_pipes: (usize, usize),
 }
 
 impl<D: Driver> EventLoop<D> {
@@ -65,6 +67,7 @@ impl<D: Driver> EventLoop<D> {
             events: Vec::with_capacity(1024),
             now: Instant::now(),
             drain_until: None,
+            published_pipes: (0, 0),
         }
     }
 
@@ -72,6 +75,8 @@ impl<D: Driver> EventLoop<D> {
     pub fn run(mut self) -> io::Result<()> {
         let result = self.serve();
         self.driver.close();
+        self.pool = PipePool::new(0);
+        self.publish_pipes();
         result
     }
 
@@ -103,6 +108,21 @@ impl<D: Driver> EventLoop<D> {
             for key in std::mem::take(&mut self.pending) {
                 self.service(key);
             }
+            self.publish_pipes();
+        }
+    }
+
+    /// Adds this loop's change in pipe counts to the relay-wide gauges (no atomics when
+    /// nothing changed).
+    fn publish_pipes(&mut self) {
+        let now = (self.pool.in_use(), self.pool.idle());
+        if now != self.published_pipes {
+            let g = metrics::global();
+            g.pipes_in_use
+                .increment(now.0 as f64 - self.published_pipes.0 as f64);
+            g.pipes_idle
+                .increment(now.1 as f64 - self.published_pipes.1 as f64);
+            self.published_pipes = now;
         }
     }
 
@@ -122,8 +142,10 @@ impl<D: Driver> EventLoop<D> {
             Event::AcceptFailed(key, e) => {
                 if let Some(l) = self.listeners.get(key.slot(), key.generation()) {
                     tracing::warn!(listen = %l.listener.addr, error = %e, "accept failed; backing off");
-                    self.timers
-                        .push(Reverse((self.now + ACCEPT_BACKOFF, Timer::ResumeAccept(key.0))));
+                    self.timers.push(Reverse((
+                        self.now + ACCEPT_BACKOFF,
+                        Timer::ResumeAccept(key.0),
+                    )));
                 }
             }
             Event::Connected(key, result) => self.connected(key, result),
@@ -205,17 +227,17 @@ impl<D: Driver> EventLoop<D> {
         };
         let client_addr = ClientAddr(peer);
         if self.drain_until.is_some() {
-            return reject(client, client_addr, &route, "shutdown");
+            return reject(client, client_addr, &route, Rejection::Shutdown);
         }
         if !route.mapping.allows(peer.ip()) {
-            return reject(client, client_addr, &route, "acl");
+            return reject(client, client_addr, &route, Rejection::Acl);
         }
         if !self.shared.try_acquire() {
-            return reject(client, client_addr, &route, "limit");
+            return reject(client, client_addr, &route, Rejection::Limit);
         }
         if !route.mapping.try_acquire() {
             self.shared.release();
-            return reject(client, client_addr, &route, "limit");
+            return reject(client, client_addr, &route, Rejection::Limit);
         }
         let upstream = match self.upstream_socket(&route.upstream.0) {
             Ok(s) => s,
@@ -227,6 +249,7 @@ impl<D: Driver> EventLoop<D> {
             }
         };
         self.tune(&client);
+        route.metrics.accepted(Via::Direct);
         let conn = Connection::new(
             client.into(),
             upstream.into(),
@@ -283,9 +306,13 @@ impl<D: Driver> EventLoop<D> {
             Ok(()) => {
                 c.connected = true;
                 c.upstream.writable = true;
+                metrics::global()
+                    .connect_duration
+                    .record(c.duration(self.now).as_secs_f64());
                 self.service(key);
             }
             Err(e) => {
+                c.route.metrics.connect_failed(ConnectFailure::of(&e));
                 let reason = if e.kind() == io::ErrorKind::TimedOut {
                     "error: connect: timed out".to_string()
                 } else {
@@ -305,8 +332,13 @@ impl<D: Driver> EventLoop<D> {
         if !c.connected {
             return;
         }
+        let before = (c.to_upstream.bytes, c.to_client.bytes);
         let turn = c.pump(&mut self.pool);
         c.last_active = self.now;
+        let m = &c.route.metrics;
+        m.bytes_to_upstream
+            .increment(c.to_upstream.bytes - before.0);
+        m.bytes_to_client.increment(c.to_client.bytes - before.1);
         if c.is_done() {
             self.finish(key);
         } else if turn == Turn::Yield {
@@ -336,6 +368,8 @@ impl<D: Driver> EventLoop<D> {
             reason = c.reason(),
             "connection closed"
         );
+        r.metrics.active.decrement(1.0);
+        r.metrics.session.record(c.duration(self.now).as_secs_f64());
         r.mapping.release();
         self.shared.release();
         c.close(&mut self.pool);
@@ -390,16 +424,16 @@ impl<D: Driver> EventLoop<D> {
     }
 }
 
-/// Refuses a connection at once: a reset, so the client does not wait, and a log line.
-fn reject(client: Socket, client_addr: ClientAddr, route: &Route, reason: &'static str) {
+/// Refuses a connection at once: a reset, so the client does not wait; counted and logged.
+fn reject(client: Socket, client_addr: ClientAddr, route: &Route, why: Rejection) {
     let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
     drop(client);
+    route.metrics.rejected(why);
     tracing::info!(
         client = %client_addr,
         port = route.port,
         map = %route.mapping.name,
-        reason,
+        reason = why.label(),
         "connection rejected"
     );
-    let _ = Ordering::Relaxed;
 }

@@ -83,7 +83,9 @@ impl Shared {
     fn try_acquire(&self) -> bool {
         let max = self.settings.max_connections;
         self.active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -161,12 +163,7 @@ impl Relay {
             let state = Arc::new(MappingState::new(m));
             for port in m.ports.clone() {
                 let upstream = m.upstream_for(port);
-                let route = Arc::new(Route {
-                    port,
-                    upstream,
-                    upstream_sockaddr: upstream.0.into(),
-                    mapping: state.clone(),
-                });
+                let route = Arc::new(Route::new(port, upstream, state.clone()));
                 for ip in &config.relay.bind {
                     let addr = SocketAddr::new(*ip, port);
                     match Listener::bind(addr) {
@@ -176,6 +173,7 @@ impl Relay {
                             routes.push((l, route.clone()));
                         }
                         Err(e) => {
+                            metrics::counter!(crate::metrics::LISTEN_FAILURES, "port" => port.to_string()).increment(1);
                             tracing::error!(listen = %addr, map = %m.name, error = %e, "cannot listen")
                         }
                     }

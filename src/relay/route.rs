@@ -12,6 +12,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::addr::{ListenAddr, UpstreamAddr};
 use crate::control::Mapping;
+use crate::metrics::PortMetrics;
 
 /// The state of one `[[map]]` entry that all its ports and loops share.
 #[derive(Debug)]
@@ -46,7 +47,9 @@ impl MappingState {
             return true;
         };
         self.active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -55,13 +58,26 @@ impl MappingState {
     }
 }
 
-/// One host port: where its connections go.
+/// One host port: where its connections go, and what they count into.
 #[derive(Debug)]
 pub struct Route {
     pub port: u16,
     pub upstream: UpstreamAddr,
     pub upstream_sockaddr: SockAddr,
     pub mapping: std::sync::Arc<MappingState>,
+    pub metrics: PortMetrics,
+}
+
+impl Route {
+    pub fn new(port: u16, upstream: UpstreamAddr, mapping: std::sync::Arc<MappingState>) -> Route {
+        Route {
+            port,
+            upstream,
+            upstream_sockaddr: upstream.0.into(),
+            metrics: PortMetrics::new(&mapping.name, port),
+            mapping,
+        }
+    }
 }
 
 /// A listening socket for one host port on one bind address, shared by all loops (each

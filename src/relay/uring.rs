@@ -162,10 +162,9 @@ impl Uring {
                 if let Some(fd) = self.connecting.remove(&key) {
                     let result = match res {
                         0 => Ok(()),
-                        r if -r == libc::ECANCELED => Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "connect timed out",
-                        )),
+                        r if -r == libc::ECANCELED => {
+                            Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                        }
                         r => Err(io::Error::from_raw_os_error(-r)),
                     };
                     let ok = result.is_ok();
@@ -177,10 +176,15 @@ impl Uring {
                 }
                 if res >= 0 {
                     let bits = res as i16;
-                    let readable =
-                        bits & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+                    let readable = bits
+                        & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR)
+                        != 0;
                     let writable = bits & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
-                    out.push(Event::Ready { key, readable, writable });
+                    out.push(Event::Ready {
+                        key,
+                        readable,
+                        writable,
+                    });
                 }
                 if !more && res != -libc::ECANCELED {
                     out.push(Event::Unwatched(key));
@@ -250,7 +254,11 @@ impl Driver for Uring {
         };
         match self.ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
             Err(e) => return Err(e),
         }
         self.args.clear();
@@ -287,9 +295,5 @@ impl Driver for Uring {
         }
         self.listeners.clear();
         self.connecting.clear();
-    }
-
-    fn name(&self) -> &'static str {
-        "uring"
     }
 }

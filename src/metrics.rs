@@ -1,0 +1,391 @@
+//! Metric names, the registry (the `metrics` crate with the Prometheus recorder), the
+//! handles the data path counts with, and the `/metrics` endpoint.
+//!
+//! The hot path never looks a metric up: a route gets its counter handles once, when it is
+//! built, and counting is one relaxed atomic add on a handle.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const ACCEPTED: &str = "portrelay_connections_accepted_total";
+pub const ACTIVE: &str = "portrelay_connections_active";
+pub const REJECTED: &str = "portrelay_connections_rejected_total";
+pub const CONNECT_FAILURES: &str = "portrelay_upstream_connect_failures_total";
+pub const BYTES: &str = "portrelay_bytes_total";
+pub const SESSION_DURATION: &str = "portrelay_session_duration_seconds";
+pub const CONNECT_DURATION: &str = "portrelay_upstream_connect_duration_seconds";
+pub const RELOADS: &str = "portrelay_reloads_total";
+pub const GENERATION: &str = "portrelay_config_generation";
+pub const MAPPINGS: &str = "portrelay_mappings";
+pub const BACKEND_INFO: &str = "portrelay_io_backend_info";
+pub const PIPES: &str = "portrelay_pipes";
+pub const LISTEN_FAILURES: &str = "portrelay_listen_failures_total";
+
+/// Upstream connects take microseconds on a host bridge and seconds when an instance boots.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// SSH sessions last from a second (a failed login) to days.
+const SESSION_BUCKETS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0, 259200.0, 604800.0,
+];
+
+/// Why an accepted connection was refused (the `reason` label of [`REJECTED`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    Acl,
+    Limit,
+    ProxyHeader,
+    NoRoute,
+    Tls,
+    Shutdown,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 6] = [
+        Rejection::Acl,
+        Rejection::Limit,
+        Rejection::ProxyHeader,
+        Rejection::NoRoute,
+        Rejection::Tls,
+        Rejection::Shutdown,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::Acl => "acl",
+            Rejection::Limit => "limit",
+            Rejection::ProxyHeader => "proxy_header",
+            Rejection::NoRoute => "no_route",
+            Rejection::Tls => "tls",
+            Rejection::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a connection reached the relay (the `via` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Direct,
+    Proxy,
+    Tls,
+}
+
+impl Via {
+    pub fn label(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Proxy => "proxy",
+            Via::Tls => "tls",
+        }
+    }
+}
+
+/// Why an upstream connect failed (the `reason` label of [`CONNECT_FAILURES`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused,
+    Timeout,
+    Unreachable,
+    Other,
+}
+
+impl ConnectFailure {
+    pub fn of(e: &io::Error) -> ConnectFailure {
+        if e.kind() == io::ErrorKind::TimedOut {
+            return ConnectFailure::Timeout;
+        }
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => ConnectFailure::Refused,
+            Some(libc::ETIMEDOUT) => ConnectFailure::Timeout,
+            Some(libc::ENETUNREACH) | Some(libc::EHOSTUNREACH) | Some(libc::EHOSTDOWN) => {
+                ConnectFailure::Unreachable
+            }
+            _ => ConnectFailure::Other,
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
+/// The handles one host port counts with, labelled by its mapping's name and the port.
+#[derive(Debug)]
+pub struct PortMetrics {
+    accepted: [Counter; 3],
+    pub active: Gauge,
+    pub bytes_to_upstream: Counter,
+    pub bytes_to_client: Counter,
+    connect_failures: [Counter; 4],
+    rejected: [Counter; 6],
+    pub session: Histogram,
+}
+
+impl PortMetrics {
+    pub fn new(map: &str, port: u16) -> PortMetrics {
+        let (m, p) = (map.to_string(), port.to_string());
+        let accepted = [Via::Direct, Via::Proxy, Via::Tls].map(
+            |v| counter!(ACCEPTED, "map" => m.clone(), "port" => p.clone(), "via" => v.label()),
+        );
+        let connect_failures = [
+            ConnectFailure::Refused,
+            ConnectFailure::Timeout,
+            ConnectFailure::Unreachable,
+            ConnectFailure::Other,
+        ]
+        .map(|r| counter!(CONNECT_FAILURES, "map" => m.clone(), "port" => p.clone(), "reason" => r.label()));
+        PortMetrics {
+            accepted,
+            active: gauge!(ACTIVE, "map" => m.clone(), "port" => p.clone()),
+            bytes_to_upstream: counter!(BYTES, "map" => m.clone(), "port" => p.clone(), "direction" => "client_to_upstream"),
+            bytes_to_client: counter!(BYTES, "map" => m.clone(), "port" => p.clone(), "direction" => "upstream_to_client"),
+            connect_failures,
+            rejected: rejected_counters(port),
+            session: histogram!(SESSION_DURATION, "map" => m),
+        }
+    }
+
+    pub fn accepted(&self, via: Via) {
+        self.accepted[via as usize].increment(1);
+        self.active.increment(1.0);
+    }
+
+    pub fn connect_failed(&self, why: ConnectFailure) {
+        self.connect_failures[why as usize].increment(1);
+    }
+
+    pub fn rejected(&self, why: Rejection) {
+        self.rejected[why as usize].increment(1);
+    }
+}
+
+/// The rejection counters of one host port (`port`, `reason`).
+pub fn rejected_counters(port: u16) -> [Counter; 6] {
+    let p = port.to_string();
+    Rejection::ALL.map(|r| counter!(REJECTED, "port" => p.clone(), "reason" => r.label()))
+}
+
+/// Relay-wide handles.
+pub struct Global {
+    pub connect_duration: Histogram,
+    pub pipes_in_use: Gauge,
+    pub pipes_idle: Gauge,
+}
+
+pub fn global() -> &'static Global {
+    static GLOBAL: OnceLock<Global> = OnceLock::new();
+    GLOBAL.get_or_init(|| Global {
+        connect_duration: histogram!(CONNECT_DURATION),
+        pipes_in_use: gauge!(PIPES, "state" => "in_use"),
+        pipes_idle: gauge!(PIPES, "state" => "idle"),
+    })
+}
+
+pub fn reload(success: bool) {
+    counter!(RELOADS, "result" => if success { "success" } else { "failure" }).increment(1);
+}
+
+pub fn set_generation(generation: u64, mappings: usize) {
+    gauge!(GENERATION).set(generation as f64);
+    gauge!(MAPPINGS).set(mappings as f64);
+}
+
+pub fn set_backend(name: &'static str) {
+    gauge!(BACKEND_INFO, "backend" => name).set(1.0);
+}
+
+/// Installs the Prometheus recorder for the process, with help text and buckets.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full(SESSION_DURATION.into()), SESSION_BUCKETS)?
+        .install_recorder()?;
+    describe_counter!(
+        ACCEPTED,
+        "Connections accepted and forwarded upstream, by how they arrived."
+    );
+    describe_gauge!(ACTIVE, "Connections open now.");
+    describe_counter!(REJECTED, "Connections refused at once, by reason.");
+    describe_counter!(
+        CONNECT_FAILURES,
+        "Upstream connects that failed, by reason."
+    );
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes relayed, by direction; exact, spliced or copied."
+    );
+    describe_histogram!(
+        SESSION_DURATION,
+        Unit::Seconds,
+        "How long connections lasted."
+    );
+    describe_histogram!(CONNECT_DURATION, Unit::Seconds, "Time to connect upstream.");
+    describe_counter!(RELOADS, "Control-file reloads, by result.");
+    describe_gauge!(
+        GENERATION,
+        "Generation of the control file in force (1 at start)."
+    );
+    describe_gauge!(MAPPINGS, "Mappings in force.");
+    describe_gauge!(BACKEND_INFO, "The io backend in use (value 1).");
+    describe_gauge!(
+        PIPES,
+        "Pipes held by the loops: in use (bytes in flight) or idle in the pool."
+    );
+    describe_counter!(
+        LISTEN_FAILURES,
+        "Host ports that could not be opened (bind or listen failed)."
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors.");
+    describe_gauge!("process_max_fds", "The open-file limit.");
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory."
+    );
+    describe_gauge!(
+        "process_start_time_seconds",
+        Unit::Seconds,
+        "Start time, seconds since the epoch."
+    );
+    describe_counter!(
+        "process_cpu_seconds_total",
+        Unit::Seconds,
+        "CPU time, user and system."
+    );
+    gauge!("process_start_time_seconds").set(start_time().unwrap_or(0.0));
+    Ok(handle)
+}
+
+/// The process's own figures, read from /proc at scrape time.
+fn update_process_metrics() {
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        gauge!("process_open_fds").set(dir.count() as f64);
+    }
+    let page = 4096.0;
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
+        if let Some(rss) = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            gauge!("process_resident_memory_bytes").set(rss * page);
+        }
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
+            if let Some(v) = line
+                .split_whitespace()
+                .nth(3)
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                gauge!("process_max_fds").set(v);
+            }
+        }
+    }
+    if let Some((utime, stime)) = self_stat().map(|f| (f[11], f[12])) {
+        let ticks = 100.0;
+        counter!("process_cpu_seconds_total").absolute(((utime + stime) / ticks) as u64);
+    }
+}
+
+/// Fields of /proc/self/stat after the command name, as numbers (index 0 is `state`).
+fn self_stat() -> Option<Vec<f64>> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(
+        rest.split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect(),
+    )
+}
+
+fn start_time() -> Option<f64> {
+    let ticks = 100.0;
+    let start = self_stat()?.get(19).copied()? / ticks;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    Some(now - uptime + start)
+}
+
+/// Serves `GET /metrics` on `addr` from a thread of its own. Returns once it is listening.
+pub fn serve(addr: SocketAddr, handle: PrometheusHandle) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = respond(stream, &handle) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+        })?;
+    Ok(local)
+}
+
+/// One request, one response, then close: all a scraper needs.
+fn respond(stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?.take_limit());
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    // Skip the headers: a scrape has no body.
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 2 {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let mut out = stream;
+    if method == "GET" && path == "/metrics" {
+        update_process_metrics();
+        handle.run_upkeep();
+        let body = handle.render();
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        )
+    } else {
+        let body = "portrelay serves GET /metrics\n";
+        write!(
+            out,
+            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        )
+    }
+}
+
+/// Caps what a request may make us read (8 KiB).
+trait TakeLimit: io::Read + Sized {
+    fn take_limit(self) -> io::Take<Self> {
+        self.take(8192)
+    }
+}
+impl<R: io::Read> TakeLimit for R {}
