@@ -1,6 +1,10 @@
 //! portrelay: command line → settings → logging → run; errors → exit codes.
 
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -55,6 +59,13 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// What wakes the control thread.
+enum ControlEvent {
+    Signal(i32),
+    FileChanged,
+    WatchdogTick,
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = match control::load(&args.config) {
         Ok(c) => c,
@@ -67,7 +78,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             );
         }
     };
-    // Block the signals before any thread starts, so that only this thread takes them.
+    // Block the signals before any thread starts, so that only the signal thread takes them.
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let backend = relay::choose_backend(args.io_backend)?;
@@ -76,32 +87,118 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let metrics = portrelay::metrics::install()?;
     portrelay::metrics::set_backend(backend.name());
-    let relay = Relay::start(&config, backend, threads)?;
-    portrelay::metrics::set_generation(1, config.mappings.len());
-    if let Some(addr) = config.relay.metrics {
+    let metrics_addr = config.relay.metrics;
+    let watch = Arc::new(AtomicBool::new(config.relay.watch));
+    let mappings = config.mappings.len();
+    let mut relay = Relay::start(config, backend, threads)?;
+    let mut generation = 1u64;
+    portrelay::metrics::set_generation(generation, mappings);
+    if let Some(addr) = metrics_addr {
         let local = portrelay::metrics::serve(addr, metrics)
             .with_context(|| format!("metrics: cannot listen on {addr}"))?;
         tracing::info!(listen = %local, "metrics endpoint at /metrics");
     }
+
+    let (tx, rx) = mpsc::channel();
+    let signal_tx = tx.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if signal_tx.send(ControlEvent::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })?;
+    let watch_tx = Mutex::new(tx.clone());
+    if let Err(e) = control::watch::spawn(&args.config, watch.clone(), move || {
+        let _ = watch_tx
+            .lock()
+            .expect("watch sender")
+            .send(ControlEvent::FileChanged);
+    }) {
+        tracing::warn!(error = %e, "cannot watch the control file; SIGHUP still reloads");
+    }
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        let tick_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(interval / 2);
+                if tick_tx.send(ControlEvent::WatchdogTick).is_err() {
+                    return;
+                }
+            })?;
+    }
+    drop(tx);
+
     tracing::info!(
         backend = backend.name(),
         threads,
         listeners = relay.listener_count(),
-        mappings = config.mappings.len(),
+        mappings,
         "ready"
     );
-    for sig in signals.forever() {
-        match sig {
-            SIGHUP => tracing::warn!(
-                "SIGHUP: live reload is not implemented yet; restart to apply changes"
-            ),
-            _ => {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    for event in rx {
+        match event {
+            ControlEvent::Signal(SIGHUP) | ControlEvent::FileChanged => {
+                reload(&mut relay, &args.config, &mut generation, &watch)
+            }
+            ControlEvent::WatchdogTick => {
+                // Ping only while every loop answers: a stuck loop lets systemd restart us.
+                if relay.ping(Duration::from_secs(1)) {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+            ControlEvent::Signal(sig) => {
                 tracing::info!(signal = sig, "shutting down: no new connections, draining");
                 break;
             }
         }
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     relay.shutdown()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Loads the control file again and applies it; a file that fails keeps what runs.
+fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBool) {
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        reloading.push(now);
+    }
+    let _ = sd_notify::notify(&reloading);
+    let started = Instant::now();
+    match control::load(path) {
+        Err(errors) => {
+            for e in errors.render().lines() {
+                tracing::error!(error = e, "control file error");
+            }
+            portrelay::metrics::reload(false);
+            tracing::error!(
+                errors = errors.errors.len(),
+                generation = *generation,
+                "reload failed; the running mappings stay in force"
+            );
+        }
+        Ok(config) => {
+            let mappings = config.mappings.len();
+            watch.store(config.relay.watch, Ordering::Relaxed);
+            let applied = relay.apply(config);
+            *generation += 1;
+            portrelay::metrics::reload(true);
+            portrelay::metrics::set_generation(*generation, mappings);
+            tracing::info!(
+                generation = *generation,
+                mappings,
+                changed_ports = applied.changed_ports,
+                listen_failures = applied.failed.len(),
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                "reloaded"
+            );
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 }

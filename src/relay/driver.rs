@@ -87,6 +87,9 @@ pub trait Driver {
     fn unwatch(&mut self, key: Key, fd: RawFd);
     /// Waits up to `timeout` (forever if `None`) for events, appending them to `events`.
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()>;
+    /// Hands queued requests to the kernel now (a change must take effect before the
+    /// control thread is told it has).
+    fn flush(&mut self) {}
     /// Ends every request still in the kernel before the loop exits, so that no socket
     /// (a listener above all) outlives the process's intent to close it.
     fn close(&mut self) {}

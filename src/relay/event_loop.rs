@@ -3,7 +3,7 @@
 //! the control thread has woken the loop).
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,6 +19,7 @@ use super::route::{Listener, Route};
 use super::slab::Slab;
 use super::{Command, Mailbox, Shared};
 use crate::addr::ClientAddr;
+use crate::control::RelaySettings;
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
@@ -38,9 +39,11 @@ enum Timer {
 pub struct EventLoop<D: Driver> {
     driver: D,
     shared: Arc<Shared>,
+    settings: Arc<RelaySettings>,
     mailbox: Arc<Mailbox>,
     conns: Slab<Connection>,
     listeners: Slab<LoopListener>,
+    listener_keys: HashMap<SocketAddr, (u32, u32)>,
     pool: PipePool,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     /// Connections that used up their turn with work left.
@@ -54,13 +57,21 @@ pub struct EventLoop<D: Driver> {
 }
 
 impl<D: Driver> EventLoop<D> {
-    pub fn new(driver: D, shared: Arc<Shared>, mailbox: Arc<Mailbox>, max_pipes: usize) -> Self {
+    pub fn new(
+        driver: D,
+        shared: Arc<Shared>,
+        settings: Arc<RelaySettings>,
+        mailbox: Arc<Mailbox>,
+        max_pipes: usize,
+    ) -> Self {
         EventLoop {
             driver,
             shared,
+            settings,
             mailbox,
             conns: Slab::new(),
             listeners: Slab::new(),
+            listener_keys: HashMap::new(),
             pool: PipePool::new(max_pipes),
             timers: BinaryHeap::new(),
             pending: Vec::new(),
@@ -191,7 +202,9 @@ impl<D: Driver> EventLoop<D> {
     fn take_commands(&mut self) {
         for cmd in self.mailbox.take() {
             match cmd {
+                Command::Settings(settings) => self.settings = settings,
                 Command::Listen(listener, route) => {
+                    let addr = listener.addr.0;
                     let slot = self.listeners.insert(LoopListener {
                         listener: listener.clone(),
                         route,
@@ -200,18 +213,61 @@ impl<D: Driver> EventLoop<D> {
                     if let Err(e) = self.driver.accept(key, listener.fd()) {
                         tracing::error!(listen = %listener.addr, error = %e, "cannot accept");
                         self.listeners.remove(slot.0, slot.1);
+                    } else {
+                        self.listener_keys.insert(addr, slot);
                     }
                 }
-                Command::Shutdown { grace } => {
-                    let keys: Vec<_> = self.listeners.keys().collect();
-                    for (slot, generation) in keys {
-                        if let Some(l) = self.listeners.remove(slot, generation) {
-                            let key = Key::new(Tag::Listener, slot, generation);
-                            self.driver.stop_accept(key, l.listener.fd());
+                Command::Reroute(route) => {
+                    for ip in self.bind_ips_of(route.port) {
+                        let addr = SocketAddr::new(ip, route.port);
+                        if let Some(&(slot, generation)) = self.listener_keys.get(&addr) {
+                            if let Some(l) = self.listeners.get_mut(slot, generation) {
+                                l.route = route.clone();
+                            }
                         }
+                    }
+                }
+                Command::Unlisten(addr) => self.unlisten(addr),
+                Command::CloseRoutes(routes) => {
+                    let doomed: HashSet<*const Route> = routes.iter().map(Arc::as_ptr).collect();
+                    let keys: Vec<_> = self.conns.keys().collect();
+                    for (slot, generation) in keys {
+                        let c = self.conns.get_mut(slot, generation).expect("listed");
+                        if doomed.contains(&Arc::as_ptr(&c.route)) {
+                            c.abort("reload".to_string(), &mut self.pool);
+                            self.finish(Key::new(Tag::Client, slot, generation));
+                        }
+                    }
+                }
+                Command::Barrier(ack) => {
+                    self.driver.flush();
+                    let _ = ack.send(());
+                }
+                Command::Shutdown { grace } => {
+                    let addrs: Vec<_> = self.listener_keys.keys().copied().collect();
+                    for addr in addrs {
+                        self.unlisten(addr);
                     }
                     self.drain_until = Some(self.now + grace);
                 }
+            }
+        }
+    }
+
+    /// The addresses this loop listens on for `port` (the bind addresses of the file).
+    fn bind_ips_of(&self, port: u16) -> Vec<std::net::IpAddr> {
+        self.listener_keys
+            .keys()
+            .filter(|a| a.port() == port)
+            .map(|a| a.ip())
+            .collect()
+    }
+
+    fn unlisten(&mut self, addr: SocketAddr) {
+        if let Some((slot, generation)) = self.listener_keys.remove(&addr) {
+            if let Some(l) = self.listeners.remove(slot, generation) {
+                let key = Key::new(Tag::Listener, slot, generation);
+                self.driver.stop_accept(key, l.listener.fd());
             }
         }
     }
@@ -269,9 +325,9 @@ impl<D: Driver> EventLoop<D> {
             upstream_key,
             fd,
             &route.upstream_sockaddr,
-            self.shared.settings.connect_timeout,
+            self.settings.connect_timeout,
         );
-        if let Some(idle) = self.shared.settings.idle_timeout {
+        if let Some(idle) = self.settings.idle_timeout {
             self.timers
                 .push(Reverse((self.now + idle, Timer::Idle(client_key.0))));
         }
@@ -290,7 +346,7 @@ impl<D: Driver> EventLoop<D> {
     /// TCP_NODELAY (no Nagle delay on keystrokes) and keepalive, on both sides.
     fn tune(&self, s: &Socket) {
         let _ = s.set_nodelay(true);
-        if let Some(t) = self.shared.settings.tcp_keepalive {
+        if let Some(t) = self.settings.tcp_keepalive {
             let ka = TcpKeepalive::new()
                 .with_time(t)
                 .with_interval(t.min(Duration::from_secs(10)));
@@ -384,7 +440,7 @@ impl<D: Driver> EventLoop<D> {
             match timer {
                 Timer::Idle(k) => {
                     let key = Key(k);
-                    let Some(idle) = self.shared.settings.idle_timeout else {
+                    let Some(idle) = self.settings.idle_timeout else {
                         continue;
                     };
                     let Some(c) = self.conns.get_mut(key.slot(), key.generation()) else {

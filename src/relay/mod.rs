@@ -7,17 +7,19 @@
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::control::{Config, RelaySettings};
+use crate::control::diff::{self, PortChange};
+use crate::control::{Config, RelaySettings, RemovedMapping};
 
 mod connection;
 mod driver;
@@ -73,15 +75,15 @@ pub fn choose_backend(choice: BackendChoice) -> anyhow::Result<Backend> {
     }
 }
 
-/// What the loops share: settings and the relay-wide connection count.
+/// What the loops share: the relay-wide connection count and its cap.
 pub struct Shared {
-    pub settings: RelaySettings,
     active: AtomicU32,
+    max_connections: AtomicU32,
 }
 
 impl Shared {
     fn try_acquire(&self) -> bool {
-        let max = self.settings.max_connections;
+        let max = self.max_connections.load(Ordering::Relaxed);
         self.active
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
@@ -96,8 +98,18 @@ impl Shared {
 
 /// A change the control thread asks of a loop.
 pub enum Command {
+    /// Settings for connections accepted from now on.
+    Settings(Arc<RelaySettings>),
     /// Accept on this listener, routing its connections by `Route`.
     Listen(Arc<Listener>, Arc<Route>),
+    /// Route new connections of this host port by the new `Route` (same listeners).
+    Reroute(Arc<Route>),
+    /// Stop accepting on the listener at this address.
+    Unlisten(SocketAddr),
+    /// Close the live connections that were routed by any of these routes.
+    CloseRoutes(Vec<Arc<Route>>),
+    /// Reply once every command before this one is applied and submitted to the kernel.
+    Barrier(mpsc::Sender<()>),
     /// Stop accepting; let connections finish for up to `grace`, then close them.
     Shutdown { grace: Duration },
 }
@@ -116,8 +128,9 @@ impl Mailbox {
         })
     }
 
-    pub fn send(&self, cmd: Command) {
-        self.commands.lock().expect("mailbox lock").push(cmd);
+    /// Queues commands and wakes the loop once.
+    fn send(&self, cmds: impl IntoIterator<Item = Command>) {
+        self.commands.lock().expect("mailbox lock").extend(cmds);
         sys::eventfd_signal(self.wake.as_raw_fd());
     }
 
@@ -127,19 +140,30 @@ impl Mailbox {
     }
 }
 
-/// A running relay: its loops and what they listen on.
+/// What applying a control file did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Ports whose handling changed (opened, closed, retargeted, updated).
+    pub changed_ports: usize,
+    /// Listeners that could not be opened: address and why. Retried at the next apply.
+    pub failed: Vec<(SocketAddr, io::Error)>,
+}
+
+/// A running relay: its loops, and the listeners and routes of the file in force.
 pub struct Relay {
     pub backend: Backend,
     mailboxes: Vec<Arc<Mailbox>>,
     loops: Vec<JoinHandle<io::Result<()>>>,
-    listeners: Vec<Arc<Listener>>,
-    grace: Duration,
+    shared: Arc<Shared>,
+    config: Option<Config>,
+    listeners: HashMap<SocketAddr, Arc<Listener>>,
+    routes: HashMap<u16, Arc<Route>>,
 }
 
 impl Relay {
-    /// Opens every listener of `config`, starts `threads` loops on `backend`, and returns
-    /// once every loop is accepting. A port that cannot be opened is logged and skipped.
-    pub fn start(config: &Config, backend: Backend, threads: usize) -> anyhow::Result<Relay> {
+    /// Starts `threads` loops on `backend`, then applies `config`: returns once every loop
+    /// is accepting on every listener that could be opened (the others are logged).
+    pub fn start(config: Config, backend: Backend, threads: usize) -> anyhow::Result<Relay> {
         let nofile = sys::raise_nofile_limit().unwrap_or(0);
         // Each connection holds 2 fds; leave room for listeners, pipes and the rest.
         let fit = nofile.saturating_sub(256) / 2;
@@ -152,46 +176,26 @@ impl Relay {
             );
         }
         let shared = Arc::new(Shared {
-            settings: config.relay.clone(),
             active: AtomicU32::new(0),
+            max_connections: AtomicU32::new(config.relay.max_connections),
         });
         let threads = threads.max(1);
         let max_pipes = (config.relay.max_pipes as usize).div_ceil(threads);
-        let mut listeners = Vec::new();
-        let mut routes = Vec::new();
-        for m in &config.mappings {
-            let state = Arc::new(MappingState::new(m));
-            for port in m.ports.clone() {
-                let upstream = m.upstream_for(port);
-                let route = Arc::new(Route::new(port, upstream, state.clone()));
-                for ip in &config.relay.bind {
-                    let addr = SocketAddr::new(*ip, port);
-                    match Listener::bind(addr) {
-                        Ok(l) => {
-                            let l = Arc::new(l);
-                            listeners.push(l.clone());
-                            routes.push((l, route.clone()));
-                        }
-                        Err(e) => {
-                            metrics::counter!(crate::metrics::LISTEN_FAILURES, "port" => port.to_string()).increment(1);
-                            tracing::error!(listen = %addr, map = %m.name, error = %e, "cannot listen")
-                        }
-                    }
-                }
-            }
-        }
+        let settings = Arc::new(config.relay.clone());
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut mailboxes = Vec::new();
         let mut loops = Vec::new();
         for i in 0..threads {
             let mailbox = Arc::new(Mailbox::new()?);
-            for (l, r) in &routes {
-                mailbox.send(Command::Listen(l.clone(), r.clone()));
-            }
-            let (mb, sh, tx) = (mailbox.clone(), shared.clone(), ready_tx.clone());
+            let (mb, sh, st, tx) = (
+                mailbox.clone(),
+                shared.clone(),
+                settings.clone(),
+                ready_tx.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("loop-{i}"))
-                .spawn(move || run_loop(backend, sh, mb, max_pipes, tx))?;
+                .spawn(move || run_loop(backend, sh, st, mb, max_pipes, tx))?;
             mailboxes.push(mailbox);
             loops.push(handle);
         }
@@ -202,25 +206,181 @@ impl Relay {
                 .context("an event loop exited during start")?
                 .context("an event loop failed to start")?;
         }
-        Ok(Relay {
+        let mut relay = Relay {
             backend,
             mailboxes,
             loops,
-            listeners,
-            grace: config.relay.shutdown_grace,
-        })
+            shared,
+            config: None,
+            listeners: HashMap::new(),
+            routes: HashMap::new(),
+        };
+        relay.apply(config);
+        Ok(relay)
     }
 
     pub fn listener_count(&self) -> usize {
         self.listeners.len()
     }
 
+    /// Applies a validated control file by difference: opens listeners of new ports,
+    /// closes those of removed ones, reroutes changed ports in place (their listeners stay
+    /// open, so no connection is refused meanwhile), and applies `removed_mapping` to the
+    /// connections of removed and retargeted ports. Ports that do not change, and their
+    /// connections, are not touched. Returns once every loop has applied it.
+    pub fn apply(&mut self, new: Config) -> Applied {
+        let old_ports = self.config.as_ref().map(diff::ports).unwrap_or_default();
+        let changes: HashMap<u16, PortChange> = match &self.config {
+            Some(old) => diff::diff(old, &new).into_iter().collect(),
+            None => diff::ports(&new)
+                .keys()
+                .map(|p| (*p, PortChange::Open))
+                .collect(),
+        };
+
+        // Routes: unchanged ports keep theirs; changed ports get new ones, sharing one
+        // MappingState per [[map]] entry. An updated mapping keeps its live-connection
+        // count, so its cap still counts the connections it already has.
+        let mut states: HashMap<usize, Arc<MappingState>> = HashMap::new();
+        let mut routes: HashMap<u16, Arc<Route>> = HashMap::new();
+        for (port, (upstream, m)) in diff::ports(&new) {
+            let route = match (changes.get(&port), self.routes.get(&port)) {
+                (None, Some(r)) => r.clone(),
+                _ => {
+                    let idx = new
+                        .mappings
+                        .iter()
+                        .position(|x| std::ptr::eq(x, m))
+                        .expect("mapping of the file");
+                    let state = states.entry(idx).or_insert_with(|| {
+                        let carried = self
+                            .routes
+                            .get(m.ports.start())
+                            .filter(|r| r.upstream == m.upstream)
+                            .map(|r| r.mapping.active.clone());
+                        Arc::new(MappingState::new(m, carried))
+                    });
+                    Arc::new(Route::new(port, upstream, state.clone()))
+                }
+            };
+            routes.insert(port, route);
+        }
+
+        let mut cmds = vec![Command::Settings(Arc::new(new.relay.clone()))];
+        self.shared
+            .max_connections
+            .store(new.relay.max_connections, Ordering::Relaxed);
+
+        // Listeners: one per port and bind address; open what is missing (a port that
+        // failed before is retried here), close what is no longer asked for.
+        let wanted: HashSet<SocketAddr> = routes
+            .keys()
+            .flat_map(|p| {
+                new.relay
+                    .bind
+                    .iter()
+                    .map(move |ip| SocketAddr::new(*ip, *p))
+            })
+            .collect();
+        let mut applied = Applied {
+            changed_ports: changes.len(),
+            ..Applied::default()
+        };
+        for (port, change) in &changes {
+            if matches!(change, PortChange::Retarget | PortChange::Update) {
+                cmds.push(Command::Reroute(routes[port].clone()));
+            }
+        }
+        let mut to_open: Vec<SocketAddr> = wanted
+            .iter()
+            .filter(|a| !self.listeners.contains_key(a))
+            .copied()
+            .collect();
+        to_open.sort();
+        for addr in to_open {
+            match Listener::bind(addr) {
+                Ok(l) => {
+                    let l = Arc::new(l);
+                    cmds.push(Command::Listen(l.clone(), routes[&addr.port()].clone()));
+                    self.listeners.insert(addr, l);
+                }
+                Err(e) => {
+                    metrics::counter!(crate::metrics::LISTEN_FAILURES, "port" => addr.port().to_string())
+                        .increment(1);
+                    tracing::error!(listen = %addr, map = %routes[&addr.port()].mapping.name, error = %e, "cannot listen; will retry at the next reload");
+                    applied.failed.push((addr, e));
+                }
+            }
+        }
+        let gone: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in &gone {
+            cmds.push(Command::Unlisten(*addr));
+        }
+
+        // Live connections of removed and retargeted ports follow `removed_mapping`.
+        if new.relay.removed_mapping == RemovedMapping::Close {
+            let old_routes: Vec<Arc<Route>> = changes
+                .iter()
+                .filter(|(_, c)| matches!(c, PortChange::Close | PortChange::Retarget))
+                .filter_map(|(p, _)| self.routes.get(p).cloned())
+                .collect();
+            if !old_routes.is_empty() {
+                cmds.push(Command::CloseRoutes(old_routes));
+            }
+        }
+        drop(old_ports);
+
+        self.broadcast(cmds);
+        self.barrier();
+        for addr in gone {
+            self.listeners.remove(&addr);
+        }
+        self.routes = routes;
+        self.config = Some(new);
+        applied
+    }
+
+    /// Sends every loop the same commands (each loop gets its own clone of the Arcs).
+    fn broadcast(&self, cmds: Vec<Command>) {
+        for mb in &self.mailboxes {
+            mb.send(cmds.iter().map(Command::share));
+        }
+    }
+
+    /// Waits until every loop has applied what it was sent (bounded: a loop that does not
+    /// answer in 5 s is reported, not waited for forever).
+    fn barrier(&self) {
+        if !self.ping(Duration::from_secs(5)) {
+            tracing::error!("an event loop did not confirm a change within 5 s");
+        }
+    }
+
+    /// Whether every loop answers within `timeout` (the systemd watchdog's health check).
+    pub fn ping(&self, timeout: Duration) -> bool {
+        let (tx, rx) = mpsc::channel();
+        for mb in &self.mailboxes {
+            mb.send([Command::Barrier(tx.clone())]);
+        }
+        let deadline = Instant::now() + timeout;
+        self.mailboxes.iter().all(|_| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .is_ok()
+        })
+    }
+
     /// Stops accepting at once (listeners close), lets live connections finish for up to
     /// `shutdown_grace`, then closes the rest. Returns when every loop has ended.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
-        for mb in &self.mailboxes {
-            mb.send(Command::Shutdown { grace: self.grace });
-        }
+        let grace = self
+            .config
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.relay.shutdown_grace);
+        self.broadcast(vec![Command::Shutdown { grace }]);
         self.listeners.clear();
         for h in self.loops.drain(..) {
             h.join()
@@ -231,9 +391,25 @@ impl Relay {
     }
 }
 
+impl Command {
+    /// A copy of a broadcast command for one more loop.
+    fn share(&self) -> Command {
+        match self {
+            Command::Settings(s) => Command::Settings(s.clone()),
+            Command::Listen(l, r) => Command::Listen(l.clone(), r.clone()),
+            Command::Reroute(r) => Command::Reroute(r.clone()),
+            Command::Unlisten(a) => Command::Unlisten(*a),
+            Command::CloseRoutes(rs) => Command::CloseRoutes(rs.clone()),
+            Command::Barrier(tx) => Command::Barrier(tx.clone()),
+            Command::Shutdown { grace } => Command::Shutdown { grace: *grace },
+        }
+    }
+}
+
 fn run_loop(
     backend: Backend,
     shared: Arc<Shared>,
+    settings: Arc<RelaySettings>,
     mailbox: Arc<Mailbox>,
     max_pipes: usize,
     ready: mpsc::Sender<io::Result<()>>,
@@ -241,11 +417,11 @@ fn run_loop(
     let wake = mailbox.wake.as_raw_fd();
     let result = match backend {
         Backend::Uring => uring::Uring::new(wake).map(|d| {
-            let l = event_loop::EventLoop::new(d, shared, mailbox, max_pipes);
+            let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes);
             Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>
         }),
         Backend::Epoll => epoll::Epoll::new(wake).map(|d| {
-            let l = event_loop::EventLoop::new(d, shared, mailbox, max_pipes);
+            let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes);
             Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>
         }),
     };

@@ -6,6 +6,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -20,17 +21,18 @@ pub struct MappingState {
     pub name: String,
     pub allow: Vec<IpNet>,
     pub max_connections: Option<u32>,
-    /// Live connections of this mapping, over all its ports and loops.
-    pub active: AtomicU32,
+    /// Live connections of this mapping, over all its ports and loops; carried over when
+    /// a reload changes the mapping in place.
+    pub active: Arc<AtomicU32>,
 }
 
 impl MappingState {
-    pub fn new(m: &Mapping) -> MappingState {
+    pub fn new(m: &Mapping, active: Option<Arc<AtomicU32>>) -> MappingState {
         MappingState {
             name: m.name.clone(),
             allow: m.allow.clone(),
             max_connections: m.max_connections,
-            active: AtomicU32::new(0),
+            active: active.unwrap_or_default(),
         }
     }
 
@@ -64,12 +66,12 @@ pub struct Route {
     pub port: u16,
     pub upstream: UpstreamAddr,
     pub upstream_sockaddr: SockAddr,
-    pub mapping: std::sync::Arc<MappingState>,
+    pub mapping: Arc<MappingState>,
     pub metrics: PortMetrics,
 }
 
 impl Route {
-    pub fn new(port: u16, upstream: UpstreamAddr, mapping: std::sync::Arc<MappingState>) -> Route {
+    pub fn new(port: u16, upstream: UpstreamAddr, mapping: Arc<MappingState>) -> Route {
         Route {
             port,
             upstream,

@@ -276,6 +276,14 @@ impl Driver for Uring {
         Ok(())
     }
 
+    fn flush(&mut self) {
+        // Submit, and run completions (a cancelled accept releases its listener then).
+        let ts = types::Timespec::new();
+        let args = types::SubmitArgs::new().timespec(&ts);
+        let _ = self.ring.submitter().submit_with_args(1, &args);
+        self.args.clear();
+    }
+
     fn close(&mut self) {
         // Without this, a listener's file stays referenced by its multishot accept until the
         // kernel's asynchronous ring teardown, and a restarted relay finds its port taken.
