@@ -4,6 +4,8 @@
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`addr`]: address newtypes, so a signature says which end it means.
 //! - [`metrics`]: metric names, handles, the `/metrics` endpoint.
+//! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
+//! - [`tls`]: the TLS entry: certificates, SNI routing.
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
 #![deny(unsafe_code)]
 
@@ -11,4 +13,6 @@ pub mod addr;
 pub mod cli;
 pub mod control;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod relay;
+pub mod tls;

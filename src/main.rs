@@ -186,7 +186,15 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
         Ok(config) => {
             let mappings = config.mappings.len();
             watch.store(config.relay.watch, Ordering::Relaxed);
-            let applied = relay.apply(config);
+            let applied = match relay.apply(config) {
+                Ok(a) => a,
+                Err(e) => {
+                    portrelay::metrics::reload(false);
+                    tracing::error!(error = %format!("{e:#}"), generation = *generation, "reload failed; the running mappings stay in force");
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                    return;
+                }
+            };
             *generation += 1;
             portrelay::metrics::reload(true);
             portrelay::metrics::set_generation(*generation, mappings);

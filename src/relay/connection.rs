@@ -10,13 +10,17 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use rustls::ServerConnection;
+
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
 use super::sys;
+use super::tls_path;
 use crate::addr::ClientAddr;
+use crate::metrics::Via;
 
 /// Reads a direction may make in one turn before the loop serves other connections.
-const ROUNDS_PER_TURN: usize = 16;
+pub(super) const ROUNDS_PER_TURN: usize = 16;
 
 /// One end of a connection, with what the driver last told us about it.
 pub struct Side {
@@ -53,8 +57,8 @@ pub enum HalfState {
 
 pub struct Direction {
     pub state: HalfState,
-    hold: Option<Hold>,
-    in_flight: usize,
+    pub(super) hold: Option<Hold>,
+    pub(super) in_flight: usize,
     /// Bytes delivered to the destination (exact: counted from splice/send return values).
     pub bytes: u64,
 }
@@ -69,7 +73,7 @@ impl Direction {
         }
     }
 
-    fn ended(&self) -> bool {
+    pub(super) fn ended(&self) -> bool {
         matches!(self.state, HalfState::Closed | HalfState::Aborted)
     }
 
@@ -114,6 +118,10 @@ pub struct Connection {
     pub to_client: Direction,
     pub route: Arc<Route>,
     pub client_addr: ClientAddr,
+    pub via: Via,
+    /// The TLS session of a connection that came through a TLS entry: its client side is
+    /// encrypted, so both directions take the copy path through rustls.
+    pub tls: Option<Box<ServerConnection>>,
     pub started: Instant,
     pub last_active: Instant,
     /// Which side sent FIN first: the reason of a clean end.
@@ -124,20 +132,24 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(
-        client: OwnedFd,
+        client: Side,
         upstream: OwnedFd,
         route: Arc<Route>,
         client_addr: ClientAddr,
+        via: Via,
+        tls: Option<Box<ServerConnection>>,
         now: Instant,
     ) -> Connection {
         Connection {
-            client: Side::new(client),
+            client,
             upstream: Side::new(upstream),
             connected: false,
             to_upstream: Direction::new(),
             to_client: Direction::new(),
             route,
             client_addr,
+            via,
+            tls,
             started: now,
             last_active: now,
             first_eof: None,
@@ -172,8 +184,8 @@ impl Connection {
         }
     }
 
-    fn parts(&mut self, d: Dir) -> (&mut Side, &mut Side, &mut Direction, &mut Direction) {
-        match d {
+    fn pump_dir(&mut self, d: Dir, pool: &mut PipePool) -> Turn {
+        let (src, dst, dir, reverse) = match d {
             Dir::ToUpstream => (
                 &mut self.client,
                 &mut self.upstream,
@@ -186,12 +198,12 @@ impl Connection {
                 &mut self.to_client,
                 &mut self.to_upstream,
             ),
-        }
-    }
-
-    fn pump_dir(&mut self, d: Dir, pool: &mut PipePool) -> Turn {
-        let (src, dst, dir, reverse) = self.parts(d);
-        let result = move_bytes(src, dst, dir, pool);
+        };
+        let result = match (&mut self.tls, d) {
+            (None, _) => move_bytes(src, dst, dir, pool),
+            (Some(tls), Dir::ToUpstream) => tls_path::decrypt(src, dst, dir, tls, pool),
+            (Some(tls), Dir::ToClient) => tls_path::encrypt(src, dst, dir, tls),
+        };
         let eof_name = match d {
             Dir::ToUpstream => "client_eof",
             Dir::ToClient => "upstream_eof",
@@ -282,12 +294,59 @@ fn discard_unread(side: &Side) {
     }
 }
 
-enum Failure {
+pub(super) enum Failure {
     Read(io::Error),
     Write(io::Error),
 }
 
-fn would_block(e: &io::Error) -> bool {
+/// Whether a drain emptied the hold or must wait for the destination.
+pub(super) enum Drained {
+    Empty,
+    Blocked,
+}
+
+/// Moves held bytes into `dst`; gives the hold back to the pool once empty.
+pub(super) fn drain(
+    dst: &mut Side,
+    dir: &mut Direction,
+    pool: &mut PipePool,
+) -> Result<Drained, Failure> {
+    if dir.in_flight > 0 {
+        if !dst.writable {
+            return Ok(Drained::Blocked);
+        }
+        let hold = dir.hold.as_mut().expect("bytes in flight have a hold");
+        match hold.drain_to(dst.fd.as_raw_fd(), dir.in_flight) {
+            Ok(n) => {
+                dir.in_flight -= n;
+                dir.bytes += n as u64;
+                if dir.in_flight > 0 {
+                    // A short write means the socket buffer is full; the kernel will report
+                    // it writable again (it set SOCK_NOSPACE).
+                    dst.writable = false;
+                    return Ok(Drained::Blocked);
+                }
+            }
+            Err(e) if would_block(&e) => {
+                dst.writable = false;
+                return Ok(Drained::Blocked);
+            }
+            Err(e) => return Err(Failure::Write(e)),
+        }
+    }
+    if let Some(h) = dir.hold.take() {
+        pool.give_back(h);
+    }
+    Ok(Drained::Empty)
+}
+
+/// Passes a half-close on once everything before it is delivered.
+pub(super) fn pass_eof(dst: &Side, dir: &mut Direction) {
+    let _ = SockRef::from(&dst.fd).shutdown(Shutdown::Write);
+    dir.state = HalfState::Closed;
+}
+
+pub(super) fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
@@ -304,36 +363,12 @@ fn move_bytes(
         if dir.ended() {
             return Ok(Turn::Wait);
         }
-        if dir.in_flight > 0 {
-            if !dst.writable {
-                return Ok(Turn::Wait);
-            }
-            let hold = dir.hold.as_mut().expect("bytes in flight have a hold");
-            match hold.drain_to(dst.fd.as_raw_fd(), dir.in_flight) {
-                Ok(n) => {
-                    dir.in_flight -= n;
-                    dir.bytes += n as u64;
-                    if dir.in_flight > 0 {
-                        // A short write means the socket buffer is full; the kernel will
-                        // report it writable again (it set SOCK_NOSPACE).
-                        dst.writable = false;
-                        return Ok(Turn::Wait);
-                    }
-                }
-                Err(e) if would_block(&e) => {
-                    dst.writable = false;
-                    return Ok(Turn::Wait);
-                }
-                Err(e) => return Err(Failure::Write(e)),
-            }
-        }
-        if let Some(h) = dir.hold.take() {
-            pool.give_back(h);
+        if let Drained::Blocked = drain(dst, dir, pool)? {
+            return Ok(Turn::Wait);
         }
         if dir.state == HalfState::Eof {
             // Everything is delivered: pass the half-close on, keep the other direction.
-            let _ = SockRef::from(&dst.fd).shutdown(Shutdown::Write);
-            dir.state = HalfState::Closed;
+            pass_eof(dst, dir);
             return Ok(Turn::Wait);
         }
         if !src.readable {

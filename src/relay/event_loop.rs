@@ -10,29 +10,44 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ::metrics::Counter;
+use rustls::server::Acceptor;
+use rustls::ServerConnection;
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
 
-use super::connection::{Connection, Turn};
+use super::admission::{Pending, Stage, Step, TlsRoutes};
+use super::connection::{Connection, Side, Turn};
 use super::driver::{Driver, Event, Key, Tag};
 use super::pipe::PipePool;
 use super::route::{Listener, Route};
 use super::slab::Slab;
-use super::{Command, Mailbox, Shared};
+use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
 use crate::control::RelaySettings;
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a client at a TLS entry has to send its ClientHello and finish the handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct LoopListener {
     listener: Arc<Listener>,
-    route: Arc<Route>,
+    entrance: Entrance,
+}
+
+/// A slot of the loop's table: a client socket being admitted, or a relayed connection.
+enum Entry {
+    Pending(Pending),
+    Relay(Connection),
+    /// Only while an entry changes from one to the other, inside one call.
+    Moving,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Idle(u64),
+    Admission(u64),
     ResumeAccept(u64),
 }
 
@@ -41,9 +56,12 @@ pub struct EventLoop<D: Driver> {
     shared: Arc<Shared>,
     settings: Arc<RelaySettings>,
     mailbox: Arc<Mailbox>,
-    conns: Slab<Connection>,
+    entries: Slab<Entry>,
     listeners: Slab<LoopListener>,
     listener_keys: HashMap<SocketAddr, (u32, u32)>,
+    tls_routes: Arc<TlsRoutes>,
+    /// Rejection counters of TLS entry ports (mapped ports count through their route).
+    tls_rejected: HashMap<u16, [Counter; 6]>,
     pool: PipePool,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     /// Connections that used up their turn with work left.
@@ -69,9 +87,11 @@ impl<D: Driver> EventLoop<D> {
             shared,
             settings,
             mailbox,
-            conns: Slab::new(),
+            entries: Slab::new(),
             listeners: Slab::new(),
             listener_keys: HashMap::new(),
+            tls_routes: Arc::default(),
+            tls_rejected: HashMap::new(),
             pool: PipePool::new(max_pipes),
             timers: BinaryHeap::new(),
             pending: Vec::new(),
@@ -95,7 +115,7 @@ impl<D: Driver> EventLoop<D> {
         self.take_commands();
         loop {
             if let Some(until) = self.drain_until {
-                if self.conns.is_empty() {
+                if self.entries.is_empty() {
                     return Ok(());
                 }
                 if self.now >= until {
@@ -165,37 +185,43 @@ impl<D: Driver> EventLoop<D> {
                 readable,
                 writable,
             } => {
-                let Some(c) = self.conns.get_mut(key.slot(), key.generation()) else {
-                    return;
-                };
-                let side = if key.tag() == Tag::Client {
-                    &mut c.client
-                } else {
-                    &mut c.upstream
-                };
-                side.readable |= readable;
-                side.writable |= writable;
-                if c.connected {
-                    self.service(key);
+                if let Some(side) = self.side(key) {
+                    side.readable |= readable;
+                    side.writable |= writable;
+                    self.progress(key);
                 }
             }
             Event::Unwatched(key) => {
-                let Some(c) = self.conns.get_mut(key.slot(), key.generation()) else {
-                    return;
-                };
-                let side = if key.tag() == Tag::Client {
-                    &mut c.client
-                } else {
-                    &mut c.upstream
-                };
-                side.readable = true;
-                side.writable = true;
-                let fd = side.fd.as_raw_fd();
-                let _ = self.driver.watch(key, fd);
-                if c.connected {
-                    self.service(key);
+                if let Some(side) = self.side(key) {
+                    side.readable = true;
+                    side.writable = true;
+                    let fd = side.fd.as_raw_fd();
+                    let _ = self.driver.watch(key, fd);
+                    self.progress(key);
                 }
             }
+        }
+    }
+
+    /// The socket an event key names, if its entry is still there.
+    fn side(&mut self, key: Key) -> Option<&mut Side> {
+        match (
+            self.entries.get_mut(key.slot(), key.generation())?,
+            key.tag(),
+        ) {
+            (Entry::Pending(p), Tag::Client) => Some(&mut p.client),
+            (Entry::Relay(c), Tag::Client) => Some(&mut c.client),
+            (Entry::Relay(c), Tag::Upstream) => Some(&mut c.upstream),
+            _ => None,
+        }
+    }
+
+    /// Moves an entry on after a readiness change: admission or bytes.
+    fn progress(&mut self, key: Key) {
+        match self.entries.get(key.slot(), key.generation()) {
+            Some(Entry::Pending(_)) => self.advance(key),
+            Some(Entry::Relay(_)) => self.service(key),
+            _ => {}
         }
     }
 
@@ -203,11 +229,17 @@ impl<D: Driver> EventLoop<D> {
         for cmd in self.mailbox.take() {
             match cmd {
                 Command::Settings(settings) => self.settings = settings,
-                Command::Listen(listener, route) => {
+                Command::TlsRoutes(routes) => self.tls_routes = routes,
+                Command::Listen(listener, entrance) => {
                     let addr = listener.addr.0;
+                    if let Entrance::Tls(_) = entrance {
+                        self.tls_rejected
+                            .entry(addr.port())
+                            .or_insert_with(|| metrics::rejected_counters(addr.port()));
+                    }
                     let slot = self.listeners.insert(LoopListener {
                         listener: listener.clone(),
-                        route,
+                        entrance,
                     });
                     let key = Key::new(Tag::Listener, slot.0, slot.1);
                     if let Err(e) = self.driver.accept(key, listener.fd()) {
@@ -217,22 +249,21 @@ impl<D: Driver> EventLoop<D> {
                         self.listener_keys.insert(addr, slot);
                     }
                 }
-                Command::Reroute(route) => {
-                    for ip in self.bind_ips_of(route.port) {
-                        let addr = SocketAddr::new(ip, route.port);
-                        if let Some(&(slot, generation)) = self.listener_keys.get(&addr) {
-                            if let Some(l) = self.listeners.get_mut(slot, generation) {
-                                l.route = route.clone();
-                            }
+                Command::Enter(addr, entrance) => {
+                    if let Some(&(slot, generation)) = self.listener_keys.get(&addr) {
+                        if let Some(l) = self.listeners.get_mut(slot, generation) {
+                            l.entrance = entrance;
                         }
                     }
                 }
                 Command::Unlisten(addr) => self.unlisten(addr),
                 Command::CloseRoutes(routes) => {
                     let doomed: HashSet<*const Route> = routes.iter().map(Arc::as_ptr).collect();
-                    let keys: Vec<_> = self.conns.keys().collect();
+                    let keys: Vec<_> = self.entries.keys().collect();
                     for (slot, generation) in keys {
-                        let c = self.conns.get_mut(slot, generation).expect("listed");
+                        let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) else {
+                            continue;
+                        };
                         if doomed.contains(&Arc::as_ptr(&c.route)) {
                             c.abort("reload".to_string(), &mut self.pool);
                             self.finish(Key::new(Tag::Client, slot, generation));
@@ -254,15 +285,6 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    /// The addresses this loop listens on for `port` (the bind addresses of the file).
-    fn bind_ips_of(&self, port: u16) -> Vec<std::net::IpAddr> {
-        self.listener_keys
-            .keys()
-            .filter(|a| a.port() == port)
-            .map(|a| a.ip())
-            .collect()
-    }
-
     fn unlisten(&mut self, addr: SocketAddr) {
         if let Some((slot, generation)) = self.listener_keys.remove(&addr) {
             if let Some(l) = self.listeners.remove(slot, generation) {
@@ -276,60 +298,200 @@ impl<D: Driver> EventLoop<D> {
         let Some(l) = self.listeners.get(key.slot(), key.generation()) else {
             return;
         };
-        let route = l.route.clone();
-        let client = Socket::from(fd);
-        let Ok(Some(peer)) = client.peer_addr().map(|a| a.as_socket()) else {
+        let port = l.listener.port;
+        let entrance = l.entrance.clone();
+        let socket = Socket::from(fd);
+        let Ok(Some(peer)) = socket.peer_addr().map(|a| a.as_socket()) else {
             return; // gone already
         };
-        let client_addr = ClientAddr(peer);
+        let peer = ClientAddr(peer);
+        let client = Side::new(socket.into());
         if self.drain_until.is_some() {
-            return reject(client, client_addr, &route, Rejection::Shutdown);
+            let route = match &entrance {
+                Entrance::Mapped(r) => Some(r.clone()),
+                Entrance::Tls(_) => None,
+            };
+            return self.reject(client, peer, port, route, Rejection::Shutdown, "");
         }
-        if !route.mapping.allows(peer.ip()) {
-            return reject(client, client_addr, &route, Rejection::Acl);
+        let (stage, timeout) = match entrance {
+            Entrance::Mapped(route) => {
+                if !self.trusted(peer) {
+                    return self.admit_new(client, route, peer, Via::Direct);
+                }
+                (
+                    Stage::ProxyHeader { route },
+                    self.settings.proxy_header_timeout,
+                )
+            }
+            Entrance::Tls(endpoint) => (
+                Stage::TlsHello {
+                    acceptor: Box::<Acceptor>::default(),
+                    endpoint,
+                },
+                TLS_HANDSHAKE_TIMEOUT,
+            ),
+        };
+        let (slot, generation) = self.entries.insert(Entry::Pending(Pending {
+            client,
+            peer,
+            port,
+            stage,
+        }));
+        let key = Key::new(Tag::Client, slot, generation);
+        self.watch_client(key);
+        self.timers
+            .push(Reverse((self.now + timeout, Timer::Admission(key.0))));
+    }
+
+    fn trusted(&self, peer: ClientAddr) -> bool {
+        let ip = peer.0.ip().to_canonical();
+        self.settings
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&ip))
+    }
+
+    fn watch_client(&mut self, key: Key) {
+        let Some(side) = self.side(key) else { return };
+        let fd = side.fd.as_raw_fd();
+        if let Err(e) = self.driver.watch(key, fd) {
+            tracing::warn!(error = %e, "cannot watch client socket");
+        }
+    }
+
+    /// Admits a direct connection at once.
+    fn admit_new(&mut self, client: Side, route: Arc<Route>, addr: ClientAddr, via: Via) {
+        match self.admit(client, route, addr, via, None) {
+            Ok(conn) => {
+                let (slot, generation) = self.entries.insert(Entry::Relay(conn));
+                let key = Key::new(Tag::Client, slot, generation);
+                self.watch_client(key);
+                self.start_connect(key);
+            }
+            Err((client, route, why)) => {
+                let port = route.port;
+                self.reject(client, addr, port, Some(route), why, "")
+            }
+        }
+    }
+
+    /// Moves a pending entry on; admits, rejects or leaves it waiting.
+    fn advance(&mut self, key: Key) {
+        let Some(Entry::Pending(p)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        match p.advance(&self.tls_routes) {
+            Step::Wait => {}
+            Step::Reject { why, route, detail } => {
+                let p = self.remove_pending(key);
+                self.reject(p.client, p.peer, p.port, route, why, &detail);
+            }
+            Step::Admit {
+                route,
+                client_addr,
+                via,
+                tls,
+            } => {
+                let p = self.take_pending(key);
+                match self.admit(p.client, route, client_addr, via, tls) {
+                    Ok(conn) => {
+                        *self
+                            .entries
+                            .get_mut(key.slot(), key.generation())
+                            .expect("taken above") = Entry::Relay(conn);
+                        self.start_connect(key);
+                    }
+                    Err((client, route, why)) => {
+                        self.entries.remove(key.slot(), key.generation());
+                        // The kernel must let go of the socket for the reset to go out.
+                        self.driver.unwatch(key, client.fd.as_raw_fd());
+                        let port = route.port;
+                        self.reject(client, client_addr, port, Some(route), why, "");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a pending entry out of its slot, leaving the slot (and its key) in place.
+    /// A caller that does not put a connection back must remove the slot.
+    fn take_pending(&mut self, key: Key) -> Pending {
+        let entry = self
+            .entries
+            .get_mut(key.slot(), key.generation())
+            .expect("pending entry");
+        match std::mem::replace(entry, Entry::Moving) {
+            Entry::Pending(p) => p,
+            _ => unreachable!("take_pending on a pending entry"),
+        }
+    }
+
+    /// Removes a pending entry for good and stops watching its socket.
+    fn remove_pending(&mut self, key: Key) -> Pending {
+        let p = self.take_pending(key);
+        self.entries.remove(key.slot(), key.generation());
+        self.driver.unwatch(key, p.client.fd.as_raw_fd());
+        p
+    }
+
+    /// The checks every connection passes before it is relayed: `allow` (against the real
+    /// client address), then the relay-wide and per-mapping caps. Then the upstream socket.
+    #[allow(clippy::result_large_err)]
+    fn admit(
+        &mut self,
+        client: Side,
+        route: Arc<Route>,
+        addr: ClientAddr,
+        via: Via,
+        tls: Option<Box<ServerConnection>>,
+    ) -> Result<Connection, (Side, Arc<Route>, Rejection)> {
+        if !route.mapping.allows(addr.0.ip()) {
+            return Err((client, route, Rejection::Acl));
         }
         if !self.shared.try_acquire() {
-            return reject(client, client_addr, &route, Rejection::Limit);
+            return Err((client, route, Rejection::Limit));
         }
         if !route.mapping.try_acquire() {
             self.shared.release();
-            return reject(client, client_addr, &route, Rejection::Limit);
+            return Err((client, route, Rejection::Limit));
         }
         let upstream = match self.upstream_socket(&route.upstream.0) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(client = %client_addr, port = route.port, error = %e, "cannot create upstream socket");
+                tracing::warn!(client = %addr, port = route.port, error = %e, "cannot create upstream socket");
                 route.mapping.release();
                 self.shared.release();
-                return;
+                return Err((client, route, Rejection::Limit));
             }
         };
-        self.tune(&client);
-        route.metrics.accepted(Via::Direct);
-        let conn = Connection::new(
-            client.into(),
+        self.tune(&SockRef::from(&client.fd));
+        route.metrics.accepted(via);
+        Ok(Connection::new(
+            client,
             upstream.into(),
-            route.clone(),
-            client_addr,
+            route,
+            addr,
+            via,
+            tls,
             self.now,
-        );
-        let (slot, generation) = self.conns.insert(conn);
-        let c = self.conns.get_mut(slot, generation).expect("just inserted");
-        let client_key = Key::new(Tag::Client, slot, generation);
-        let upstream_key = Key::new(Tag::Upstream, slot, generation);
-        if let Err(e) = self.driver.watch(client_key, c.client.fd.as_raw_fd()) {
-            tracing::warn!(error = %e, "cannot watch client socket");
-        }
+        ))
+    }
+
+    fn start_connect(&mut self, key: Key) {
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
         let fd = c.upstream.fd.as_raw_fd();
+        let route = c.route.clone();
         self.driver.connect(
-            upstream_key,
+            key.with_tag(Tag::Upstream),
             fd,
             &route.upstream_sockaddr,
             self.settings.connect_timeout,
         );
         if let Some(idle) = self.settings.idle_timeout {
             self.timers
-                .push(Reverse((self.now + idle, Timer::Idle(client_key.0))));
+                .push(Reverse((self.now + idle, Timer::Idle(key.0))));
         }
     }
 
@@ -339,12 +501,12 @@ impl<D: Driver> EventLoop<D> {
             Type::STREAM.nonblocking().cloexec(),
             None,
         )?;
-        self.tune(&s);
+        self.tune(&SockRef::from(&s));
         Ok(s)
     }
 
     /// TCP_NODELAY (no Nagle delay on keystrokes) and keepalive, on both sides.
-    fn tune(&self, s: &Socket) {
+    fn tune(&self, s: &SockRef<'_>) {
         let _ = s.set_nodelay(true);
         if let Some(t) = self.settings.tcp_keepalive {
             let ka = TcpKeepalive::new()
@@ -355,7 +517,7 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn connected(&mut self, key: Key, result: io::Result<()>) {
-        let Some(c) = self.conns.get_mut(key.slot(), key.generation()) else {
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
             return;
         };
         match result {
@@ -382,7 +544,7 @@ impl<D: Driver> EventLoop<D> {
 
     /// Gives a connection a turn: moves bytes, then finishes it or queues it again.
     fn service(&mut self, key: Key) {
-        let Some(c) = self.conns.get_mut(key.slot(), key.generation()) else {
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
             return;
         };
         if !c.connected {
@@ -402,19 +564,22 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    /// Removes a done connection: unwatch, close, log.
+    /// Removes a done connection: unwatch, close, count, log.
     fn finish(&mut self, key: Key) {
-        let Some(c) = self.conns.remove(key.slot(), key.generation()) else {
+        let Some(entry) = self.entries.remove(key.slot(), key.generation()) else {
             return;
         };
-        let client_key = Key::new(Tag::Client, key.slot(), key.generation());
-        let upstream_key = Key::new(Tag::Upstream, key.slot(), key.generation());
-        self.driver.unwatch(client_key, c.client.fd.as_raw_fd());
-        self.driver.unwatch(upstream_key, c.upstream.fd.as_raw_fd());
+        let Entry::Relay(c) = entry else {
+            return;
+        };
+        self.driver
+            .unwatch(key.with_tag(Tag::Client), c.client.fd.as_raw_fd());
+        self.driver
+            .unwatch(key.with_tag(Tag::Upstream), c.upstream.fd.as_raw_fd());
         let r = &c.route;
         tracing::info!(
             client = %c.client_addr,
-            via = "direct",
+            via = c.via.label(),
             port = r.port,
             map = %r.mapping.name,
             upstream = %r.upstream,
@@ -431,6 +596,65 @@ impl<D: Driver> EventLoop<D> {
         c.close(&mut self.pool);
     }
 
+    /// Refuses a connection at once: a reset, so the client does not wait; counted and
+    /// logged. The client must not be watched (or its watch already cancelled).
+    fn reject(
+        &mut self,
+        client: Side,
+        addr: ClientAddr,
+        port: u16,
+        route: Option<Arc<Route>>,
+        why: Rejection,
+        detail: &str,
+    ) {
+        let _ = SockRef::from(&client.fd).set_linger(Some(Duration::ZERO));
+        drop(client);
+        match &route {
+            Some(r) => r.metrics.rejected(why),
+            None => {
+                if let Some(c) = self.tls_rejected.get(&port) {
+                    c[why as usize].increment(1);
+                }
+            }
+        }
+        tracing::info!(
+            client = %addr,
+            port,
+            map = route.as_ref().map_or("", |r| r.mapping.name.as_str()),
+            reason = why.label(),
+            detail,
+            "connection rejected"
+        );
+    }
+
+    /// Ends an admission that ran out of time (or the relay is shutting down).
+    fn expire_pending(&mut self, key: Key) {
+        if !matches!(
+            self.entries.get(key.slot(), key.generation()),
+            Some(Entry::Pending(_))
+        ) {
+            return;
+        }
+        let p = self.remove_pending(key);
+        let (why, route, detail) = match p.stage {
+            Stage::ProxyHeader { route } => (
+                Rejection::ProxyHeader,
+                Some(route),
+                "no PROXY header in time",
+            ),
+            Stage::TlsHandshake { route, .. } => {
+                (Rejection::Tls, Some(route), "TLS handshake timed out")
+            }
+            _ => (Rejection::Tls, None, "TLS handshake timed out"),
+        };
+        let why = if self.drain_until.is_some() {
+            Rejection::Shutdown
+        } else {
+            why
+        };
+        self.reject(p.client, p.peer, p.port, route, why, detail);
+    }
+
     fn run_timers(&mut self) {
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             if at > self.now {
@@ -443,7 +667,8 @@ impl<D: Driver> EventLoop<D> {
                     let Some(idle) = self.settings.idle_timeout else {
                         continue;
                     };
-                    let Some(c) = self.conns.get_mut(key.slot(), key.generation()) else {
+                    let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation())
+                    else {
                         continue;
                     };
                     let due = c.last_active + idle;
@@ -454,6 +679,7 @@ impl<D: Driver> EventLoop<D> {
                         self.timers.push(Reverse((due, Timer::Idle(k))));
                     }
                 }
+                Timer::Admission(k) => self.expire_pending(Key(k)),
                 Timer::ResumeAccept(k) => {
                     let key = Key(k);
                     if let Some(l) = self.listeners.get(key.slot(), key.generation()) {
@@ -470,26 +696,17 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn close_all(&mut self, reason: &str) {
-        let keys: Vec<_> = self.conns.keys().collect();
+        let keys: Vec<_> = self.entries.keys().collect();
         for (slot, generation) in keys {
-            if let Some(c) = self.conns.get_mut(slot, generation) {
-                c.abort(reason.to_string(), &mut self.pool);
-                self.finish(Key::new(Tag::Client, slot, generation));
+            let key = Key::new(Tag::Client, slot, generation);
+            match self.entries.get_mut(slot, generation) {
+                Some(Entry::Relay(c)) => {
+                    c.abort(reason.to_string(), &mut self.pool);
+                    self.finish(key);
+                }
+                Some(Entry::Pending(_)) => self.expire_pending(key),
+                _ => {}
             }
         }
     }
-}
-
-/// Refuses a connection at once: a reset, so the client does not wait; counted and logged.
-fn reject(client: Socket, client_addr: ClientAddr, route: &Route, why: Rejection) {
-    let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-    drop(client);
-    route.metrics.rejected(why);
-    tracing::info!(
-        client = %client_addr,
-        port = route.port,
-        map = %route.mapping.name,
-        reason = why.label(),
-        "connection rejected"
-    );
 }

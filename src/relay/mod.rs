@@ -20,7 +20,9 @@ use anyhow::Context;
 
 use crate::control::diff::{self, PortChange};
 use crate::control::{Config, RelaySettings, RemovedMapping};
+use crate::tls::{self, TlsEndpoint};
 
+mod admission;
 mod connection;
 mod driver;
 mod epoll;
@@ -28,7 +30,8 @@ mod event_loop;
 mod pipe;
 mod route;
 mod slab;
-mod sys;
+pub(crate) mod sys;
+mod tls_path;
 mod uring;
 
 pub use route::{Listener, MappingState, Route};
@@ -96,14 +99,23 @@ impl Shared {
     }
 }
 
+/// What a listener leads to: one mapped host port, or a TLS entry routing by SNI.
+#[derive(Clone)]
+pub enum Entrance {
+    Mapped(Arc<Route>),
+    Tls(Arc<TlsEndpoint>),
+}
+
 /// A change the control thread asks of a loop.
 pub enum Command {
     /// Settings for connections accepted from now on.
     Settings(Arc<RelaySettings>),
-    /// Accept on this listener, routing its connections by `Route`.
-    Listen(Arc<Listener>, Arc<Route>),
-    /// Route new connections of this host port by the new `Route` (same listeners).
-    Reroute(Arc<Route>),
+    /// Where TLS entries route each SNI name, from now on.
+    TlsRoutes(Arc<admission::TlsRoutes>),
+    /// Accept on this listener.
+    Listen(Arc<Listener>, Entrance),
+    /// New connections of the listener at this address go this way (same listener).
+    Enter(SocketAddr, Entrance),
     /// Stop accepting on the listener at this address.
     Unlisten(SocketAddr),
     /// Close the live connections that were routed by any of these routes.
@@ -215,7 +227,7 @@ impl Relay {
             listeners: HashMap::new(),
             routes: HashMap::new(),
         };
-        relay.apply(config);
+        relay.apply(config)?;
         Ok(relay)
     }
 
@@ -228,7 +240,14 @@ impl Relay {
     /// open, so no connection is refused meanwhile), and applies `removed_mapping` to the
     /// connections of removed and retargeted ports. Ports that do not change, and their
     /// connections, are not touched. Returns once every loop has applied it.
-    pub fn apply(&mut self, new: Config) -> Applied {
+    pub fn apply(&mut self, new: Config) -> anyhow::Result<Applied> {
+        // Everything that can fail on the file's account fails here, before any change.
+        let mut endpoints = Vec::new();
+        for entry in &new.tls {
+            let endpoint = TlsEndpoint::load(entry)
+                .with_context(|| format!("[[tls]] listen = \"{}\"", entry.listen))?;
+            endpoints.push((entry.listen, Arc::new(endpoint)));
+        }
         let old_ports = self.config.as_ref().map(diff::ports).unwrap_or_default();
         let changes: HashMap<u16, PortChange> = match &self.config {
             Some(old) => diff::diff(old, &new).into_iter().collect(),
@@ -286,36 +305,58 @@ impl Relay {
             changed_ports: changes.len(),
             ..Applied::default()
         };
-        for (port, change) in &changes {
-            if matches!(change, PortChange::Retarget | PortChange::Update) {
-                cmds.push(Command::Reroute(routes[port].clone()));
+        let mut entrances: HashMap<SocketAddr, Entrance> = wanted
+            .iter()
+            .map(|a| (*a, Entrance::Mapped(routes[&a.port()].clone())))
+            .collect();
+        for (listen, endpoint) in &endpoints {
+            entrances.insert(*listen, Entrance::Tls(endpoint.clone()));
+        }
+        // Changed ports keep their listeners and take the new route; TLS entries take their
+        // reloaded certificates.
+        for (addr, entrance) in &entrances {
+            let changed = match entrance {
+                Entrance::Mapped(_) => matches!(
+                    changes.get(&addr.port()),
+                    Some(PortChange::Retarget | PortChange::Update)
+                ),
+                Entrance::Tls(_) => true,
+            };
+            if changed && self.listeners.contains_key(addr) {
+                cmds.push(Command::Enter(*addr, entrance.clone()));
             }
         }
-        let mut to_open: Vec<SocketAddr> = wanted
-            .iter()
+        let mut to_open: Vec<SocketAddr> = entrances
+            .keys()
             .filter(|a| !self.listeners.contains_key(a))
             .copied()
             .collect();
         to_open.sort();
         for addr in to_open {
+            let entrance = entrances[&addr].clone();
             match Listener::bind(addr) {
                 Ok(l) => {
                     let l = Arc::new(l);
-                    cmds.push(Command::Listen(l.clone(), routes[&addr.port()].clone()));
+                    cmds.push(Command::Listen(l.clone(), entrance));
                     self.listeners.insert(addr, l);
                 }
                 Err(e) => {
                     metrics::counter!(crate::metrics::LISTEN_FAILURES, "port" => addr.port().to_string())
                         .increment(1);
-                    tracing::error!(listen = %addr, map = %routes[&addr.port()].mapping.name, error = %e, "cannot listen; will retry at the next reload");
+                    let what = match &entrance {
+                        Entrance::Mapped(r) => r.mapping.name.clone(),
+                        Entrance::Tls(_) => "[[tls]]".to_string(),
+                    };
+                    tracing::error!(listen = %addr, map = %what, error = %e, "cannot listen; will retry at the next reload");
                     applied.failed.push((addr, e));
                 }
             }
         }
+        cmds.push(Command::TlsRoutes(Arc::new(tls_routes(&new, &routes))));
         let gone: Vec<SocketAddr> = self
             .listeners
             .keys()
-            .filter(|a| !wanted.contains(a))
+            .filter(|a| !entrances.contains_key(a))
             .copied()
             .collect();
         for addr in &gone {
@@ -342,7 +383,7 @@ impl Relay {
         }
         self.routes = routes;
         self.config = Some(new);
-        applied
+        Ok(applied)
     }
 
     /// Sends every loop the same commands (each loop gets its own clone of the Arcs).
@@ -396,14 +437,29 @@ impl Command {
     fn share(&self) -> Command {
         match self {
             Command::Settings(s) => Command::Settings(s.clone()),
-            Command::Listen(l, r) => Command::Listen(l.clone(), r.clone()),
-            Command::Reroute(r) => Command::Reroute(r.clone()),
+            Command::TlsRoutes(r) => Command::TlsRoutes(r.clone()),
+            Command::Listen(l, e) => Command::Listen(l.clone(), e.clone()),
+            Command::Enter(a, e) => Command::Enter(*a, e.clone()),
             Command::Unlisten(a) => Command::Unlisten(*a),
             Command::CloseRoutes(rs) => Command::CloseRoutes(rs.clone()),
             Command::Barrier(tx) => Command::Barrier(tx.clone()),
             Command::Shutdown { grace } => Command::Shutdown { grace: *grace },
         }
     }
+}
+
+/// SNI routing of the TLS entries: each mapping's name (and its `-` form) → the route of
+/// its first port. The first mapping with a name wins.
+fn tls_routes(config: &Config, routes: &HashMap<u16, Arc<Route>>) -> admission::TlsRoutes {
+    let mut table = admission::TlsRoutes::new();
+    for m in &config.mappings {
+        if let Some(route) = routes.get(m.ports.start()) {
+            for form in tls::sni_forms(&m.name) {
+                table.entry(form).or_insert_with(|| route.clone());
+            }
+        }
+    }
+    table
 }
 
 fn run_loop(

@@ -58,6 +58,25 @@ impl Hold {
         }
     }
 
+    /// Fills an empty buffer hold from `read` (e.g. a TLS session's plaintext).
+    pub fn fill_with(
+        &mut self,
+        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        match self {
+            Hold::Pipe(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a pipe holds spliced bytes",
+            )),
+            Hold::Buffer(b) => {
+                b.start = 0;
+                let n = read(&mut b.data)?;
+                b.end = n;
+                Ok(n)
+            }
+        }
+    }
+
     /// Moves up to `len` held bytes into socket `dst`.
     pub fn drain_to(&mut self, dst: RawFd, len: usize) -> io::Result<usize> {
         match self {
@@ -106,12 +125,16 @@ impl PipePool {
                 Err(e) => tracing::debug!(error = %e, "pipe creation failed; copying instead"),
             }
         }
-        let b = self.buffers.pop().unwrap_or_else(|| Buffer {
+        self.take_buffer()
+    }
+
+    /// A buffer, for bytes that cannot be spliced (they pass through user space).
+    pub fn take_buffer(&mut self) -> Hold {
+        Hold::Buffer(self.buffers.pop().unwrap_or_else(|| Buffer {
             data: vec![0; BUFFER_SIZE].into_boxed_slice(),
             start: 0,
             end: 0,
-        });
-        Hold::Buffer(b)
+        }))
     }
 
     /// Returns an empty hold.
