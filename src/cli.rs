@@ -9,7 +9,11 @@ use crate::relay::BackendChoice;
 pub const DEFAULT_CONFIG: &str = "/etc/portrelay/portrelay.toml";
 
 #[derive(Parser, Debug)]
-#[command(name = "portrelay", version, about = "Kernel-assisted TCP relay for SSH on multi-instance hosts")]
+#[command(
+    name = "portrelay",
+    version,
+    about = "Kernel-assisted TCP relay for SSH on multi-instance hosts"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -1,19 +1,29 @@
 //! The control file: TOML written by the host agent, parsed with every error's line and
 //! column, validated into a [`Config`].
 //!
-//! - `parse`: text → `RawConfig` (spans kept), collecting every error.
-//! - `validate`: `RawConfig` → [`Config`] (durations, CIDRs, ranges, duplicates, DNS).
+//! - `parse`: [`load`] and [`parse_str`]: text → spanned tree (a TOML syntax error stops
+//!   here) → validated [`Config`], every problem turned into a [`ConfigError`] at its
+//!   line:column, in file order.
+//! - `spanned`: the TOML document as a tree that keeps every key's and value's span.
+//! - `validate`: spanned tree → [`Config`] (durations, CIDRs, ranges, duplicates, DNS,
+//!   cert files), collecting every problem rather than stopping at the first.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 
 use crate::addr::UpstreamAddr;
 
+pub mod diff;
 mod parse;
+mod spanned;
+#[cfg(test)]
+mod tests;
+mod validate;
+pub mod watch;
 
 pub use parse::{load, parse_str};
 
@@ -23,6 +33,22 @@ pub struct Config {
     pub relay: RelaySettings,
     /// In file order; ports never overlap.
     pub mappings: Vec<Mapping>,
+    /// `[[tls]]` listeners, in file order; no two share a `listen` address.
+    pub tls: Vec<TlsEntry>,
+}
+
+/// One `[[tls]]` entry: SSH wrapped in TLS on one port for all mappings, routed by SNI
+/// `<name>.<sni_suffix>` to the mapping of that name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsEntry {
+    pub listen: SocketAddr,
+    /// PEM chain; a relative path in the file is taken relative to the control file's
+    /// directory. Known readable when the file was loaded.
+    pub cert: PathBuf,
+    /// PEM private key; same rules as `cert`.
+    pub key: PathBuf,
+    /// Non-empty, without a leading `.` (one given in the file is dropped).
+    pub sni_suffix: String,
 }
 
 /// `[relay]`: every key has a default.
@@ -53,6 +79,29 @@ pub struct RelaySettings {
     /// Pipes the relay may hold at once (2 fds each), shared out over the loops.
     /// Default 1024. Added key (not in the contract's list).
     pub max_pipes: u32,
+}
+
+impl Default for RelaySettings {
+    /// The contract's defaults, as when the file has no `[relay]`.
+    fn default() -> Self {
+        RelaySettings {
+            bind: vec![
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            ],
+            trusted_proxies: Vec::new(),
+            metrics: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9477))),
+            connect_timeout: Duration::from_secs(5),
+            proxy_header_timeout: Duration::from_secs(3),
+            idle_timeout: None,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+            shutdown_grace: Duration::from_secs(10),
+            max_connections: 100_000,
+            removed_mapping: RemovedMapping::Close,
+            watch: true,
+            max_pipes: 1024,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,19 +1,60 @@
-//! Placeholder; filled in by the control-file work.
-use super::{Config, ConfigErrors};
+//! Loading a control file: text → spanned tree → validated [`Config`], with every problem
+//! located at its line and column.
+
 use std::path::Path;
 
+use super::spanned::{self, LineIndex};
+use super::validate::{self, Problem};
+use super::{Config, ConfigError, ConfigErrors};
+
+/// Reads and validates the control file at `path`. Relative `cert`/`key` paths of
+/// `[[tls]]` are taken relative to the file's directory. Messages name the file as given.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        file: path.display().to_string(),
-        errors: vec![super::ConfigError {
+        file: file.clone(),
+        errors: vec![ConfigError {
             line: 1,
             col: 1,
-            message: format!("cannot read: {e}"),
+            message: format!("cannot read the control file: {e}"),
         }],
     })?;
-    parse_str(&path.display().to_string(), &text)
+    parse_str(&file, &text)
 }
 
-pub fn parse_str(_file: &str, _text: &str) -> Result<Config, ConfigErrors> {
-    unimplemented!()
+/// Validates the text of a control file named `file` (used in messages, and as the base of
+/// relative `cert`/`key` paths). Every problem is reported, in file order; a TOML syntax
+/// error is reported alone. No I/O but DNS look-ups of host-name upstreams and the check
+/// that `[[tls]]` cert/key files are readable.
+pub fn parse_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let lines = LineIndex::new(text);
+    let fail = |mut problems: Vec<Problem>| {
+        // Stable: problems at one offset keep the order in which they were found.
+        problems.sort_by_key(|p| p.offset);
+        ConfigErrors {
+            file: file.to_owned(),
+            errors: problems
+                .into_iter()
+                .map(|p| {
+                    let (line, col) = lines.line_col(p.offset);
+                    ConfigError {
+                        line,
+                        col,
+                        message: p.message,
+                    }
+                })
+                .collect(),
+        }
+    };
+    let root = spanned::parse(text).map_err(|e| {
+        fail(vec![Problem {
+            offset: e.span().map_or(0, |s| s.start),
+            message: format!(
+                "TOML syntax error: {}",
+                e.message().trim().replace('\n', "; ")
+            ),
+        }])
+    })?;
+    let base_dir = Path::new(file).parent().unwrap_or(Path::new(""));
+    validate::validate(&root, text, &lines, base_dir).map_err(fail)
 }

@@ -1,0 +1,815 @@
+//! Spanned tree → [`Config`]: every key and value checked, every problem collected with the
+//! byte offset of what is at fault (the value; the key for an unknown key; the `[[map]]` or
+//! `[[tls]]` header for a missing key).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::spanned::{Item, Key, LineIndex, Table, Value};
+use super::{Config, Mapping, RelaySettings, RemovedMapping, TlsEntry};
+use crate::addr::UpstreamAddr;
+
+/// One problem, at a byte offset of the text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Problem {
+    pub offset: usize,
+    pub message: String,
+}
+
+const RELAY_KEYS: &[&str] = &[
+    "bind",
+    "trusted_proxies",
+    "metrics",
+    "connect_timeout",
+    "proxy_header_timeout",
+    "idle_timeout",
+    "tcp_keepalive",
+    "shutdown_grace",
+    "max_connections",
+    "removed_mapping",
+    "watch",
+    "max_pipes",
+];
+const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
+const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
+
+const PORT_TYPE: &str = "\"port\" must be an integer or a \"FIRST-LAST\" string";
+const TO_FORMS: &str = "\"IP:PORT\", \"[IPv6]:PORT\" or \"HOST:PORT\"";
+
+/// Validates the root table of a control file. `base_dir` is the control file's directory,
+/// against which relative cert/key paths are taken.
+pub(super) fn validate(
+    root: &Table,
+    text: &str,
+    lines: &LineIndex<'_>,
+    base_dir: &Path,
+) -> Result<Config, Vec<Problem>> {
+    let mut v = Validator {
+        text,
+        lines,
+        base_dir,
+        problems: Vec::new(),
+        resolved: HashMap::new(),
+    };
+    let mut relay = RelaySettings::default();
+    let mut maps = Vec::new();
+    let mut tls = Vec::new();
+    for (key, item) in root {
+        let key_at = key.start(0);
+        let at = item.start(key_at);
+        match key.name.as_str() {
+            "relay" => match &item.value {
+                Value::Table(table) => v.relay(table, &mut relay),
+                _ => v.err(at, "\"relay\" must be a table, written [relay]"),
+            },
+            "map" => {
+                for (table, at) in v.array_of_tables(item, at, "map") {
+                    maps.push(v.map(table, at));
+                }
+            }
+            "tls" => {
+                for (table, at) in v.array_of_tables(item, at, "tls") {
+                    tls.push(v.tls(table, at));
+                }
+            }
+            _ => v.unknown_top_level(key, item, key_at),
+        }
+    }
+    v.check_overlaps(&maps);
+    v.check_tls_listeners(&tls, &maps, &relay.bind);
+    if !v.problems.is_empty() {
+        return Err(v.problems);
+    }
+    let mappings = maps.into_iter().filter_map(MapDraft::build).collect();
+    let tls = tls.into_iter().filter_map(TlsDraft::build).collect();
+    Ok(Config {
+        relay,
+        mappings,
+        tls,
+    })
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    lines: &'a LineIndex<'a>,
+    base_dir: &'a Path,
+    problems: Vec<Problem>,
+    /// Host name → first address (or why not), so that a name used by many mappings is
+    /// looked up once.
+    resolved: HashMap<String, Result<IpAddr, String>>,
+}
+
+/// A `[[map]]` entry as far as it is valid; complete when the file has no problem.
+struct MapDraft {
+    /// With the offset of the `port` value.
+    ports: Option<(RangeInclusive<u16>, usize)>,
+    upstream: Option<SocketAddr>,
+    name: Option<String>,
+    allow: Option<Vec<IpNet>>,
+    max_connections: Option<u32>,
+}
+
+impl MapDraft {
+    fn build(self) -> Option<Mapping> {
+        let (ports, _) = self.ports?;
+        Some(Mapping {
+            name: self.name.unwrap_or_else(|| ports.start().to_string()),
+            upstream: UpstreamAddr(self.upstream?),
+            ports,
+            allow: self.allow.unwrap_or_else(|| {
+                vec![
+                    IpNet::new(Ipv4Addr::UNSPECIFIED.into(), 0).expect("/0 is valid"),
+                    IpNet::new(Ipv6Addr::UNSPECIFIED.into(), 0).expect("/0 is valid"),
+                ]
+            }),
+            max_connections: self.max_connections,
+        })
+    }
+}
+
+/// A `[[tls]]` entry as far as it is valid.
+struct TlsDraft {
+    /// With the offset of the `listen` value.
+    listen: Option<(SocketAddr, usize)>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    sni_suffix: Option<String>,
+}
+
+impl TlsDraft {
+    fn build(self) -> Option<TlsEntry> {
+        Some(TlsEntry {
+            listen: self.listen?.0,
+            cert: self.cert?,
+            key: self.key?,
+            sni_suffix: self.sni_suffix?,
+        })
+    }
+}
+
+impl Validator<'_> {
+    fn err(&mut self, offset: usize, message: impl Into<String>) {
+        self.problems.push(Problem {
+            offset,
+            message: message.into(),
+        });
+    }
+
+    /// The text of an item, for telling `[a]` from `a = {…}`.
+    fn source(&self, item: &Item) -> &str {
+        item.span
+            .as_ref()
+            .and_then(|s| self.text.get(s.clone()))
+            .unwrap_or("")
+    }
+
+    fn unknown_top_level(&mut self, key: &Key, item: &Item, key_at: usize) {
+        let source = self.source(item);
+        let shown = table_name(&key.name);
+        let message = match &item.value {
+            Value::Table(_) if !source.starts_with('{') => format!("unknown table [{shown}]"),
+            Value::Array(entries)
+                if source.starts_with("[[")
+                    && !entries.is_empty()
+                    && entries.iter().all(|e| matches!(e.value, Value::Table(_))) =>
+            {
+                format!("unknown table [[{shown}]]")
+            }
+            _ => {
+                let name = key.name.as_str();
+                let hint = if RELAY_KEYS.contains(&name) {
+                    " (it belongs in [relay])"
+                } else if MAP_KEYS.contains(&name) {
+                    " (it belongs in a [[map]])"
+                } else if TLS_KEYS.contains(&name) {
+                    " (it belongs in a [[tls]])"
+                } else {
+                    ""
+                };
+                format!("unknown key {name:?} at top level{hint}")
+            }
+        };
+        self.err(key_at, message);
+    }
+
+    /// The entries of `[[name]]` (or of an inline array of tables), each with its offset.
+    fn array_of_tables<'i>(
+        &mut self,
+        item: &'i Item,
+        at: usize,
+        name: &str,
+    ) -> Vec<(&'i Table, usize)> {
+        let message = format!("\"{name}\" must be an array of tables, written [[{name}]]");
+        let Value::Array(entries) = &item.value else {
+            self.err(at, message);
+            return Vec::new();
+        };
+        let mut tables = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match &entry.value {
+                Value::Table(table) => tables.push((table, entry.start(at))),
+                _ => self.err(entry.start(at), message.clone()),
+            }
+        }
+        tables
+    }
+
+    fn relay(&mut self, table: &Table, r: &mut RelaySettings) {
+        for (key, item) in table {
+            let key_at = key.start(0);
+            let at = item.start(key_at);
+            let name = key.name.as_str();
+            match name {
+                "bind" => {
+                    if let Some(bind) = self.bind(item, at) {
+                        r.bind = bind;
+                    }
+                }
+                "trusted_proxies" => {
+                    if let Some(nets) = self.cidrs(item, at, name) {
+                        r.trusted_proxies = nets;
+                    }
+                }
+                "metrics" => match &item.value {
+                    Value::String(s) if s.is_empty() => r.metrics = None,
+                    Value::String(s) => {
+                        if let Some(addr) = self.socket_addr(s, at, name) {
+                            r.metrics = Some(addr);
+                        }
+                    }
+                    _ => self.err(
+                        at,
+                        "\"metrics\" must be a string \"IP:PORT\", or \"\" to disable",
+                    ),
+                },
+                "connect_timeout" | "proxy_header_timeout" => {
+                    if let Some(d) = self.duration(item, at, name) {
+                        if d.is_zero() {
+                            self.err(at, format!("\"{name}\" must be greater than 0s"));
+                        } else if name == "connect_timeout" {
+                            r.connect_timeout = d;
+                        } else {
+                            r.proxy_header_timeout = d;
+                        }
+                    }
+                }
+                "idle_timeout" => {
+                    if let Some(d) = self.duration(item, at, name) {
+                        r.idle_timeout = (!d.is_zero()).then_some(d);
+                    }
+                }
+                "tcp_keepalive" => {
+                    if let Some(d) = self.duration(item, at, name) {
+                        if !d.is_zero() && d < Duration::from_secs(1) {
+                            self.err(at, "\"tcp_keepalive\" must be 0s (off) or at least 1s");
+                        } else {
+                            r.tcp_keepalive = (!d.is_zero()).then_some(d);
+                        }
+                    }
+                }
+                "shutdown_grace" => {
+                    if let Some(d) = self.duration(item, at, name) {
+                        r.shutdown_grace = d;
+                    }
+                }
+                "max_connections" => {
+                    if let Some(n) = self.u32_at_least(item, at, name, 1) {
+                        r.max_connections = n;
+                    }
+                }
+                "max_pipes" => {
+                    if let Some(n) = self.u32_at_least(item, at, name, 0) {
+                        r.max_pipes = n;
+                    }
+                }
+                "removed_mapping" => match &item.value {
+                    Value::String(s) if s == "close" => r.removed_mapping = RemovedMapping::Close,
+                    Value::String(s) if s == "keep" => r.removed_mapping = RemovedMapping::Keep,
+                    Value::String(s) => self.err(
+                        at,
+                        format!("\"removed_mapping\" must be \"close\" or \"keep\", got {s:?}"),
+                    ),
+                    _ => self.err(at, "\"removed_mapping\" must be \"close\" or \"keep\""),
+                },
+                "watch" => match item.value {
+                    Value::Boolean(b) => r.watch = b,
+                    _ => self.err(at, "\"watch\" must be true or false"),
+                },
+                _ => self.err(key_at, format!("unknown key {name:?} in [relay]")),
+            }
+        }
+    }
+
+    fn map(&mut self, table: &Table, at: usize) -> MapDraft {
+        let mut d = MapDraft {
+            ports: None,
+            upstream: None,
+            name: None,
+            allow: None,
+            max_connections: None,
+        };
+        let (mut has_port, mut has_to, mut to_at) = (false, false, at);
+        for (key, item) in table {
+            let key_at = key.start(at);
+            let value_at = item.start(key_at);
+            let name = key.name.as_str();
+            match name {
+                "port" => {
+                    has_port = true;
+                    d.ports = self.ports(item, value_at).map(|p| (p, value_at));
+                }
+                "to" => {
+                    has_to = true;
+                    to_at = value_at;
+                    d.upstream = match &item.value {
+                        Value::String(s) => self.upstream(s, value_at),
+                        _ => {
+                            self.err(value_at, format!("\"to\" must be a string {TO_FORMS}"));
+                            None
+                        }
+                    };
+                }
+                "name" => d.name = self.non_empty_string(item, value_at, name),
+                "allow" => d.allow = self.cidrs(item, value_at, name),
+                "max_connections" => d.max_connections = self.u32_at_least(item, value_at, name, 1),
+                _ => self.err(key_at, format!("unknown key {name:?} in [[map]]")),
+            }
+        }
+        if !has_port {
+            self.err(at, "[[map]] needs \"port\"");
+        }
+        if !has_to {
+            self.err(at, "[[map]] needs \"to\"");
+        }
+        if let (Some((ports, _)), Some(up)) = (&d.ports, &d.upstream) {
+            let first = u32::from(up.port());
+            let last = first + u32::from(ports.end() - ports.start());
+            if last > u32::from(u16::MAX) {
+                self.err(
+                    to_at,
+                    format!("upstream ports {first}-{last} would pass 65535"),
+                );
+            }
+        }
+        d
+    }
+
+    /// `port`: an integer, `"FIRST-LAST"` or `"PORT"`.
+    fn ports(&mut self, item: &Item, at: usize) -> Option<RangeInclusive<u16>> {
+        match &item.value {
+            Value::Integer(n) => {
+                let p = self.port_number(&n.to_string(), Some(*n), at)?;
+                Some(p..=p)
+            }
+            Value::String(s) => {
+                let (first, last) = s.split_once('-').unwrap_or((s, s));
+                let (first, last) = (first.trim(), last.trim());
+                let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+                if !digits(first) || !digits(last) {
+                    self.err(
+                        at,
+                        format!(
+                            "invalid port range {s:?}: expected \"FIRST-LAST\" such as \"40000-40009\""
+                        ),
+                    );
+                    return None;
+                }
+                let first = self.port_number(first, first.parse().ok(), at)?;
+                let last = self.port_number(last, last.parse().ok(), at)?;
+                if first > last {
+                    self.err(
+                        at,
+                        format!("invalid port range {s:?}: {first} is greater than {last}"),
+                    );
+                    return None;
+                }
+                Some(first..=last)
+            }
+            _ => {
+                self.err(at, PORT_TYPE);
+                None
+            }
+        }
+    }
+
+    fn port_number(&mut self, text: &str, value: Option<i64>, at: usize) -> Option<u16> {
+        match value
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|&p| p != 0)
+        {
+            Some(p) => Some(p),
+            None => {
+                self.err(at, format!("port {text} is out of range 1-65535"));
+                None
+            }
+        }
+    }
+
+    /// `to`: `IP:PORT`, `[IPv6]:PORT`, or `HOST:PORT` resolved now (first address wins).
+    fn upstream(&mut self, s: &str, at: usize) -> Option<SocketAddr> {
+        let invalid = |why: &str| format!("invalid upstream {s:?}: {why}");
+        let addr = if let Ok(addr) = s.parse::<SocketAddr>() {
+            if addr.ip().is_unspecified() {
+                self.err(at, invalid("the unspecified address is not an upstream"));
+                return None;
+            }
+            addr
+        } else {
+            let expected = format!("expected {TO_FORMS}");
+            let Some((host, port)) = s.rsplit_once(':') else {
+                self.err(at, invalid(&expected));
+                return None;
+            };
+            if host.contains(':') && !host.starts_with('[') && host.parse::<Ipv6Addr>().is_ok() {
+                let hint = format!("write an IPv6 address in brackets, as \"[{host}]:{port}\"");
+                self.err(at, invalid(&hint));
+                return None;
+            }
+            let host_ok = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+                && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+            let port_ok = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+            if !host_ok || !port_ok {
+                self.err(at, invalid(&expected));
+                return None;
+            }
+            let Ok(port) = port.parse::<u16>() else {
+                self.err(at, invalid("port must be 1-65535"));
+                return None;
+            };
+            match self.resolve(host) {
+                Ok(ip) => SocketAddr::new(ip, port),
+                Err(why) => {
+                    self.err(at, format!("cannot resolve upstream {s:?}: {why}"));
+                    return None;
+                }
+            }
+        };
+        if addr.port() == 0 {
+            self.err(at, invalid("port must be 1-65535"));
+            return None;
+        }
+        Some(addr)
+    }
+
+    fn resolve(&mut self, host: &str) -> Result<IpAddr, String> {
+        if let Some(done) = self.resolved.get(host) {
+            return done.clone();
+        }
+        let result = match (host, 0u16).to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .map(|a| a.ip())
+                .ok_or_else(|| "no addresses".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        self.resolved.insert(host.to_owned(), result.clone());
+        result
+    }
+
+    fn tls(&mut self, table: &Table, at: usize) -> TlsDraft {
+        let mut d = TlsDraft {
+            listen: None,
+            cert: None,
+            key: None,
+            sni_suffix: None,
+        };
+        let mut seen = [false; 4];
+        for (key, item) in table {
+            let key_at = key.start(at);
+            let value_at = item.start(key_at);
+            let name = key.name.as_str();
+            if let Some(i) = TLS_KEYS.iter().position(|k| *k == name) {
+                seen[i] = true;
+            }
+            match name {
+                "listen" => match &item.value {
+                    Value::String(s) => {
+                        d.listen = self.socket_addr(s, value_at, name).map(|a| (a, value_at))
+                    }
+                    _ => self.err(value_at, "\"listen\" must be a string \"IP:PORT\""),
+                },
+                "cert" | "key" => {
+                    let path = self.readable_file(item, value_at, name);
+                    if name == "cert" {
+                        d.cert = path;
+                    } else {
+                        d.key = path;
+                    }
+                }
+                "sni_suffix" => {
+                    d.sni_suffix = match &item.value {
+                        Value::String(s) if !s.trim_start_matches('.').is_empty() => {
+                            Some(s.trim_start_matches('.').to_owned())
+                        }
+                        Value::String(_) => {
+                            self.err(value_at, "\"sni_suffix\" must not be empty");
+                            None
+                        }
+                        _ => {
+                            self.err(value_at, "\"sni_suffix\" must be a string");
+                            None
+                        }
+                    }
+                }
+                _ => self.err(key_at, format!("unknown key {name:?} in [[tls]]")),
+            }
+        }
+        for (i, key) in TLS_KEYS.iter().enumerate() {
+            if !seen[i] {
+                self.err(at, format!("[[tls]] needs \"{key}\""));
+            }
+        }
+        d
+    }
+
+    /// `cert`/`key`: a path, relative to the control file's directory, to a readable file.
+    fn readable_file(&mut self, item: &Item, at: usize, name: &str) -> Option<PathBuf> {
+        let given = self.non_empty_string(item, at, name)?;
+        let path = self.base_dir.join(given);
+        let why = match std::fs::metadata(&path) {
+            Err(e) => e.to_string(),
+            Ok(m) if m.is_dir() => "it is a directory".to_owned(),
+            Ok(m) if !m.is_file() => "it is not a regular file".to_owned(),
+            Ok(_) => match std::fs::File::open(&path) {
+                Ok(_) => return Some(path),
+                Err(e) => e.to_string(),
+            },
+        };
+        self.err(at, format!("cannot read {name} file {path:?}: {why}"));
+        None
+    }
+
+    /// Ports must not overlap: sort by first port and sweep, remembering the range that
+    /// reaches furthest. Each entry is reported at most once, at the later in the file.
+    fn check_overlaps(&mut self, maps: &[MapDraft]) {
+        let mut ranges: Vec<(u16, u16, usize)> = maps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.ports.as_ref().map(|(r, _)| (*r.start(), *r.end(), i)))
+            .collect();
+        ranges.sort_unstable();
+        let mut clash: Vec<Option<usize>> = vec![None; maps.len()];
+        let mut furthest: Option<(u16, usize)> = None;
+        for &(start, end, i) in &ranges {
+            if let Some((reach, owner)) = furthest {
+                if start <= reach {
+                    let (later, earlier) = if i > owner { (i, owner) } else { (owner, i) };
+                    clash[later].get_or_insert(earlier);
+                }
+            }
+            if furthest.map_or(true, |(reach, _)| end > reach) {
+                furthest = Some((end, i));
+            }
+        }
+        for (later, earlier) in clash.iter().enumerate() {
+            let Some(earlier) = *earlier else { continue };
+            let (Some((mine, at)), Some((theirs, their_at))) =
+                (&maps[later].ports, &maps[earlier].ports)
+            else {
+                continue;
+            };
+            let line = self.lines.line(*their_at);
+            let message = if mine.start() == mine.end() {
+                format!("port {} is already mapped at line {line}", mine.start())
+            } else {
+                format!(
+                    "ports {} overlap {} mapped at line {line}",
+                    range_text(mine),
+                    ports_text(theirs)
+                )
+            };
+            self.err(*at, message);
+        }
+    }
+
+    /// No two `[[tls]]` on one address, and none on a port that a mapping opens on an
+    /// address that would clash.
+    fn check_tls_listeners(&mut self, tls: &[TlsDraft], maps: &[MapDraft], bind: &[IpAddr]) {
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        for t in tls {
+            let Some((listen, at)) = t.listen else {
+                continue;
+            };
+            if let Some(&first_at) = seen.get(&listen) {
+                let line = self.lines.line(first_at);
+                self.err(
+                    at,
+                    format!("address {listen} is already used by [[tls]] at line {line}"),
+                );
+                continue;
+            }
+            seen.insert(listen, at);
+            let clashes = listen.ip().is_unspecified()
+                || bind.iter().any(|b| b.is_unspecified() || *b == listen.ip());
+            if !clashes {
+                continue;
+            }
+            let mapped = maps.iter().find_map(|m| {
+                m.ports
+                    .as_ref()
+                    .filter(|(r, _)| r.contains(&listen.port()))
+                    .map(|&(_, port_at)| port_at)
+            });
+            if let Some(port_at) = mapped {
+                let line = self.lines.line(port_at);
+                self.err(
+                    at,
+                    format!(
+                        "\"listen\" port {} is already mapped at line {line}",
+                        listen.port()
+                    ),
+                );
+            }
+        }
+    }
+
+    fn bind(&mut self, item: &Item, at: usize) -> Option<Vec<IpAddr>> {
+        let message = "\"bind\" must be an array of IP address strings";
+        let Value::Array(entries) = &item.value else {
+            self.err(at, message);
+            return None;
+        };
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(entries.len());
+        let mut ok = true;
+        for entry in entries {
+            let entry_at = entry.start(at);
+            let Value::String(s) = &entry.value else {
+                self.err(entry_at, message);
+                ok = false;
+                continue;
+            };
+            match s.parse::<IpAddr>() {
+                Ok(ip) if ips.contains(&ip) => {
+                    self.err(entry_at, format!("duplicate address {s:?} in \"bind\""));
+                    ok = false;
+                }
+                Ok(ip) => ips.push(ip),
+                Err(_) => {
+                    self.err(entry_at, format!("invalid IP address {s:?} in \"bind\""));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(ips)
+    }
+
+    /// An array of CIDRs; a bare IP counts as a /32 or /128.
+    fn cidrs(&mut self, item: &Item, at: usize, name: &str) -> Option<Vec<IpNet>> {
+        let message = format!("\"{name}\" must be an array of CIDR strings");
+        let Value::Array(entries) = &item.value else {
+            self.err(at, message);
+            return None;
+        };
+        let mut nets = Vec::with_capacity(entries.len());
+        let mut ok = true;
+        for entry in entries {
+            let entry_at = entry.start(at);
+            let Value::String(s) = &entry.value else {
+                self.err(entry_at, message.clone());
+                ok = false;
+                continue;
+            };
+            match parse_cidr(s) {
+                Ok(net) => nets.push(net),
+                Err(why) => {
+                    self.err(entry_at, format!("invalid CIDR {s:?} in \"{name}\": {why}"));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(nets)
+    }
+
+    fn socket_addr(&mut self, s: &str, at: usize, name: &str) -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                self.err(
+                    at,
+                    format!("invalid address {s:?} for \"{name}\": port must be 1-65535"),
+                );
+                None
+            }
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                let disable = if name == "metrics" {
+                    ", or \"\" to disable"
+                } else {
+                    ""
+                };
+                self.err(
+                    at,
+                    format!(
+                        "invalid address {s:?} for \"{name}\": expected \"IP:PORT\" or \"[IPv6]:PORT\"{disable}"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, item: &Item, at: usize, name: &str) -> Option<Duration> {
+        let Value::String(s) = &item.value else {
+            self.err(
+                at,
+                format!("\"{name}\" must be a duration string such as \"5s\""),
+            );
+            return None;
+        };
+        if s.trim() == "0" {
+            return Some(Duration::ZERO);
+        }
+        match humantime::parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.err(at, format!("invalid duration {s:?} for \"{name}\": {e}"));
+                None
+            }
+        }
+    }
+
+    fn u32_at_least(&mut self, item: &Item, at: usize, name: &str, min: u32) -> Option<u32> {
+        let Value::Integer(n) = item.value else {
+            self.err(at, format!("\"{name}\" must be an integer"));
+            return None;
+        };
+        match u32::try_from(n).ok().filter(|&n| n >= min) {
+            Some(n) => Some(n),
+            None => {
+                self.err(
+                    at,
+                    format!("\"{name}\" must be between {min} and {}, got {n}", u32::MAX),
+                );
+                None
+            }
+        }
+    }
+
+    fn non_empty_string(&mut self, item: &Item, at: usize, name: &str) -> Option<String> {
+        match &item.value {
+            Value::String(s) if s.is_empty() => {
+                self.err(at, format!("\"{name}\" must not be empty"));
+                None
+            }
+            Value::String(s) => Some(s.clone()),
+            _ => {
+                self.err(at, format!("\"{name}\" must be a string"));
+                None
+            }
+        }
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    if let Some((addr, _)) = s.split_once('/') {
+        if let Ok(ip) = addr.parse::<IpAddr>() {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            return Err(format!("prefix length must be 0-{max}"));
+        }
+    }
+    Err("expected ADDRESS/PREFIX or an IP address".to_owned())
+}
+
+/// `A-B`, or `A` for a single port.
+fn range_text(r: &RangeInclusive<u16>) -> String {
+    if r.start() == r.end() {
+        r.start().to_string()
+    } else {
+        format!("{}-{}", r.start(), r.end())
+    }
+}
+
+/// `port A` or `ports A-B`.
+fn ports_text(r: &RangeInclusive<u16>) -> String {
+    if r.start() == r.end() {
+        format!("port {}", r.start())
+    } else {
+        format!("ports {}-{}", r.start(), r.end())
+    }
+}
+
+/// A table name as written in a header: bare when it can be, quoted otherwise.
+fn table_name(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if bare {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
