@@ -87,7 +87,8 @@ mod tests {
             to = "127.0.0.1:23"
             name = "b"
         "#;
-        let cases: &[(&str, &str, Vec<(u16, PortChange)>)] = &[
+        type Case<'a> = (&'a str, &'a str, Vec<(u16, PortChange)>);
+        let cases: &[Case] = &[
             ("identical", base, vec![]),
             (
                 "one added",

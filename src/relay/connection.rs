@@ -19,6 +19,9 @@ use super::tls_path;
 use crate::addr::ClientAddr;
 use crate::metrics::Via;
 
+/// A spliced read smaller than this sends a direction back to the copy path.
+const STREAMING_READ: usize = 16 * 1024;
+
 /// Reads a direction may make in one turn before the loop serves other connections.
 pub(super) const ROUNDS_PER_TURN: usize = 16;
 
@@ -27,6 +30,9 @@ pub struct Side {
     pub fd: OwnedFd,
     pub readable: bool,
     pub writable: bool,
+    /// The peer has closed (or reset): a short read no longer proves the socket empty,
+    /// because its FIN may be queued behind the data without a new readiness report.
+    pub hup: bool,
     /// The peer reset it, or a syscall on it failed: nothing more can be sent.
     pub dead: bool,
 }
@@ -37,6 +43,7 @@ impl Side {
             fd,
             readable: false,
             writable: false,
+            hup: false,
             dead: false,
         }
     }
@@ -61,6 +68,10 @@ pub struct Direction {
     pub(super) in_flight: usize,
     /// Bytes delivered to the destination (exact: counted from splice/send return values).
     pub bytes: u64,
+    /// Reads fill whole buffers: splice (zero-copy) pays off. Small reads (keystrokes, a
+    /// request/response) go through a buffer instead, where a short read proves the socket
+    /// empty and saves the `EAGAIN` read a splice would need.
+    streaming: bool,
 }
 
 impl Direction {
@@ -70,6 +81,7 @@ impl Direction {
             hold: None,
             in_flight: 0,
             bytes: 0,
+            streaming: false,
         }
     }
 
@@ -374,13 +386,24 @@ fn move_bytes(
         if !src.readable {
             return Ok(Turn::Wait);
         }
-        let mut hold = pool.take();
+        let mut hold = if dir.streaming {
+            pool.take()
+        } else {
+            pool.take_buffer()
+        };
         match hold.fill_from(src.fd.as_raw_fd()) {
             Ok(0) => {
                 pool.give_back(hold);
                 dir.state = HalfState::Eof;
             }
             Ok(n) => {
+                match &hold {
+                    Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
+                    // recv stopped short: the socket is empty (unless a FIN waits behind).
+                    Hold::Buffer(_) => src.readable = src.hup,
+                    Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
+                    Hold::Pipe(_) => {}
+                }
                 dir.in_flight = n;
                 dir.hold = Some(hold);
             }

@@ -62,6 +62,8 @@ pub enum Event {
         key: Key,
         readable: bool,
         writable: bool,
+        /// The peer closed or reset (RDHUP, HUP, ERR): reads must go on until they say so.
+        hup: bool,
     },
     /// The driver stopped reporting on this socket on its own (io_uring: a multishot poll
     /// ended); call `watch` again to go on.

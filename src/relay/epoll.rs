@@ -207,6 +207,7 @@ impl Driver for Epoll {
                         & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
                         != 0;
                     let writable = bits & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                    let hup = bits & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
                     if writable {
                         if let Some((_, fd)) = self.connecting.remove(&key) {
                             out.push(Event::Connected(key, socket_error(fd)));
@@ -216,6 +217,7 @@ impl Driver for Epoll {
                         key,
                         readable,
                         writable,
+                        hup,
                     });
                 }
             }

@@ -184,10 +184,12 @@ impl<D: Driver> EventLoop<D> {
                 key,
                 readable,
                 writable,
+                hup,
             } => {
                 if let Some(side) = self.side(key) {
                     side.readable |= readable;
                     side.writable |= writable;
+                    side.hup |= hup;
                     self.progress(key);
                 }
             }
@@ -195,6 +197,7 @@ impl<D: Driver> EventLoop<D> {
                 if let Some(side) = self.side(key) {
                     side.readable = true;
                     side.writable = true;
+                    side.hup = true;
                     let fd = side.fd.as_raw_fd();
                     let _ = self.driver.watch(key, fd);
                     self.progress(key);

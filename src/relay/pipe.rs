@@ -44,6 +44,14 @@ pub enum Hold {
 }
 
 impl Hold {
+    /// How many bytes the hold takes when empty.
+    pub fn capacity(&self) -> usize {
+        match self {
+            Hold::Pipe(p) => p.capacity,
+            Hold::Buffer(b) => b.data.len(),
+        }
+    }
+
     /// Moves bytes from socket `src` into the hold. Only called when the hold is empty, so
     /// `EAGAIN` means the socket is empty, never that the pipe is full.
     pub fn fill_from(&mut self, src: RawFd) -> io::Result<usize> {

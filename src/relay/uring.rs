@@ -33,7 +33,9 @@ pub struct Uring {
     /// Upstream sockets being connected, to watch them once connected.
     connecting: HashMap<Key, RawFd>,
     /// Connect arguments the kernel reads when the entries are submitted (it copies both
-    /// at prep time); kept until the next submit.
+    /// at prep time); kept until the next submit. Boxed: an entry holds pointers into them,
+    /// which must not move when the vector grows.
+    #[allow(clippy::vec_box)]
     args: Vec<Box<(SockAddr, types::Timespec)>>,
     wake: RawFd,
     completions: Vec<(u64, i32, u32)>,
@@ -180,10 +182,12 @@ impl Uring {
                         & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR)
                         != 0;
                     let writable = bits & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
+                    let hup = bits & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
                     out.push(Event::Ready {
                         key,
                         readable,
                         writable,
+                        hup,
                     });
                 }
                 if !more && res != -libc::ECANCELED {

@@ -1,0 +1,25 @@
+//! The one integration-test binary. Every test starts the real `portrelay` binary (through
+//! `tests/util`) with a temporary control file on free ports of 127.0.0.1, and talks to it
+//! with real peers (OpenSSH's ssh, scp, sftp and sshd) and in-process upstreams.
+//!
+//! - `harness`: the harness checked on its own, without a relay (sshd, upstreams, clients).
+//! - `ssh`: ssh, scp, sftp and `ssh -L` through the relay.
+//! - `relay`: the data path with raw TCP: half-close, many connections, upstream failures,
+//!   `allow`, port ranges, SIGTERM.
+//! - `control`: `portrelay check` and `run` on invalid and valid control files.
+//!
+//! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
+//! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`.
+
+mod util;
+
+// The test modules live in tests/cases/: Cargo would build each file directly under tests/
+// as a test binary of its own.
+#[path = "cases/control.rs"]
+mod control;
+#[path = "cases/harness.rs"]
+mod harness;
+#[path = "cases/relay.rs"]
+mod relay;
+#[path = "cases/ssh.rs"]
+mod ssh;

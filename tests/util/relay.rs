@@ -1,0 +1,404 @@
+//! The real `portrelay` binary: control files, `check`, and a running relay whose JSON log
+//! the tests read.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::log::LogLine;
+use super::process::{self, tee_lines};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portrelay");
+
+/// How long the relay has to open every listener and log `ready`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The io backend a relay runs with (`--io-backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Uring,
+    Epoll,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Uring => "uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+
+    /// Why this machine cannot run this backend at all, if it cannot. Only the kernel is
+    /// asked, never the relay: a relay that fails on a capable kernel must fail its tests.
+    pub fn unavailable(self) -> Option<String> {
+        match self {
+            Backend::Epoll => None,
+            Backend::Uring => {
+                // On a thread of its own: tearing a ring down queues task work on the
+                // thread that made it, which interrupts that thread's blocking socket calls
+                // (EINTR) a little later; a test thread must not be that thread.
+                static PROBE: OnceLock<Option<String>> = OnceLock::new();
+                PROBE
+                    .get_or_init(|| {
+                        std::thread::spawn(probe_uring)
+                            .join()
+                            .unwrap_or_else(|_| Some("the io_uring probe panicked".into()))
+                    })
+                    .clone()
+            }
+        }
+    }
+}
+
+/// Whether the kernel lets this process create an io_uring that has the opcodes the relay
+/// uses (DESIGN.md: accept, connect with a linked timeout, poll, cancel).
+fn probe_uring() -> Option<String> {
+    use io_uring::{opcode, IoUring, Probe};
+    if let Ok(value) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        if value.trim() != "0" {
+            return Some(format!("kernel.io_uring_disabled = {}", value.trim()));
+        }
+    }
+    let ring = match IoUring::new(8) {
+        Ok(ring) => ring,
+        Err(e) => return Some(format!("io_uring_setup failed: {e}")),
+    };
+    let mut probe = Probe::new();
+    if let Err(e) = ring.submitter().register_probe(&mut probe) {
+        return Some(format!("IORING_REGISTER_PROBE failed: {e}"));
+    }
+    let needed = [
+        ("Accept", opcode::Accept::CODE),
+        ("Connect", opcode::Connect::CODE),
+        ("LinkTimeout", opcode::LinkTimeout::CODE),
+        ("PollAdd", opcode::PollAdd::CODE),
+        ("PollRemove", opcode::PollRemove::CODE),
+        ("AsyncCancel", opcode::AsyncCancel::CODE),
+        ("Timeout", opcode::Timeout::CODE),
+    ];
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(_, code)| !probe.is_supported(*code))
+        .map(|(name, _)| *name)
+        .collect();
+    (!missing.is_empty()).then(|| format!("io_uring lacks opcodes {missing:?}"))
+}
+
+/// Runs `test` on `backend`, or prints why it is skipped when the machine lacks it.
+pub fn run_on(test: fn(Backend), backend: Backend) {
+    if let Some(reason) = backend.unavailable() {
+        eprintln!("SKIPPED on {}: {reason}", backend.name());
+        return;
+    }
+    test(backend);
+}
+
+/// Runs a data-path test on both backends: after `fn NAME(backend: Backend) { … }`,
+/// `data_path_test!(NAME);` adds the `#[test]`s `NAME::uring` and `NAME::epoll` (a module
+/// and a function may share a name). Filter with `cargo nextest run NAME`, or
+/// `-E 'test(/::uring$/)'` for one backend.
+macro_rules! data_path_test {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn uring() {
+                $crate::util::relay::run_on(super::$name, $crate::util::Backend::Uring);
+            }
+
+            #[test]
+            fn epoll() {
+                $crate::util::relay::run_on(super::$name, $crate::util::Backend::Epoll);
+            }
+        }
+    };
+}
+pub(crate) use data_path_test;
+
+/// The `[relay]` section every test starts from: listen on 127.0.0.1 only, no metrics
+/// endpoint, 1 s upstream connect timeout; `extra` adds lines (`key = value\n`).
+pub fn relay_section(extra: &str) -> String {
+    format!("[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"\"\nconnect_timeout = \"1s\"\n{extra}\n")
+}
+
+/// A `[[map]]` section for one host port (or range `"A-B"`, given quoted in `port`);
+/// `extra` adds lines.
+pub fn map_section(port: &str, to: SocketAddr, name: &str, extra: &str) -> String {
+    format!("[[map]]\nport = {port}\nto = \"{to}\"\nname = \"{name}\"\n{extra}\n")
+}
+
+/// A control file in its own tempdir.
+pub struct ControlFile {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl ControlFile {
+    pub fn new(toml: &str) -> ControlFile {
+        let dir = tempfile::Builder::new()
+            .prefix("portrelay-test-")
+            .tempdir()
+            .expect("tempdir");
+        let path = dir.path().join("portrelay.toml");
+        std::fs::write(&path, toml).expect("write control file");
+        ControlFile { _dir: dir, path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `portrelay check --config FILE`: its exit status and stderr.
+    pub fn check(&self) -> (ExitStatus, String) {
+        let out = process::run(
+            Command::new(BIN)
+                .arg("check")
+                .arg("--config")
+                .arg(&self.path),
+            Duration::from_secs(20),
+        );
+        (out.status, out.stderr)
+    }
+
+    /// `portrelay run --config FILE ARGS…`, for a file that must make it exit (invalid):
+    /// its exit status and stderr. Panics if it is still running after 20 s.
+    pub fn run_expecting_exit(&self, args: &[&str]) -> (ExitStatus, String) {
+        let out = process::run(
+            Command::new(BIN)
+                .arg("run")
+                .arg("--config")
+                .arg(&self.path)
+                .args(args),
+            Duration::from_secs(20),
+        );
+        (out.status, out.stderr)
+    }
+}
+
+/// `portrelay check` on a control file with this text: its exit status and stderr.
+pub fn run_check(toml: &str) -> (ExitStatus, String) {
+    ControlFile::new(toml).check()
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<LogLine>,
+    /// The relay's stderr has ended (it exited).
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Log {
+    state: Mutex<LogState>,
+    changed: Condvar,
+}
+
+/// A running `portrelay run --log-format json`. Killed (SIGKILL) on drop if still running.
+pub struct Relay {
+    child: Child,
+    log: Arc<Log>,
+    backend: Backend,
+    control: ControlFile,
+}
+
+impl Relay {
+    /// Writes `toml` to a tempdir, starts the relay on `backend`, and returns once it has
+    /// logged `ready` (which must name that backend). Panics with the log otherwise.
+    pub fn start(toml: &str, backend: Backend) -> Relay {
+        let control = ControlFile::new(toml);
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(control.path())
+            .arg("--io-backend")
+            .arg(backend.name())
+            .arg("--log-format")
+            .arg("json")
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        tee_lines(child.stdout.take().unwrap(), "[relay stdout]", |_| {});
+        let log = Arc::new(Log::default());
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            tee_lines(stderr, "[relay]", {
+                let sink = sink.clone();
+                move |line| {
+                    sink.state.lock().unwrap().lines.push(LogLine::new(line));
+                    sink.changed.notify_all();
+                }
+            })
+            .join()
+            .ok();
+            sink.state.lock().unwrap().closed = true;
+            sink.changed.notify_all();
+        });
+        let mut relay = Relay {
+            child,
+            log,
+            backend,
+            control,
+        };
+        let ready = match relay.find_logs(|l| l.msg() == "ready", 1, READY_TIMEOUT) {
+            Ok(ready) => ready,
+            Err(why) => {
+                let status = process::wait_deadline(&mut relay.child, Duration::from_secs(1));
+                panic!(
+                    "relay on {} not ready (exit status {status:?}): {why}",
+                    backend.name()
+                );
+            }
+        };
+        assert_eq!(
+            ready[0].str("backend"),
+            Some(backend.name()),
+            "`ready` must name the backend asked for: {}",
+            ready[0]
+        );
+        relay
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        self.control.path()
+    }
+
+    /// Every stderr line so far.
+    pub fn logs(&self) -> Vec<String> {
+        let state = self.log.state.lock().unwrap();
+        state.lines.iter().map(|l| l.raw.clone()).collect()
+    }
+
+    /// Every stderr line so far, parsed.
+    pub fn log_lines(&self) -> Vec<LogLine> {
+        self.log.state.lock().unwrap().lines.clone()
+    }
+
+    /// The first log line (since start) for which `pred` holds, waiting up to `timeout`
+    /// for it. Panics with the log when there is none by then.
+    pub fn wait_log(&self, pred: impl Fn(&LogLine) -> bool, timeout: Duration) -> LogLine {
+        self.wait_logs(pred, 1, timeout).remove(0)
+    }
+
+    /// The first `count` log lines (since start) for which `pred` holds, waiting up to
+    /// `timeout` for them. Panics with the log when there are fewer by then.
+    pub fn wait_logs(
+        &self,
+        pred: impl Fn(&LogLine) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<LogLine> {
+        self.find_logs(pred, count, timeout)
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    fn find_logs(
+        &self,
+        pred: impl Fn(&LogLine) -> bool,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<LogLine>, String> {
+        let deadline = Instant::now() + timeout;
+        let mut found = Vec::new();
+        let mut seen = 0;
+        let mut state = self.log.state.lock().unwrap();
+        loop {
+            found.extend(state.lines[seen..].iter().filter(|l| pred(l)).cloned());
+            seen = state.lines.len();
+            if found.len() >= count {
+                found.truncate(count);
+                return Ok(found);
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                let why = if state.closed {
+                    "the relay exited (its stderr closed)".to_string()
+                } else {
+                    format!("{timeout:?} passed")
+                };
+                let dump = dump(&state.lines);
+                drop(state);
+                return Err(format!(
+                    "found {} of {count} wanted log lines; {why}; log:\n{dump}",
+                    found.len()
+                ));
+            }
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Sends SIGTERM; the relay must still be running.
+    pub fn sigterm(&mut self) {
+        if let Some(status) = self.exited() {
+            panic!("SIGTERM to a relay that already exited ({status})");
+        }
+        // SAFETY: kill(2) with no memory involved. The pid is our own child's, not yet
+        // reaped (only `self` reaps it, and it was running just now), so it cannot name
+        // another process.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill -TERM: {}", std::io::Error::last_os_error());
+    }
+
+    /// `Some(status)` once the relay has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits for the relay to exit; panics with the log if it is still running after
+    /// `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match process::wait_deadline(&mut self.child, timeout) {
+            Some(status) => status,
+            None => panic!(
+                "relay still running {timeout:?} later; log:\n{}",
+                dump(&self.log.state.lock().unwrap().lines)
+            ),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The log for a panic message: all of it, or its first and last lines when long.
+fn dump(lines: &[LogLine]) -> String {
+    const KEEP: usize = 100;
+    if lines.len() <= 2 * KEEP {
+        return lines
+            .iter()
+            .map(|l| l.raw.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    let mut out: Vec<&str> = lines[..KEEP].iter().map(|l| l.raw.as_str()).collect();
+    let skipped = format!("… {} lines …", lines.len() - 2 * KEEP);
+    out.push(&skipped);
+    out.extend(lines[lines.len() - KEEP..].iter().map(|l| l.raw.as_str()));
+    out.join("\n")
+}
