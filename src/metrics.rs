@@ -249,57 +249,68 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         LISTEN_FAILURES,
         "Host ports that could not be opened (bind or listen failed)."
     );
-    describe_gauge!("process_open_fds", "Open file descriptors.");
-    describe_gauge!("process_max_fds", "The open-file limit.");
-    describe_gauge!(
-        "process_resident_memory_bytes",
-        Unit::Bytes,
-        "Resident memory."
-    );
-    describe_gauge!(
-        "process_start_time_seconds",
-        Unit::Seconds,
-        "Start time, seconds since the epoch."
-    );
-    describe_counter!(
-        "process_cpu_seconds_total",
-        Unit::Seconds,
-        "CPU time, user and system."
-    );
-    gauge!("process_start_time_seconds").set(start_time().unwrap_or(0.0));
     Ok(handle)
 }
 
-/// The process's own figures, read from /proc at scrape time.
-fn update_process_metrics() {
-    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        gauge!("process_open_fds").set(dir.count() as f64);
-    }
-    let page = 4096.0;
-    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
-        if let Some(rss) = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse::<f64>().ok())
-        {
-            gauge!("process_resident_memory_bytes").set(rss * page);
+/// The process's own figures, read from /proc at scrape time and written in the standard
+/// `process_*` form (CPU seconds as a float counter, which the registry cannot hold).
+fn process_exposition() -> String {
+    let (page, ticks) = crate::relay::sys::page_size_and_ticks();
+    let (page, ticks) = (page as f64, ticks as f64);
+    let mut out = String::new();
+    let mut put = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
         }
-    }
-    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
-        if let Some(line) = limits.lines().find(|l| l.starts_with("Max open files")) {
-            if let Some(v) = line
-                .split_whitespace()
-                .nth(3)
-                .and_then(|v| v.parse::<f64>().ok())
-            {
-                gauge!("process_max_fds").set(v);
-            }
-        }
-    }
-    if let Some((utime, stime)) = self_stat().map(|f| (f[11], f[12])) {
-        let ticks = 100.0;
-        counter!("process_cpu_seconds_total").absolute(((utime + stime) / ticks) as u64);
-    }
+    };
+    let stat = self_stat();
+    put(
+        "process_cpu_seconds_total",
+        "counter",
+        "CPU time used, user and system, in seconds.",
+        stat.as_ref().map(|f| (f[11] + f[12]) / ticks),
+    );
+    put(
+        "process_open_fds",
+        "gauge",
+        "Open file descriptors.",
+        std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64),
+    );
+    put(
+        "process_max_fds",
+        "gauge",
+        "The open-file limit.",
+        std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))?
+                    .split_whitespace()
+                    .nth(3)?
+                    .parse()
+                    .ok()
+            }),
+    );
+    put(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory in bytes.",
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|m| m.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map(|pages| pages * page),
+    );
+    put(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process, seconds since the epoch.",
+        start_time(stat.as_deref(), ticks),
+    );
+    out
 }
 
 /// Fields of /proc/self/stat after the command name, as numbers (index 0 is `state`).
@@ -313,9 +324,8 @@ fn self_stat() -> Option<Vec<f64>> {
     )
 }
 
-fn start_time() -> Option<f64> {
-    let ticks = 100.0;
-    let start = self_stat()?.get(19).copied()? / ticks;
+fn start_time(stat: Option<&[f64]>, ticks: f64) -> Option<f64> {
+    let start = stat?.get(19).copied()? / ticks;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()
@@ -362,9 +372,8 @@ fn respond(stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
     let path = path.split('?').next().unwrap_or("");
     let mut out = stream;
     if method == "GET" && path == "/metrics" {
-        update_process_metrics();
         handle.run_upkeep();
-        let body = handle.render();
+        let body = handle.render() + &process_exposition();
         write!(
             out,
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",

@@ -6,6 +6,9 @@
 //! - `ssh`: ssh, scp, sftp and `ssh -L` through the relay.
 //! - `relay`: the data path with raw TCP: half-close, many connections, upstream failures,
 //!   `allow`, port ranges, SIGTERM.
+//! - `reload`: live reload of the control file while connections run.
+//! - `proxied`: PROXY v1/v2 through real HAProxy, SSH over TLS through `openssl s_client`.
+//! - `ops`: sd_notify as systemd sees it; exact counters through a real scrape.
 //! - `control`: `portrelay check` and `run` on invalid and valid control files.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
@@ -19,7 +22,13 @@ mod util;
 mod control;
 #[path = "cases/harness.rs"]
 mod harness;
+#[path = "cases/ops.rs"]
+mod ops;
+#[path = "cases/proxied.rs"]
+mod proxied;
 #[path = "cases/relay.rs"]
 mod relay;
+#[path = "cases/reload.rs"]
+mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;

@@ -580,6 +580,11 @@ impl<D: Driver> EventLoop<D> {
         self.driver
             .unwatch(key.with_tag(Tag::Upstream), c.upstream.fd.as_raw_fd());
         let r = &c.route;
+        // Free the connection's place in the caps first: whoever learns of the close (the
+        // log, the client) may connect again at once.
+        r.mapping.release();
+        self.shared.release();
+        r.metrics.active.decrement(1.0);
         tracing::info!(
             client = %c.client_addr,
             via = c.via.label(),
@@ -592,10 +597,7 @@ impl<D: Driver> EventLoop<D> {
             reason = c.reason(),
             "connection closed"
         );
-        r.metrics.active.decrement(1.0);
         r.metrics.session.record(c.duration(self.now).as_secs_f64());
-        r.mapping.release();
-        self.shared.release();
         c.close(&mut self.pool);
     }
 

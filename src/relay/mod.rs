@@ -341,8 +341,7 @@ impl Relay {
                     self.listeners.insert(addr, l);
                 }
                 Err(e) => {
-                    metrics::counter!(crate::metrics::LISTEN_FAILURES, "port" => addr.port().to_string())
-                        .increment(1);
+                    metrics::counter!(crate::metrics::LISTEN_FAILURES).increment(1);
                     let what = match &entrance {
                         Entrance::Mapped(r) => r.mapping.name.clone(),
                         Entrance::Tls(_) => "[[tls]]".to_string(),

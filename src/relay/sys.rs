@@ -128,3 +128,18 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(lim.rlim_cur)
 }
+
+/// The system's page size and clock ticks per second (for figures read from /proc).
+pub fn page_size_and_ticks() -> (u64, u64) {
+    // SAFETY: sysconf takes no pointers and has no preconditions.
+    let (page, ticks) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PAGESIZE),
+            libc::sysconf(libc::_SC_CLK_TCK),
+        )
+    };
+    (
+        if page > 0 { page as u64 } else { 4096 },
+        if ticks > 0 { ticks as u64 } else { 100 },
+    )
+}

@@ -17,12 +17,10 @@ use crate::util::net::{
 use crate::util::relay::{data_path_test, map_section, relay_section};
 use crate::util::{poll, Backend, Relay};
 
-/// `n` distinct ports that were free a moment ago.
+/// `n` distinct ports that were free a moment ago (below the ephemeral range).
 fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind((LOCALHOST, 0)).expect("bind"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+    let first = free_ports_in_a_row(N as u16);
+    std::array::from_fn(|i| first + i as u16)
 }
 
 /// A relay with one mapping `name`, a free host port → `to`; `relay_extra` goes into
@@ -437,4 +435,221 @@ fn sigterm_grace_expires(backend: Backend) {
     assert!(status.success(), "exit status after SIGTERM: {status}");
     let line = relay.wait_log(|l| l.is_closed_on(port), Duration::from_secs(1));
     assert_eq!(line.reason(), "shutdown", "{line}");
+}
+
+data_path_test!(limits_refuse_at_once);
+/// `max_connections` of a mapping and of the whole relay: past the cap a connection is reset
+/// at once (never left waiting in the accept queue), logged as rejected (limit), and once a
+/// connection ends a new one is served again.
+fn limits_refuse_at_once(backend: Backend) {
+    let echo = Upstream::echo();
+    let [capped, other] = free_ports::<2>();
+    let toml = relay_section("max_connections = 3")
+        + &map_section(
+            &capped.to_string(),
+            echo.addr(),
+            "capped",
+            "max_connections = 2",
+        )
+        + &map_section(&other.to_string(), echo.addr(), "other", "");
+    let relay = Relay::start(&toml, backend);
+
+    let mut first = connect(capped);
+    roundtrip(&mut first, b"one");
+    let mut second = connect(capped);
+    roundtrip(&mut second, b"two");
+    let (_, took) = connect_expect_closed(LOCALHOST, capped, b"three", Duration::from_secs(5));
+    assert!(took < Duration::from_secs(2), "refused after {took:?}");
+    let line = relay.wait_log(|l| l.is_rejected_on(capped), Duration::from_secs(5));
+    assert_eq!(line.text("reason"), "limit", "{line}");
+
+    // The relay-wide cap (3): one more on the other mapping fits, the next does not.
+    let mut third = connect(other);
+    roundtrip(&mut third, b"relay-wide third");
+    connect_expect_closed(LOCALHOST, other, b"fourth", Duration::from_secs(5));
+    let line = relay.wait_log(|l| l.is_rejected_on(other), Duration::from_secs(5));
+    assert_eq!(line.text("reason"), "limit", "{line}");
+
+    // Freed slots are reused.
+    drop(first);
+    relay.wait_log(|l| l.is_closed_on(capped), Duration::from_secs(5));
+    let mut again = connect(capped);
+    roundtrip(&mut again, b"a slot came free");
+}
+
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+data_path_test!(accept_backs_off_at_fd_limit);
+/// At the open-file limit (EMFILE on accept or on the upstream socket) the relay backs off
+/// instead of spinning or exiting, and serves again once connections end.
+fn accept_backs_off_at_fd_limit(backend: Backend) {
+    let echo = Upstream::echo();
+    let (relay, port) = relay_one(echo.addr(), "fds", "", backend);
+    let pid = relay.pid();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // Room for a handful of connections (2 fds each), then EMFILE.
+    let limit = open_fds() + 8;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("run prlimit");
+    assert!(status.success(), "prlimit failed");
+
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut c = connect(port);
+        roundtrip(&mut c, format!("held {i}").as_bytes());
+        held.push(c);
+    }
+    // These wait in the accept queue or are refused: the relay is out of descriptors.
+    let waiting: Vec<_> = (0..6)
+        .filter_map(|_| {
+            let c = crate::util::net::try_connect_from(LOCALHOST, port).ok()?;
+            c.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+            Some(c)
+        })
+        .collect();
+    let before = cpu_seconds(pid);
+    let started = Instant::now();
+    poll(Duration::from_secs(1), Duration::from_millis(100), || {
+        (started.elapsed() >= Duration::from_secs(1)).then_some(())
+    });
+    let spent = cpu_seconds(pid) - before;
+    assert!(
+        spent < 0.5,
+        "the relay used {spent:.2} CPU-s in 1 s at its fd limit: it spins instead of backing off"
+    );
+    assert!(relay_alive(pid), "the relay exited at its fd limit");
+
+    drop(waiting);
+    drop(held);
+    let served = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        let mut c = crate::util::net::try_connect_from(LOCALHOST, port).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        c.write_all(b"after").ok()?;
+        let mut back = [0u8; 5];
+        c.read_exact(&mut back).ok()?;
+        (&back == b"after").then_some(())
+    });
+    assert!(
+        served.is_some(),
+        "not serving again after connections ended"
+    );
+}
+
+fn relay_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// The relay's sockets and pipes, by fd link text ("socket:[inode]", "pipe:[inode]").
+fn socket_and_pipe_fds(pid: u32) -> std::collections::HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|t| t.to_string_lossy().to_string())
+        .filter(|t| t.starts_with("socket:") || t.starts_with("pipe:"))
+        .collect()
+}
+
+/// What the relay holds while it relays: io-wq worker threads ("iou-wrk-*", which a splice
+/// submitted to io_uring would use), and the sockets and pipes it opened since `baseline`
+/// (its connections and pool pipes, not stdio or its signal pipe) that lack O_NONBLOCK.
+fn relay_snapshot(
+    pid: u32,
+    baseline: &std::collections::HashSet<String>,
+) -> (Vec<String>, Vec<String>) {
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.unwrap().path().join("comm")).unwrap_or_default();
+        if comm.starts_with("iou-wrk") {
+            workers.push(comm.trim().to_string());
+        }
+    }
+    let mut blocking = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+    {
+        let fd = fd.unwrap();
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().to_string();
+        if !(target.starts_with("socket:") || target.starts_with("pipe:"))
+            || baseline.contains(&target)
+        {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+        if let Some(flags) = flags {
+            if flags & 0o4000 == 0 {
+                blocking.push(format!(
+                    "fd {} ({target})",
+                    fd.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    (workers, blocking)
+}
+
+data_path_test!(no_io_wq_threads_no_blocking_fds);
+/// While bytes flow both ways, the relay has no io-wq worker thread (nothing it submits to
+/// io_uring runs on one: no IORING_OP_SPLICE) and every socket and pipe it holds is
+/// non-blocking.
+fn no_io_wq_threads_no_blocking_fds(backend: Backend) {
+    let echo = Upstream::echo();
+    let (relay, port) = relay_one(echo.addr(), "nowq", "", backend);
+    let pid = relay.pid();
+    let baseline = socket_and_pipe_fds(pid);
+    let mut conn = connect(port);
+    let chunk = random_bytes(1 << 20);
+    let mut snapshots = 0;
+    let mut checked_fds = 0;
+    for _ in 0..32 {
+        conn.write_all(&chunk).expect("write");
+        let mut back = vec![0u8; chunk.len()];
+        // Look while the echo is in flight through the relay.
+        let (workers, blocking) = relay_snapshot(pid, &baseline);
+        assert!(
+            workers.is_empty(),
+            "io-wq workers while relaying: {workers:?}"
+        );
+        assert!(
+            blocking.is_empty(),
+            "blocking fds while relaying: {blocking:?}"
+        );
+        checked_fds = checked_fds.max(socket_and_pipe_fds(pid).len() - baseline.len());
+        snapshots += 1;
+        conn.read_exact(&mut back).expect("read the echo");
+        assert!(back == chunk, "echo differs");
+    }
+    assert_eq!(snapshots, 32);
+    // The client and upstream sockets at least were looked at.
+    assert!(checked_fds >= 2, "saw only {checked_fds} new fds");
 }

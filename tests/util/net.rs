@@ -17,8 +17,15 @@ pub const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 /// How long any single read or write of a test socket may block.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A port of 127.0.0.1 that was free a moment ago (bound on port 0, then closed).
+/// A port of 127.0.0.1 that was free a moment ago, below the ephemeral range: a port-0
+/// bind would hand out an ephemeral port, which a client's connect() elsewhere in the suite
+/// may take as its own local port before the relay binds it (EADDRINUSE).
 pub fn free_port() -> u16 {
+    free_ports_in_a_row(1)
+}
+
+/// A port-0 bind: an ephemeral port (for when the fallback needs one).
+fn ephemeral_port() -> u16 {
     TcpListener::bind((LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
@@ -53,7 +60,7 @@ pub fn listeners_in_a_row(n: u16) -> Vec<TcpListener> {
         }
     }
     for _ in 0..200 {
-        let port = free_port();
+        let port = ephemeral_port();
         for start in port.saturating_sub(n - 1)..=port {
             if let Some(run) = try_run(start) {
                 return run;

@@ -208,8 +208,25 @@ impl Relay {
     /// Writes `toml` to a tempdir, starts the relay on `backend`, and returns once it has
     /// logged `ready` (which must name that backend). Panics with the log otherwise.
     pub fn start(toml: &str, backend: Backend) -> Relay {
+        Self::start_with_env(toml, backend, &[])
+    }
+
+    /// [`Relay::start`], with extra environment variables for the relay process (set after
+    /// the harness's own, so they may override them).
+    pub fn start_with_env(toml: &str, backend: Backend, env: &[(&str, &str)]) -> Relay {
+        Self::start_program(Path::new(BIN), toml, backend, env)
+    }
+
+    /// [`Relay::start_with_env`] with another build of the relay (say
+    /// `target/release/portrelay`, for a measurement).
+    pub fn start_program(
+        program: &Path,
+        toml: &str,
+        backend: Backend,
+        env: &[(&str, &str)],
+    ) -> Relay {
         let control = ControlFile::new(toml);
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(program)
             .arg("run")
             .arg("--config")
             .arg(control.path())
@@ -219,11 +236,16 @@ impl Relay {
             .arg("json")
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
+            // Whatever systemd told the test runner is not for the relay under test.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         tee_lines(child.stdout.take().unwrap(), "[relay stdout]", |_| {});
         let log = Arc::new(Log::default());
         let sink = log.clone();
@@ -357,6 +379,69 @@ impl Relay {
         // another process.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill -TERM: {}", std::io::Error::last_os_error());
+    }
+
+    /// Sends SIGHUP (reload the control file); the relay must still be running.
+    pub fn sighup(&mut self) {
+        if let Some(status) = self.exited() {
+            panic!("SIGHUP to a relay that already exited ({status})");
+        }
+        // SAFETY: as in `sigterm`: our own child, running just now and reaped only by `self`.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
+        assert_eq!(rc, 0, "kill -HUP: {}", std::io::Error::last_os_error());
+    }
+
+    /// Replaces the control file the way a host agent does: writes `toml` to a temporary
+    /// file in the same directory, then renames it over the control file (a new inode).
+    pub fn rewrite(&self, toml: &str) {
+        use std::io::Write;
+        let path = self.control.path();
+        let dir = path.parent().expect("control file dir");
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".portrelay.toml.")
+            .tempfile_in(dir)
+            .expect("temp file next to the control file");
+        tmp.write_all(toml.as_bytes())
+            .expect("write temp control file");
+        tmp.flush().expect("flush temp control file");
+        tmp.persist(path)
+            .unwrap_or_else(|e| panic!("rename over {}: {e}", path.display()));
+    }
+
+    /// Rewrites the control file in place: truncates the same inode and writes `toml`.
+    pub fn rewrite_in_place(&self, toml: &str) {
+        use std::io::Write;
+        let path = self.control.path();
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("open {} for rewriting: {e}", path.display()));
+        file.write_all(toml.as_bytes())
+            .unwrap_or_else(|e| panic!("rewrite {}: {e}", path.display()));
+    }
+
+    /// The `reloaded` line of generation `generation` (the file the relay started with is
+    /// generation 1), waiting up to `timeout` for it. Panics with the log when there is
+    /// none by then.
+    pub fn wait_reloaded(&self, generation: u64, timeout: Duration) -> LogLine {
+        self.wait_log(
+            |l| l.msg() == "reloaded" && l.u64("generation") == Some(generation),
+            timeout,
+        )
+    }
+
+    /// The generation in force as far as the log tells: the highest `reloaded` generation
+    /// so far, or 1 before any reload.
+    pub fn generation(&self) -> u64 {
+        let state = self.log.state.lock().unwrap();
+        state
+            .lines
+            .iter()
+            .filter(|l| l.msg() == "reloaded")
+            .filter_map(|l| l.u64("generation"))
+            .max()
+            .unwrap_or(1)
     }
 
     /// `Some(status)` once the relay has exited.

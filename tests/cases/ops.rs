@@ -1,0 +1,641 @@
+//! Operations: the relay's side of systemd's notify protocol, played by the test with a
+//! `NOTIFY_SOCKET` of its own, and the exact figures of `/metrics` after known transfers.
+//!
+//! The Prometheus server, `promtool`, the dashboard and the unit file are checked by
+//! `scripts/check-ops`.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::files::random_bytes;
+use crate::util::net::{
+    connect, connect_expect_closed, free_ports_in_a_row, read_to_end, roundtrip, Upstream,
+    LOCALHOST,
+};
+use crate::util::relay::{data_path_test, map_section};
+use crate::util::{poll, Backend, Relay};
+
+/// `map`/`port` labels plus `extra`.
+fn labels<'a>(
+    map: &'a str,
+    port: &'a str,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut l = vec![("map", map), ("port", port)];
+    l.extend_from_slice(extra);
+    l
+}
+
+// ---------------------------------------------------------------------------------------
+// sd_notify
+
+/// The test's stand-in for systemd: a datagram socket the relay finds in `NOTIFY_SOCKET`.
+struct Manager {
+    socket: UnixDatagram,
+    /// Every message received so far, in order; each is a list of `KEY=VALUE` lines.
+    seen: Vec<Vec<String>>,
+}
+
+impl Manager {
+    fn bind(path: &Path) -> Manager {
+        let socket = UnixDatagram::bind(path)
+            .unwrap_or_else(|e| panic!("bind the notify socket {}: {e}", path.display()));
+        Manager {
+            socket,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Receives messages until one holds the line `want` (and satisfies `also`), for at
+    /// most `timeout`; returns that message. Panics with everything seen otherwise.
+    fn wait_for(
+        &mut self,
+        want: &str,
+        timeout: Duration,
+        also: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 4096];
+        // Bounded: each pass receives a message or returns/panics at the deadline.
+        for _ in 0..100_000 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.socket.set_read_timeout(Some(left)).unwrap();
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+                    self.seen.push(lines.clone());
+                    if lines.iter().any(|l| l == want) && also(&lines) {
+                        return lines;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => panic!("recv on the notify socket: {e}"),
+            }
+        }
+        panic!(
+            "no notify message with {want:?} within {timeout:?}; received: {:?}",
+            self.seen
+        )
+    }
+
+    /// How many messages seen so far hold the line `line`.
+    fn count(&self, line: &str) -> usize {
+        self.seen
+            .iter()
+            .filter(|m| m.iter().any(|l| l == line))
+            .count()
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, the clock of `MONOTONIC_USEC`.
+fn monotonic_usec() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec that clock_gettime writes.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+fn signal(relay: &Relay, sig: libc::c_int) {
+    // SAFETY: kill(2) on the relay's pid; `Relay` reaps its child only on drop or
+    // `wait_exit`, so the pid names our child.
+    let rc = unsafe { libc::kill(relay.pid() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({sig}): {}", std::io::Error::last_os_error());
+}
+
+data_path_test!(sd_notify);
+/// With `NOTIFY_SOCKET` and `WATCHDOG_USEC=200000` (no `WATCHDOG_PID`, so the watchdog is
+/// meant for the relay): `READY=1` once its listener accepts, `WATCHDOG=1` every 100 ms,
+/// on SIGHUP `RELOADING=1` with a current `MONOTONIC_USEC` then `READY=1`, and on SIGTERM
+/// `STOPPING=1` before it exits 0.
+fn sd_notify(backend: Backend) {
+    let dir = tempfile::Builder::new()
+        .prefix("portrelay-notify-")
+        .tempdir()
+        .expect("tempdir");
+    let path = dir.path().join("notify.sock");
+    let mut manager = Manager::bind(&path);
+    let echo = Upstream::echo();
+    let port = free_ports_in_a_row(1);
+    let toml = "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"\"\nwatch = false\n".to_string()
+        + &map_section(&port.to_string(), echo.addr(), "notify", "");
+    let socket = path.to_str().expect("a UTF-8 tempdir path");
+    let mut relay = Relay::start_with_env(
+        &toml,
+        backend,
+        &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "200000")],
+    );
+
+    // READY=1, and by then the listener accepts and forwards.
+    manager.wait_for("READY=1", Duration::from_secs(10), |_| true);
+    let mut conn = connect(port);
+    roundtrip(&mut conn, b"ready means listening");
+    drop(conn);
+    assert_eq!(
+        manager.count("RELOADING=1") + manager.count("STOPPING=1"),
+        0,
+        "before any signal: {:?}",
+        manager.seen
+    );
+
+    // Watchdog pings: every WATCHDOG_USEC/2 = 100 ms while the loops answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while manager.count("WATCHDOG=1") < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "fewer than 2 WATCHDOG=1 in 5 s: {:?}",
+            manager.seen
+        );
+        manager.wait_for("WATCHDOG=1", left, |_| true);
+    }
+
+    // SIGHUP: RELOADING=1 with MONOTONIC_USEC taken during the reload, then READY=1.
+    let before = monotonic_usec();
+    let seen_before = manager.seen.len();
+    signal(&relay, libc::SIGHUP);
+    let reloading = manager.wait_for("RELOADING=1", Duration::from_secs(10), |_| true);
+    let after = monotonic_usec();
+    let usec: u64 = reloading
+        .iter()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("RELOADING=1 without MONOTONIC_USEC: {reloading:?}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("MONOTONIC_USEC is not a number ({e}): {reloading:?}"));
+    assert!(
+        (before..=after).contains(&usec),
+        "MONOTONIC_USEC={usec} is not between {before} and {after} (CLOCK_MONOTONIC around the SIGHUP)"
+    );
+    manager.wait_for("READY=1", Duration::from_secs(10), |_| true);
+    let reload_msgs: Vec<&Vec<String>> = manager.seen[seen_before..]
+        .iter()
+        .filter(|m| !m.iter().all(|l| l == "WATCHDOG=1"))
+        .collect();
+    assert_eq!(
+        reload_msgs.len(),
+        2,
+        "around a reload exactly RELOADING=1 then READY=1: {reload_msgs:?}"
+    );
+    relay.wait_log(|l| l.msg() == "reloaded", Duration::from_secs(10));
+    // Still forwarding, and still pinging the watchdog.
+    let mut conn = connect(port);
+    roundtrip(&mut conn, b"after the reload");
+    drop(conn);
+    let pings_after_reload = manager.count("WATCHDOG=1");
+    manager.wait_for("WATCHDOG=1", Duration::from_secs(5), |_| true);
+    assert!(manager.count("WATCHDOG=1") > pings_after_reload);
+
+    // SIGTERM: STOPPING=1, then exit 0.
+    relay.sigterm();
+    manager.wait_for("STOPPING=1", Duration::from_secs(10), |_| true);
+    let status = relay.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    assert_eq!(
+        manager.count("READY=1"),
+        2,
+        "READY=1 once at start and once after the reload: {:?}",
+        manager.seen
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// /metrics
+
+/// One sample: metric name and its labels (sorted), as exposed.
+type Series = (String, BTreeMap<String, String>);
+
+/// `GET /metrics` from 127.0.0.1:`port` over plain TCP: the body of a `200 OK`.
+fn scrape(port: u16) -> String {
+    let mut conn = TcpStream::connect((LOCALHOST, port))
+        .unwrap_or_else(|e| panic!("connect to the metrics endpoint :{port}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("send the scrape request");
+    let response = String::from_utf8(read_to_end(&mut conn)).expect("a UTF-8 exposition");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {response:?}"));
+    assert!(head.starts_with("HTTP/1.1 200 "), "status: {head}");
+    assert!(
+        head.lines().any(|l| l
+            .to_ascii_lowercase()
+            .starts_with("content-type: text/plain")),
+        "content type of /metrics: {head}"
+    );
+    body.to_string()
+}
+
+fn bad(line: &str) -> ! {
+    panic!("cannot read exposition line {line:?}")
+}
+
+/// The samples of a text exposition. Panics on a line it cannot read.
+fn parse_exposition(text: &str) -> BTreeMap<Series, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad(line));
+        let name = line[..name_end].to_string();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices();
+            let mut key = String::new();
+            let end = loop {
+                let Some((i, c)) = chars.next() else {
+                    bad(line)
+                };
+                match c {
+                    '}' => break i,
+                    ',' | ' ' => {}
+                    '=' => {
+                        if chars.next().map(|(_, c)| c) != Some('"') {
+                            bad(line);
+                        }
+                        let mut value = String::new();
+                        loop {
+                            match chars.next() {
+                                Some((_, '"')) => break,
+                                Some((_, '\\')) => match chars.next() {
+                                    Some((_, 'n')) => value.push('\n'),
+                                    Some((_, c)) => value.push(c),
+                                    None => bad(line),
+                                },
+                                Some((_, c)) => value.push(c),
+                                None => bad(line),
+                            }
+                        }
+                        labels.insert(std::mem::take(&mut key), value);
+                    }
+                    c => key.push(c),
+                }
+            };
+            rest = &inner[end + 1..];
+        }
+        let value: f64 = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| bad(line));
+        out.insert((name, labels), value);
+    }
+    out
+}
+
+/// A scrape, parsed, with lookups by name and labels.
+struct Scrape {
+    samples: BTreeMap<Series, f64>,
+    text: String,
+}
+
+impl Scrape {
+    fn take(port: u16) -> Scrape {
+        let text = scrape(port);
+        Scrape {
+            samples: parse_exposition(&text),
+            text,
+        }
+    }
+
+    /// The value of the series `name{labels}` (exactly those labels), if exposed.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.samples.get(&(name.to_string(), labels)).copied()
+    }
+
+    /// Like [`Scrape::get`]; panics with the exposition when the series is missing.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or_else(|| {
+            panic!(
+                "no series {name}{labels:?} in the exposition:\n{}",
+                self.text
+            )
+        })
+    }
+
+    /// The sum over every series of `name` whose labels include `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|((n, l), _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// An upstream that reads exactly as many bytes as the client announced in an 8-byte
+/// big-endian header (header included), then sends the reply size asked for in the header's
+/// next 8 bytes, shuts down its write side, and reads until the client's end of stream.
+fn sized_upstream() -> Upstream {
+    Upstream::serve(
+        std::net::TcpListener::bind((LOCALHOST, 0)).expect("bind 127.0.0.1:0"),
+        |mut conn, _| {
+            let mut head = [0u8; 16];
+            conn.read_exact(&mut head)?;
+            let up = u64::from_be_bytes(head[..8].try_into().unwrap()) as usize;
+            let down = u64::from_be_bytes(head[8..].try_into().unwrap()) as usize;
+            let mut left = up - head.len();
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = conn.read(&mut buf[..left.min(64 * 1024)])?;
+                if n == 0 {
+                    return Err(ErrorKind::UnexpectedEof.into());
+                }
+                left -= n;
+            }
+            conn.write_all(&random_bytes(down))?;
+            conn.shutdown(Shutdown::Write)?;
+            loop {
+                if conn.read(&mut buf)? == 0 {
+                    return Ok(());
+                }
+            }
+        },
+    )
+}
+
+/// Sends `up` bytes (at least 16: the header for [`sized_upstream`]) through the relay's
+/// `port`, half-closes, and reads the `down`-byte reply to its end.
+fn transfer(port: u16, up: usize, down: usize) {
+    assert!(up >= 16);
+    let mut payload = random_bytes(up);
+    payload[..8].copy_from_slice(&(up as u64).to_be_bytes());
+    payload[8..16].copy_from_slice(&(down as u64).to_be_bytes());
+    let mut conn = connect(port);
+    conn.write_all(&payload).expect("send");
+    conn.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    let reply = read_to_end(&mut conn);
+    assert_eq!(reply.len(), down, "reply size through the relay");
+}
+
+/// (bytes up, bytes down) of each connection: odd sizes, from a few bytes to several pipe
+/// capacities, and one that sends nothing back.
+const TRANSFERS: [(usize, usize); 4] = [
+    (1_000_003, 2_500_007),
+    (16, 0),
+    (65_537, 131_071),
+    (4_099, 1),
+];
+
+/// A relay with a mapping `data` (to a [`sized_upstream`], `allow` 127.0.0.1 only) and a
+/// mapping `refused` (to a port where nothing listens), metrics on a free port; `extra` goes
+/// into `[relay]`. Runs [`TRANSFERS`], one denied client (from 127.0.0.2) and one refused
+/// upstream, then checks every figure of the scrape.
+fn check_exact_counters(backend: Backend, extra: &str) {
+    let upstream = sized_upstream();
+    // Four free ports in a row: the two mappings, metrics, and one where nothing listens.
+    let base = free_ports_in_a_row(4);
+    let (data_port, refused_port, metrics_port, closed_port) = (base, base + 1, base + 2, base + 3);
+    let toml = format!(
+        "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
+         connect_timeout = \"2s\"\nwatch = false\n{extra}\n"
+    ) + &map_section(
+        &data_port.to_string(),
+        upstream.addr(),
+        "data",
+        "allow = [\"127.0.0.1/32\"]",
+    ) + &map_section(
+        &refused_port.to_string(),
+        SocketAddr::from((LOCALHOST, closed_port)),
+        "refused",
+        "",
+    );
+    let relay = Relay::start(&toml, backend);
+    let (dp, rp) = (data_port.to_string(), refused_port.to_string());
+    let data = |extra: &[(&'static str, &'static str)]| labels("data", &dp, extra);
+
+    // Before any connection: the series exist and are zero.
+    let s = Scrape::take(metrics_port);
+    assert_eq!(s.value("portrelay_connections_active", &data(&[])), 0.0);
+    for direction in ["client_to_upstream", "upstream_to_client"] {
+        assert_eq!(
+            s.value("portrelay_bytes_total", &data(&[("direction", direction)])),
+            0.0
+        );
+    }
+    assert_eq!(
+        s.value("portrelay_io_backend_info", &[("backend", backend.name())]),
+        1.0
+    );
+    assert_eq!(s.value("portrelay_mappings", &[]), 2.0);
+    assert_eq!(s.value("portrelay_config_generation", &[]), 1.0);
+
+    for (up, down) in TRANSFERS {
+        transfer(data_port, up, down);
+    }
+    let up_total: usize = TRANSFERS.iter().map(|t| t.0).sum();
+    let down_total: usize = TRANSFERS.iter().map(|t| t.1).sum();
+    let count = TRANSFERS.len() as f64;
+
+    // Denied by `allow`: closed at once, counted as rejected (acl), never accepted.
+    connect_expect_closed(
+        Ipv4Addr::new(127, 0, 0, 2),
+        data_port,
+        b"denied",
+        Duration::from_secs(5),
+    );
+    // An upstream that refuses.
+    connect_expect_closed(LOCALHOST, refused_port, b"", Duration::from_secs(5));
+
+    // Wait until every connection has ended and been counted.
+    let settled = poll(Duration::from_secs(10), Duration::from_millis(50), || {
+        let s = Scrape::take(metrics_port);
+        let done = s.sum("portrelay_connections_active", &[]) == 0.0
+            && s.get(
+                "portrelay_session_duration_seconds_count",
+                &[("map", "data")],
+            ) == Some(count)
+            && s.sum(
+                "portrelay_connections_rejected_total",
+                &[("port", dp.as_str())],
+            ) >= 1.0
+            && s.sum(
+                "portrelay_upstream_connect_failures_total",
+                &[("port", rp.as_str())],
+            ) >= 1.0;
+        done.then_some(s)
+    });
+    let s = settled.unwrap_or_else(|| {
+        panic!(
+            "connections not all counted as ended within 10 s:\n{}",
+            scrape(metrics_port)
+        )
+    });
+
+    // Exact bytes each way.
+    assert_eq!(
+        s.value(
+            "portrelay_bytes_total",
+            &data(&[("direction", "client_to_upstream")])
+        ),
+        up_total as f64,
+        "bytes client_to_upstream on {}",
+        backend.name()
+    );
+    assert_eq!(
+        s.value(
+            "portrelay_bytes_total",
+            &data(&[("direction", "upstream_to_client")])
+        ),
+        down_total as f64,
+        "bytes upstream_to_client on {}",
+        backend.name()
+    );
+    // Accepted: the transfers, direct; the denied client is not one of them.
+    assert_eq!(
+        s.value(
+            "portrelay_connections_accepted_total",
+            &data(&[("via", "direct")])
+        ),
+        count
+    );
+    for via in ["proxy", "tls"] {
+        assert_eq!(
+            s.get(
+                "portrelay_connections_accepted_total",
+                &data(&[("via", via)])
+            )
+            .unwrap_or(0.0),
+            0.0
+        );
+    }
+    assert_eq!(s.value("portrelay_connections_active", &data(&[])), 0.0);
+    // Rejections on the data port: exactly one, for acl.
+    assert_eq!(
+        s.value(
+            "portrelay_connections_rejected_total",
+            &[("port", dp.as_str()), ("reason", "acl")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        s.sum(
+            "portrelay_connections_rejected_total",
+            &[("port", dp.as_str())]
+        ),
+        1.0,
+        "rejections on the data port:\n{}",
+        s.text
+    );
+    // The refused upstream: one failure, reason refused, no bytes, nothing active.
+    let refused = |extra: &[(&'static str, &'static str)]| labels("refused", &rp, extra);
+    assert_eq!(
+        s.value(
+            "portrelay_upstream_connect_failures_total",
+            &refused(&[("reason", "refused")])
+        ),
+        1.0
+    );
+    assert_eq!(
+        s.sum(
+            "portrelay_upstream_connect_failures_total",
+            &[("port", rp.as_str())]
+        ),
+        1.0
+    );
+    assert_eq!(
+        s.sum("portrelay_upstream_connect_failures_total", &data(&[])),
+        0.0
+    );
+    assert_eq!(s.sum("portrelay_bytes_total", &refused(&[])), 0.0);
+    assert_eq!(s.value("portrelay_connections_active", &refused(&[])), 0.0);
+    // Durations: every data connection ended once; every successful connect was timed.
+    assert_eq!(
+        s.value(
+            "portrelay_session_duration_seconds_bucket",
+            &[("map", "data"), ("le", "+Inf")]
+        ),
+        count
+    );
+    assert!(
+        s.value("portrelay_upstream_connect_duration_seconds_count", &[]) >= count,
+        "upstream connects timed:\n{}",
+        s.text
+    );
+    // No pipe is held once every connection has ended; with max_pipes = 0 none was made.
+    assert_eq!(
+        s.value("portrelay_pipes", &[("state", "in_use")]),
+        0.0,
+        "pipes in use with no connection open"
+    );
+    if extra.contains("max_pipes = 0") {
+        assert_eq!(
+            s.value("portrelay_pipes", &[("state", "idle")]),
+            0.0,
+            "idle pipes with max_pipes = 0"
+        );
+    }
+    assert!(s.value("process_open_fds", &[]) > 0.0);
+    drop(relay);
+}
+
+data_path_test!(exact_counters);
+/// After known transfers through one mapping (spliced through pipes), the scrape shows
+/// exactly the bytes each way, the accepted and active counts, one acl rejection and one
+/// refused upstream.
+fn exact_counters(backend: Backend) {
+    check_exact_counters(backend, "");
+}
+
+data_path_test!(exact_counters_copied);
+/// The same with `max_pipes = 0`: no pipe at all, every byte copied through a buffer.
+fn exact_counters_copied(backend: Backend) {
+    check_exact_counters(backend, "max_pipes = 0");
+}
+
+/// The exposition parser reads what the exporter writes.
+#[test]
+fn parse_exposition_reads_labels_and_values() {
+    let text = "# HELP x_total help\n# TYPE x_total counter\n\
+                x_total{map=\"C.1\",port=\"20544\",direction=\"client_to_upstream\"} 42\n\
+                y 1.5\nz_bucket{le=\"+Inf\",map=\"a\\\"b\"} 3\n";
+    let samples = parse_exposition(text);
+    let key = |name: &str, labels: &[(&str, &str)]| -> Series {
+        (
+            name.to_string(),
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    };
+    assert_eq!(
+        samples[&key(
+            "x_total",
+            &[
+                ("map", "C.1"),
+                ("port", "20544"),
+                ("direction", "client_to_upstream")
+            ]
+        )],
+        42.0
+    );
+    assert_eq!(samples[&key("y", &[])], 1.5);
+    assert_eq!(
+        samples[&key("z_bucket", &[("le", "+Inf"), ("map", "a\"b")])],
+        3.0
+    );
+}
