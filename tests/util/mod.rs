@@ -17,11 +17,13 @@
 #![allow(dead_code)]
 
 pub mod files;
+pub mod haproxy;
 pub mod log;
 pub mod net;
 pub mod process;
 pub mod relay;
 pub mod sshd;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 
