@@ -46,7 +46,7 @@ enum Entry {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    Idle(u64),
+    IdleSweep,
     Admission(u64),
     ResumeAccept(u64),
 }
@@ -72,6 +72,7 @@ pub struct EventLoop<D: Driver> {
     drain_until: Option<Instant>,
     /// This loop's pipe counts as last added to the relay-wide gauges.
     published_pipes: (usize, usize),
+    idle_sweep_armed: bool,
 }
 
 impl<D: Driver> EventLoop<D> {
@@ -99,6 +100,7 @@ impl<D: Driver> EventLoop<D> {
             now: Instant::now(),
             drain_until: None,
             published_pipes: (0, 0),
+            idle_sweep_armed: false,
         }
     }
 
@@ -492,9 +494,38 @@ impl<D: Driver> EventLoop<D> {
             &route.upstream_sockaddr,
             self.settings.connect_timeout,
         );
-        if let Some(idle) = self.settings.idle_timeout {
-            self.timers
-                .push(Reverse((self.now + idle, Timer::Idle(key.0))));
+        self.arm_idle_sweep();
+    }
+
+    /// With `idle_timeout` set, one sweep timer per loop (not one timer per connection,
+    /// which would pile up in the heap for connections long closed).
+    fn arm_idle_sweep(&mut self) {
+        if let (Some(idle), false) = (self.settings.idle_timeout, self.idle_sweep_armed) {
+            let every = (idle / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
+            self.timers.push(Reverse((self.now + every, Timer::IdleSweep)));
+            self.idle_sweep_armed = true;
+        }
+    }
+
+    /// Closes connections idle for `idle_timeout` (late by at most an eighth of it, ≤ 5 s).
+    fn sweep_idle(&mut self) {
+        self.idle_sweep_armed = false;
+        let Some(idle) = self.settings.idle_timeout else {
+            return;
+        };
+        let keys: Vec<_> = self.entries.keys().collect();
+        let mut any = false;
+        for (slot, generation) in keys {
+            if let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) {
+                any = true;
+                if c.last_active + idle <= self.now {
+                    c.abort("idle".to_string(), &mut self.pool);
+                    self.finish(Key::new(Tag::Client, slot, generation));
+                }
+            }
+        }
+        if any {
+            self.arm_idle_sweep();
         }
     }
 
@@ -667,23 +698,7 @@ impl<D: Driver> EventLoop<D> {
             }
             self.timers.pop();
             match timer {
-                Timer::Idle(k) => {
-                    let key = Key(k);
-                    let Some(idle) = self.settings.idle_timeout else {
-                        continue;
-                    };
-                    let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation())
-                    else {
-                        continue;
-                    };
-                    let due = c.last_active + idle;
-                    if due <= self.now {
-                        c.abort("idle".to_string(), &mut self.pool);
-                        self.finish(key);
-                    } else {
-                        self.timers.push(Reverse((due, Timer::Idle(k))));
-                    }
-                }
+                Timer::IdleSweep => self.sweep_idle(),
                 Timer::Admission(k) => self.expire_pending(Key(k)),
                 Timer::ResumeAccept(k) => {
                     let key = Key(k);

@@ -653,3 +653,32 @@ fn no_io_wq_threads_no_blocking_fds(backend: Backend) {
     // The client and upstream sockets at least were looked at.
     assert!(checked_fds >= 2, "saw only {checked_fds} new fds");
 }
+
+data_path_test!(idle_timeout_closes_only_idle);
+/// `idle_timeout`: a connection with no bytes either way for that long is closed (reason
+/// "idle"); one that keeps talking is not.
+fn idle_timeout_closes_only_idle(backend: Backend) {
+    let echo = Upstream::echo();
+    let (relay, port) = relay_one(echo.addr(), "idle", "idle_timeout = \"400ms\"", backend);
+    let mut busy = connect(port);
+    let mut quiet = connect(port);
+    roundtrip(&mut quiet, b"then silence");
+    let started = Instant::now();
+    // The busy one talks every 100 ms for 1.5 s: well past the timeout.
+    while started.elapsed() < Duration::from_millis(1500) {
+        roundtrip(&mut busy, b"still here");
+        poll(
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+            || None::<()>,
+        );
+    }
+    let (_, _) = expect_closed(&mut quiet, Duration::from_secs(3));
+    let line = relay.wait_log(|l| l.is_closed_on(port), Duration::from_secs(5));
+    assert_eq!(line.reason(), "idle", "{line}");
+    assert!(
+        line.num("duration_ms") >= 400,
+        "closed before idle_timeout: {line}"
+    );
+    roundtrip(&mut busy, b"the busy one survived");
+}
