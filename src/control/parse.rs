@@ -48,11 +48,8 @@ pub fn parse_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
     };
     let root = spanned::parse(text).map_err(|e| {
         fail(vec![Problem {
-            offset: e.span().map_or(0, |s| s.start),
-            message: format!(
-                "TOML syntax error: {}",
-                e.message().trim().replace('\n', "; ")
-            ),
+            offset: e.offset,
+            message: format!("TOML syntax error: {}", e.message),
         }])
     })?;
     let base_dir = Path::new(file).parent().unwrap_or(Path::new(""));

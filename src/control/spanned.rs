@@ -1,26 +1,17 @@
 //! A TOML document as a tree that keeps the byte span of every key and value, and a
 //! byte-offset → line:column index.
 //!
-//! `toml` 0.8 hands out spans only through `toml::Spanned<T>`, which fails on a table that
-//! has no span of its own (the implicit `a` of a dotted key `a.b = 1` or of a header
-//! `[a.b]`) and on datetimes. So this tree speaks the serde protocol of `Spanned` itself
-//! (the names below, from serde_spanned 0.6 / toml_datetime 0.6, which toml 0.8 uses) and
-//! takes values with or without a span. The unit tests below catch a change of protocol.
+//! The tree is read with `toml::de::DeTable::parse` (toml 0.9), which gives every key and
+//! value with its span through the public `Spanned` API. It checks the syntax, the
+//! structure (duplicate keys, tables defined twice) and datetimes, but keeps integers and
+//! floats as text: turning them into numbers, and rejecting those that do not fit, is done
+//! here.
 
-use std::fmt;
+use std::borrow::Cow;
 use std::ops::Range;
 
-use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
-
-/// serde_spanned: a deserializer that sees a struct of this name and these fields hands
-/// out the span of the value as a map `{start, end, value}`.
-const SPANNED_NAME: &str = "$__serde_spanned_private_Spanned";
-const SPANNED_START: &str = "$__serde_spanned_private_start";
-const SPANNED_END: &str = "$__serde_spanned_private_end";
-const SPANNED_VALUE: &str = "$__serde_spanned_private_value";
-const SPANNED_FIELDS: &[&str] = &[SPANNED_START, SPANNED_END, SPANNED_VALUE];
-/// toml_datetime: a datetime is given as a map with this single key and the text as value.
-const DATETIME_FIELD: &str = "$__toml_private_datetime";
+use toml::de::{DeArray, DeFloat, DeInteger, DeTable, DeValue};
+use toml::Spanned;
 
 /// A key of a table, with its span in the text when the parser knows it.
 #[derive(Clone, Debug, PartialEq)]
@@ -29,8 +20,7 @@ pub(super) struct Key {
     pub span: Option<Range<usize>>,
 }
 
-/// A table's entries, in the order the parser gives them (the file's, for the most part;
-/// problems are sorted by offset afterwards anyway).
+/// A table's entries, in file order (the order of the first appearance of each key).
 pub(super) type Table = Vec<(Key, Item)>;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -65,192 +55,106 @@ impl Key {
     }
 }
 
+/// Why a text is not a TOML document: the first problem, at a byte offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SyntaxError {
+    pub offset: usize,
+    /// One line, as the parser words it.
+    pub message: String,
+}
+
 /// Parses `text` into its root table; a TOML syntax error is the only error there can be.
-pub(super) fn parse(text: &str) -> Result<Table, toml::de::Error> {
-    let root: Item = toml::from_str(text)?;
-    Ok(match root.value {
-        Value::Table(t) => t,
-        _ => Vec::new(),
+pub(super) fn parse(text: &str) -> Result<Table, SyntaxError> {
+    let root = DeTable::parse(text).map_err(|e| SyntaxError {
+        offset: e.span().map_or(0, |s| s.start),
+        message: e.message().trim().replace('\n', "; "),
+    })?;
+    Tree { text }.table(root.into_inner())
+}
+
+/// Turns the parser's tree into ours; `text` is the document, for telling implicit tables.
+struct Tree<'t> {
+    text: &'t str,
+}
+
+impl Tree<'_> {
+    fn table(&self, table: DeTable<'_>) -> Result<Table, SyntaxError> {
+        let mut entries = Vec::with_capacity(table.len());
+        for (key, value) in table {
+            let key = Key {
+                span: Some(key.span()),
+                name: key.into_inner().into_owned(),
+            };
+            entries.push((key, self.item(value)?));
+        }
+        // The parser's map is sorted by name; keys come in the file's order by their spans.
+        entries.sort_unstable_by_key(|(key, _)| key.start(0));
+        Ok(entries)
+    }
+
+    fn array(&self, array: DeArray<'_>) -> Result<Vec<Item>, SyntaxError> {
+        array.into_iter().map(|item| self.item(item)).collect()
+    }
+
+    fn item(&self, item: Spanned<DeValue<'_>>) -> Result<Item, SyntaxError> {
+        let span = item.span();
+        let value = match item.into_inner() {
+            DeValue::String(s) => Value::String(Cow::into_owned(s)),
+            DeValue::Integer(n) => Value::Integer(integer(&n, span.start)?),
+            DeValue::Float(f) => Value::Float(float(&f, span.start)?),
+            DeValue::Boolean(b) => Value::Boolean(b),
+            DeValue::Datetime(d) => Value::Datetime(d.to_string()),
+            DeValue::Array(a) => Value::Array(self.array(a)?),
+            DeValue::Table(t) => {
+                // A table written out starts with its `[header]`, `[[header]]` or `{`; one
+                // made implicitly by a dotted key or header (`a` of `a.b = 1` or `[a.b]`)
+                // has no text of its own, and no span here.
+                let written = self
+                    .text
+                    .get(span.clone())
+                    .is_some_and(|s| s.starts_with(['[', '{']));
+                return Ok(Item {
+                    span: written.then_some(span),
+                    value: Value::Table(self.table(t)?),
+                });
+            }
+        };
+        Ok(Item {
+            span: Some(span),
+            value,
+        })
+    }
+}
+
+/// The value of an integer the parser kept as text (sign and digits, in its radix).
+fn integer(n: &DeInteger<'_>, offset: usize) -> Result<i64, SyntaxError> {
+    i64::from_str_radix(n.as_str(), n.radix()).map_err(|e| {
+        use std::num::IntErrorKind::{NegOverflow, PosOverflow};
+        let message = match e.kind() {
+            PosOverflow | NegOverflow => format!(
+                "integer `{n}` is out of range ({} to {})",
+                i64::MIN,
+                i64::MAX
+            ),
+            _ => format!("invalid integer `{n}`"),
+        };
+        SyntaxError { offset, message }
     })
 }
 
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_struct(SPANNED_NAME, SPANNED_FIELDS, KeyVisitor)
-    }
-}
-
-struct KeyVisitor;
-
-impl<'de> Visitor<'de> for KeyVisitor {
-    type Value = Key;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a table key")
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-        Ok(Key {
-            name: v.to_owned(),
-            span: None,
-        })
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Key, E> {
-        Ok(Key {
-            name: v,
-            span: None,
-        })
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Key, A::Error> {
-        let (mut start, mut end, mut name) = (None, None, None);
-        while let Some(field) = map.next_key::<SpannedField>()? {
-            match field {
-                SpannedField::Start => start = Some(map.next_value::<usize>()?),
-                SpannedField::End => end = Some(map.next_value::<usize>()?),
-                SpannedField::Value => name = Some(map.next_value::<String>()?),
-                SpannedField::Other => return Err(de::Error::custom("unexpected key span field")),
-            }
-        }
-        let name = name.ok_or_else(|| de::Error::missing_field(SPANNED_VALUE))?;
-        let span = match (start, end) {
-            (Some(s), Some(e)) => Some(s..e),
-            _ => None,
-        };
-        Ok(Key { name, span })
-    }
-}
-
-/// One field of the span protocol, read without allocating.
-enum SpannedField {
-    Start,
-    End,
-    Value,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for SpannedField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct FieldVisitor;
-        impl Visitor<'_> for FieldVisitor {
-            type Value = SpannedField;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a span field")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<SpannedField, E> {
-                Ok(match v {
-                    SPANNED_START => SpannedField::Start,
-                    SPANNED_END => SpannedField::End,
-                    SPANNED_VALUE => SpannedField::Value,
-                    _ => SpannedField::Other,
-                })
-            }
-        }
-        d.deserialize_str(FieldVisitor)
-    }
-}
-
-impl<'de> Deserialize<'de> for Item {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_struct(SPANNED_NAME, SPANNED_FIELDS, ItemVisitor)
-    }
-}
-
-/// The value inside a span: deserialized as whatever it is.
-struct AnyValue;
-
-impl<'de> DeserializeSeed<'de> for AnyValue {
-    type Value = Item;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Item, D::Error> {
-        d.deserialize_any(ItemVisitor)
-    }
-}
-
-struct ItemVisitor;
-
-fn bare(value: Value) -> Item {
-    Item { span: None, value }
-}
-
-impl<'de> Visitor<'de> for ItemVisitor {
-    type Value = Item;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a TOML value")
-    }
-
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Item, E> {
-        Ok(bare(Value::Boolean(v)))
-    }
-
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Item, E> {
-        Ok(bare(Value::Integer(v)))
-    }
-
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Item, E> {
-        Ok(bare(Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))))
-    }
-
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Item, E> {
-        Ok(bare(Value::Float(v)))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Item, E> {
-        Ok(bare(Value::String(v.to_owned())))
-    }
-
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Item, E> {
-        Ok(bare(Value::String(v)))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(item) = seq.next_element::<Item>()? {
-            items.push(item);
-        }
-        Ok(bare(Value::Array(items)))
-    }
-
-    /// A table, a spanned value (`{start, end, value}`) or a datetime: told apart by the
-    /// first key, which only in a real table carries a span of its own.
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
-        let Some(first) = map.next_key::<Key>()? else {
-            return Ok(bare(Value::Table(Vec::new())));
-        };
-        if first.span.is_none() {
-            if first.name == SPANNED_START {
-                let start: usize = map.next_value()?;
-                let (mut end, mut inner) = (None, None);
-                while let Some(field) = map.next_key::<SpannedField>()? {
-                    match field {
-                        SpannedField::End => end = Some(map.next_value::<usize>()?),
-                        SpannedField::Value => inner = Some(map.next_value_seed(AnyValue)?),
-                        SpannedField::Start | SpannedField::Other => {
-                            return Err(de::Error::custom("unexpected value span field"))
-                        }
-                    }
-                }
-                let inner: Item = inner.ok_or_else(|| de::Error::missing_field(SPANNED_VALUE))?;
-                let end = end.ok_or_else(|| de::Error::missing_field(SPANNED_END))?;
-                return Ok(Item {
-                    span: Some(start..end),
-                    value: inner.value,
-                });
-            }
-            if first.name == DATETIME_FIELD {
-                let text: String = map.next_value()?;
-                return Ok(bare(Value::Datetime(text)));
-            }
-        }
-        let mut table = Vec::with_capacity(map.size_hint().unwrap_or(0) + 1);
-        let value = map.next_value::<Item>()?;
-        table.push((first, value));
-        while let Some(key) = map.next_key::<Key>()? {
-            let value = map.next_value::<Item>()?;
-            table.push((key, value));
-        }
-        Ok(bare(Value::Table(table)))
+/// The value of a float the parser kept as text; one too large for an `f64` is an error
+/// (`inf` is written as such; `nan` is a float too).
+fn float(f: &DeFloat<'_>, offset: usize) -> Result<f64, SyntaxError> {
+    match f.as_str().parse::<f64>() {
+        Ok(x) if !x.is_infinite() || f.as_str().contains("inf") => Ok(x),
+        Ok(_) => Err(SyntaxError {
+            offset,
+            message: format!("float `{f}` is out of range"),
+        }),
+        Err(_) => Err(SyntaxError {
+            offset,
+            message: format!("invalid float `{f}`"),
+        }),
     }
 }
 
@@ -347,6 +251,58 @@ mod tests {
         };
         assert_eq!(d[0].1.value, Value::Datetime("1979-05-27T07:32:00Z".into()));
         assert_eq!(d[0].1.span, Some(18..38));
+    }
+
+    #[test]
+    fn numbers_and_their_errors() {
+        let text = "a = +1_000\nb = 0x7f\nc = -9223372036854775808\nd = 1.5e3\ne = -inf\nf = nan\n";
+        let root = parse(text).unwrap();
+        let values: Vec<&Value> = root.iter().map(|(_, item)| &item.value).collect();
+        assert_eq!(
+            values[..4],
+            [
+                &Value::Integer(1000),
+                &Value::Integer(127),
+                &Value::Integer(i64::MIN),
+                &Value::Float(1500.0)
+            ]
+        );
+        assert_eq!(*values[4], Value::Float(f64::NEG_INFINITY));
+        assert!(matches!(values[5], Value::Float(x) if x.is_nan()));
+        assert_eq!(root[1].1.span, Some(15..19));
+
+        let overflow = parse("a = 1\nb = 9223372036854775808\n").unwrap_err();
+        assert_eq!(overflow.offset, 10);
+        assert_eq!(
+            overflow.message,
+            "integer `9223372036854775808` is out of range (-9223372036854775808 to 9223372036854775807)"
+        );
+        let empty = parse("[t]\nb = [0x]\n").unwrap_err();
+        assert_eq!(
+            (empty.offset, empty.message.as_str()),
+            (9, "invalid integer `0x`")
+        );
+        let huge = parse("b = 1e400\n").unwrap_err();
+        assert_eq!(
+            (huge.offset, huge.message.as_str()),
+            (4, "float `1e400` is out of range")
+        );
+    }
+
+    #[test]
+    fn syntax_error_offsets() {
+        // Where toml points: the wording is toml's own.
+        for (text, offset) in [
+            ("[relay]\nbind = [\"::\"\nwatch = true\n", 21),
+            ("[relay]\nwatch = true\nwatch = false\n", 21),
+            ("[[map]]\n[map]\n", 9),
+            ("a = \"x\nb = 1\n", 6),
+            ("a = 1979-13-01\n", 4),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.offset, offset, "{text:?}: {e:?}");
+            assert!(!e.message.is_empty() && !e.message.contains('\n'), "{e:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the control thread has woken the loop).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -262,14 +262,18 @@ impl<D: Driver> EventLoop<D> {
                     }
                 }
                 Command::Unlisten(addr) => self.unlisten(addr),
-                Command::CloseRoutes(routes) => {
-                    let doomed: HashSet<*const Route> = routes.iter().map(Arc::as_ptr).collect();
+                Command::CloseConnections(doomed) => {
                     let keys: Vec<_> = self.entries.keys().collect();
                     for (slot, generation) in keys {
                         let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) else {
                             continue;
                         };
-                        if doomed.contains(&Arc::as_ptr(&c.route)) {
+                        let close = match doomed.get(&c.route.port) {
+                            Some(None) => true,
+                            Some(Some(new_upstream)) => c.route.upstream != *new_upstream,
+                            None => false,
+                        };
+                        if close {
                             c.abort("reload".to_string(), &mut self.pool);
                             self.finish(Key::new(Tag::Client, slot, generation));
                         }
@@ -502,7 +506,8 @@ impl<D: Driver> EventLoop<D> {
     fn arm_idle_sweep(&mut self) {
         if let (Some(idle), false) = (self.settings.idle_timeout, self.idle_sweep_armed) {
             let every = (idle / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            self.timers.push(Reverse((self.now + every, Timer::IdleSweep)));
+            self.timers
+                .push(Reverse((self.now + every, Timer::IdleSweep)));
             self.idle_sweep_armed = true;
         }
     }

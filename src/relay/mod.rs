@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::addr::UpstreamAddr;
 use crate::control::diff::{self, PortChange};
 use crate::control::{Config, RelaySettings, RemovedMapping};
 use crate::tls::{self, TlsEndpoint};
@@ -118,8 +119,11 @@ pub enum Command {
     Enter(SocketAddr, Entrance),
     /// Stop accepting on the listener at this address.
     Unlisten(SocketAddr),
-    /// Close the live connections that were routed by any of these routes.
-    CloseRoutes(Vec<Arc<Route>>),
+    /// Close live connections of these host ports (`removed_mapping = "close"`): all of a
+    /// port's connections for `None` (the port is gone), or those whose upstream is not
+    /// `Some(new)` (the port was retargeted). Matched by port and upstream, not by route
+    /// object: a connection keeps the route it was admitted with, across renames.
+    CloseConnections(Arc<HashMap<u16, Option<UpstreamAddr>>>),
     /// Reply once every command before this one is applied and submitted to the kernel.
     Barrier(mpsc::Sender<()>),
     /// Stop accepting; let connections finish for up to `grace`, then close them.
@@ -248,7 +252,6 @@ impl Relay {
                 .with_context(|| format!("[[tls]] listen = \"{}\"", entry.listen))?;
             endpoints.push((entry.listen, Arc::new(endpoint)));
         }
-        let old_ports = self.config.as_ref().map(diff::ports).unwrap_or_default();
         let changes: HashMap<u16, PortChange> = match &self.config {
             Some(old) => diff::diff(old, &new).into_iter().collect(),
             None => diff::ports(&new)
@@ -364,16 +367,18 @@ impl Relay {
 
         // Live connections of removed and retargeted ports follow `removed_mapping`.
         if new.relay.removed_mapping == RemovedMapping::Close {
-            let old_routes: Vec<Arc<Route>> = changes
+            let doomed: HashMap<u16, Option<UpstreamAddr>> = changes
                 .iter()
-                .filter(|(_, c)| matches!(c, PortChange::Close | PortChange::Retarget))
-                .filter_map(|(p, _)| self.routes.get(p).cloned())
+                .filter_map(|(p, c)| match c {
+                    PortChange::Close => Some((*p, None)),
+                    PortChange::Retarget => Some((*p, Some(routes[p].upstream))),
+                    _ => None,
+                })
                 .collect();
-            if !old_routes.is_empty() {
-                cmds.push(Command::CloseRoutes(old_routes));
+            if !doomed.is_empty() {
+                cmds.push(Command::CloseConnections(Arc::new(doomed)));
             }
         }
-        drop(old_ports);
 
         self.broadcast(cmds);
         self.barrier();
@@ -440,7 +445,7 @@ impl Command {
             Command::Listen(l, e) => Command::Listen(l.clone(), e.clone()),
             Command::Enter(a, e) => Command::Enter(*a, e.clone()),
             Command::Unlisten(a) => Command::Unlisten(*a),
-            Command::CloseRoutes(rs) => Command::CloseRoutes(rs.clone()),
+            Command::CloseConnections(c) => Command::CloseConnections(c.clone()),
             Command::Barrier(tx) => Command::Barrier(tx.clone()),
             Command::Shutdown { grace } => Command::Shutdown { grace: *grace },
         }

@@ -1,4 +1,4 @@
-//! The io_uring backend: multishot accept, connect linked to a timeout, multishot poll for
+//! The io_uring backend: accept, connect linked to a timeout, multishot poll for
 //! readiness. Bytes never move through io_uring: the loop calls splice(2) inline when a
 //! socket is ready (`IORING_OP_SPLICE` on sockets always runs on an io-wq thread; see
 //! DESIGN.md). So no request here ever needs an io-wq worker; the worker count is capped at
@@ -19,7 +19,7 @@ const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
 
 /// The opcodes this backend submits; all must be supported for `auto` to choose it.
 const OPCODES: [(u8, &str); 5] = [
-    (opcode::AcceptMulti::CODE, "ACCEPT"),
+    (opcode::Accept::CODE, "ACCEPT"),
     (opcode::Connect::CODE, "CONNECT"),
     (opcode::LinkTimeout::CODE, "LINK_TIMEOUT"),
     (opcode::PollAdd::CODE, "POLL_ADD"),
@@ -113,8 +113,13 @@ impl Uring {
         self.push(e);
     }
 
+    /// One accept at a time per loop and listener, not a multishot accept: a multishot
+    /// accept takes every queued connection in one go, so one loop would get a whole burst
+    /// while the other cores idle. io_uring arms accept polls exclusive, so with one
+    /// pending accept in each loop the kernel gives the next connection to a loop that is
+    /// waiting for one, i.e. not busy.
     fn arm_accept(&mut self, key: Key, fd: RawFd) {
-        let e = opcode::AcceptMulti::new(types::Fd(fd))
+        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(key.0);

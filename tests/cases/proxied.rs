@@ -494,23 +494,23 @@ fn untrusted_client_cannot_spoof(backend: Backend) {
 // ---------------------------------------------------------------------------------------
 // SSH over TLS: `openssl s_client` as the ProxyCommand.
 
-/// A relay with one mapping (named `map`) to the sshd and a TLS entry on the next port,
-/// with a certificate from a fresh test CA. Returns the relay, the CA, its tempdir, the
-/// mapped port and the TLS port.
+/// A relay with one mapping (named `map`) to the sshd and a TLS entry on the next port
+/// (and metrics on the one after, when `metrics`), with a certificate from a fresh test CA.
+/// Returns the relay, the CA, its tempdir, the mapped port and the TLS port.
 fn tls_relay(
     sshd: &Sshd,
     backend: Backend,
     map: &str,
-    metrics: Option<u16>,
+    metrics: bool,
 ) -> (Relay, TestCa, tempfile::TempDir, u16, u16) {
     let dir = tempfile::Builder::new()
         .prefix("portrelay-ca-")
         .tempdir()
         .expect("tempdir");
     let ca = TestCa::new(dir.path());
-    let port = free_ports_in_a_row(2);
+    let port = free_ports_in_a_row(3);
     let tls_port = port + 1;
-    let toml = relay_section(metrics, "")
+    let toml = relay_section(metrics.then_some(port + 2), "")
         + &map_section(port, sshd.addr(), map, &[])
         + &format!(
             "[[tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n\
@@ -537,7 +537,7 @@ data_path_test!(tls_entry_ssh_and_scp);
 fn tls_entry_ssh_and_scp(backend: Backend) {
     let sshd = Sshd::start();
     let map = "C.123";
-    let (relay, ca, _dir, port, tls_port) = tls_relay(&sshd, backend, map, None);
+    let (relay, ca, _dir, port, tls_port) = tls_relay(&sshd, backend, map, false);
     let sni = format!("C-123.{SNI_SUFFIX}");
     let option = proxy_command(tls_port, &sni, &ca.ca);
 
@@ -567,8 +567,8 @@ data_path_test!(tls_entry_refuses_unknown_names_and_plain_ssh);
 /// port, and nothing reaches the sshd.
 fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
     let sshd = Sshd::start();
-    let metrics = free_ports_in_a_row(1);
-    let (relay, ca, _dir, port, tls_port) = tls_relay(&sshd, backend, "C.123", Some(metrics));
+    let (relay, ca, _dir, port, tls_port) = tls_relay(&sshd, backend, "C.123", true);
+    let metrics = port + 2;
 
     // An unknown name: ssh fails cleanly, with s_client's error on its stderr.
     let sni = format!("nosuch.{SNI_SUFFIX}");

@@ -29,8 +29,7 @@ use std::time::{Duration, Instant};
 use crate::util::files::{assert_same_file, random_file};
 use crate::util::log::LogLine;
 use crate::util::net::{
-    connect, expect_closed, free_ports_in_a_row, listen, read_some, roundtrip, Upstream,
-    LOCALHOST,
+    connect, expect_closed, free_ports_in_a_row, listen, read_some, roundtrip, Upstream, LOCALHOST,
 };
 use crate::util::process;
 use crate::util::relay::{data_path_test, run_on, BIN};
@@ -122,6 +121,28 @@ fn assert_refused(port: u16) {
             panic!("port {port} still accepts connections after the reload (then read {got:?})");
         }
     }
+}
+
+/// `conn` must end (EOF or reset, no byte) within [`CLOSE_WITHIN`]; `what` says why.
+fn assert_ends(conn: &mut TcpStream, what: &str) {
+    let deadline = Instant::now() + CLOSE_WITHIN;
+    let mut buf = [0u8; 256];
+    // Bounded: each pass returns, panics, or was interrupted by a signal.
+    for _ in 0..100 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => panic!("{what}: expected the connection to end, got {n} bytes"),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(_) => return, // reset
+        }
+    }
+    panic!("{what}: the connection is still open {CLOSE_WITHIN:?} after the reload");
 }
 
 /// Every `control file error` line so far: its `error` field.
@@ -275,11 +296,17 @@ fn scp_256mib_through_50_reloads(backend: Backend) {
 
     // The transfer runs once bytes arrive at the sshd.
     let started = poll(Duration::from_secs(60), Duration::from_millis(20), || {
-        assert!(!scp.is_finished(), "scp ended before any byte arrived");
+        if scp.is_finished() {
+            return Some(false);
+        }
         let size = std::fs::metadata(&remote).map(|m| m.len()).unwrap_or(0);
-        (size > 0).then_some(())
+        (size > 0).then_some(true)
     });
-    assert!(started.is_some(), "no byte of the scp arrived within 60 s");
+    match started {
+        Some(true) => {}
+        Some(false) => panic!("scp ended before any byte arrived: {:?}", scp.join()),
+        None => panic!("no byte of the scp arrived within 60 s"),
+    }
 
     let transfer_start = Instant::now();
     let mut generation = 1;
@@ -316,12 +343,13 @@ fn scp_256mib_through_50_reloads(backend: Backend) {
                 assert_refused(*p);
             }
         }
-        assert!(
-            !scp.is_finished(),
-            "the scp ended at step {step} of {RELOADS}, before the reloads were done \
-             (lower SCP_LIMIT_KBITS, or it failed: see its result below)\n{:?}",
-            scp.join()
-        );
+        if scp.is_finished() {
+            panic!(
+                "the scp ended at step {step} of {RELOADS}, before the reloads were done \
+                 (lower SCP_LIMIT_KBITS, or it failed): {:?}",
+                scp.join()
+            );
+        }
     }
     let reloads_took = transfer_start.elapsed();
     let failed: Vec<LogLine> = relay
@@ -362,11 +390,7 @@ fn scp_256mib_through_50_reloads(backend: Backend) {
         1,
         "connections on A's port (exactly the scp's one): {on_a:?}"
     );
-    assert_eq!(
-        closed.text("upstream"),
-        sshd.addr().to_string(),
-        "{closed}"
-    );
+    assert_eq!(closed.text("upstream"), sshd.addr().to_string(), "{closed}");
     assert!(
         closed.num("bytes_client_to_upstream") >= SCP_SIZE as u64,
         "the scp connection counted fewer bytes upstream than the file has: {closed}"
@@ -375,11 +399,19 @@ fn scp_256mib_through_50_reloads(backend: Backend) {
         ["client_eof", "upstream_eof"].contains(&closed.reason()),
         "the scp connection ended normally: {closed}"
     );
-    // A still serves under its last name.
-    let mut ssh_banner = connect(port_a);
+    // A new connection on A is served under A's last name.
+    let mut ssh = connect(port_a);
     let mut banner = [0u8; 8];
-    ssh_banner.read_exact(&mut banner).expect("sshd banner");
+    ssh.read_exact(&mut banner).expect("sshd banner");
     assert_eq!(&banner, b"SSH-2.0-");
+    drop(ssh);
+    let last = relay.wait_logs(|l| l.is_closed_on(port_a), 2, Duration::from_secs(10));
+    assert_eq!(
+        last[1].text("map"),
+        format!("A.{}", RELOADS - 1),
+        "{}",
+        last[1]
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -411,7 +443,10 @@ fn remove_one(policy: &str, backend: Backend) -> (Relay, TcpStream, u16, Upstrea
     assert_eq!(line.num("mappings"), 1, "{line}");
     assert_eq!(line.num("changed_ports"), 1, "{line}");
     assert_refused(p_gone);
-    roundtrip(&mut other, b"the other mapping's live connection is untouched");
+    roundtrip(
+        &mut other,
+        b"the other mapping's live connection is untouched",
+    );
     assert_serves(p_stays, "stays");
     drop(other);
     (relay, live, p_gone, gone)
@@ -467,7 +502,23 @@ data_path_test!(removed_after_rename_closes);
 /// (which leaves its live connection alone): removing the mapping afterwards still ends
 /// the connection that was accepted before the rename.
 fn removed_after_rename_closes(backend: Backend) {
-    let upstream = named_echo("renamed");
+    close_after_rename(backend, false);
+}
+
+data_path_test!(retargeted_after_rename_closes);
+/// `removed_mapping = "close"`, with a reload in between that only renames the mapping:
+/// giving its port a new upstream afterwards still ends the connection that was accepted
+/// before the rename.
+fn retargeted_after_rename_closes(backend: Backend) {
+    close_after_rename(backend, true);
+}
+
+/// A live connection on a mapping; a reload renames the mapping (the connection runs on);
+/// a second reload removes the mapping, or gives its port a new upstream (`retarget`):
+/// with `removed_mapping = "close"` the connection must end.
+fn close_after_rename(backend: Backend, retarget: bool) {
+    let upstream = named_echo("first");
+    let second = named_echo("second");
     let stays = named_echo("stays");
     let base = free_ports_in_a_row(2);
     let (port, p_stays) = (base, base + 1);
@@ -483,12 +534,25 @@ fn removed_after_rename_closes(backend: Backend) {
     relay.rewrite(&(h.clone() + &map(port, upstream.addr(), "after", "") + &keep));
     relay.wait_reloaded(2, RELOAD_TIMEOUT);
     roundtrip(&mut live, b"a rename leaves the live connection alone");
-    assert_serves(port, "renamed");
+    assert_serves(port, "first");
 
-    relay.rewrite(&(h + &keep));
-    relay.wait_reloaded(3, RELOAD_TIMEOUT);
-    assert_refused(port);
-    expect_closed(&mut live, CLOSE_WITHIN);
+    if retarget {
+        relay.rewrite(&(h + &map(port, second.addr(), "after", "") + &keep));
+        relay.wait_reloaded(3, RELOAD_TIMEOUT);
+        assert_serves(port, "second");
+    } else {
+        relay.rewrite(&(h + &keep));
+        relay.wait_reloaded(3, RELOAD_TIMEOUT);
+        assert_refused(port);
+    }
+    assert_ends(
+        &mut live,
+        &format!(
+            "removed_mapping = \"close\", a connection accepted before a rename, then the \
+             port {}",
+            if retarget { "retargeted" } else { "removed" }
+        ),
+    );
     let line = relay.wait_log(
         |l| l.is_closed_on(port) && l.reason() == "reload",
         CLOSE_WITHIN,
@@ -535,7 +599,9 @@ fn retarget(policy: &str, backend: Backend) {
     let relay = Relay::start(&(h.clone() + &map(port, old.addr(), "C.1", "")), backend);
     let (mut live, name) = connect_named(port);
     assert_eq!(name, "old");
-    roundtrip(&mut live, b"before the reload");
+    const BEFORE: &[u8] = b"before the reload";
+    const AFTER: &[u8] = b"after the reload, still the old upstream";
+    roundtrip(&mut live, BEFORE);
 
     let stop = Arc::new(AtomicBool::new(false));
     let probes: Probes = Arc::default();
@@ -566,7 +632,10 @@ fn retarget(policy: &str, backend: Backend) {
     });
     stop.store(true, Ordering::SeqCst);
     prober.join().expect("probe thread");
-    assert!(after.is_some(), "the probe connections stopped after the reload");
+    assert!(
+        after.is_some(),
+        "the probe connections stopped after the reload"
+    );
 
     let probes = probes.lock().unwrap();
     let refused: Vec<_> = probes
@@ -612,7 +681,7 @@ fn retarget(policy: &str, backend: Backend) {
                 |l| {
                     l.is_closed_on(port)
                         && l.str("upstream") == Some(&old.addr().to_string())
-                        && l.u64("bytes_client_to_upstream") == Some(17)
+                        && l.u64("bytes_client_to_upstream") == Some(BEFORE.len() as u64)
                 },
                 CLOSE_WITHIN,
             );
@@ -620,8 +689,12 @@ fn retarget(policy: &str, backend: Backend) {
         }
         "keep" => {
             let before = old.bytes_in();
-            roundtrip(&mut live, b"after the reload, still the old upstream");
-            assert_eq!(old.bytes_in(), before + 40, "bytes at the old upstream");
+            roundtrip(&mut live, AFTER);
+            assert_eq!(
+                old.bytes_in(),
+                before + AFTER.len() as u64,
+                "bytes at the old upstream"
+            );
             live.shutdown(Shutdown::Write).expect("shutdown(Write)");
             let mut rest = Vec::new();
             live.read_to_end(&mut rest).expect("read to EOF");
@@ -629,7 +702,8 @@ fn retarget(policy: &str, backend: Backend) {
                 |l| {
                     l.is_closed_on(port)
                         && l.str("upstream") == Some(&old.addr().to_string())
-                        && l.u64("bytes_client_to_upstream") == Some(17 + 40)
+                        && l.u64("bytes_client_to_upstream")
+                            == Some((BEFORE.len() + AFTER.len()) as u64)
                 },
                 CLOSE_WITHIN,
             );
@@ -658,14 +732,14 @@ fn retarget_keep(backend: Backend) {
 // Broken rewrites
 
 /// A relay with metrics and one mapping (to upstream `one`), and a live connection on it;
-/// `broken` rewrites the file so that it fails to load, and returns the 1-based line where
-/// the failure must be reported. Checks that every error is logged as FILE:LINE:COL (one
+/// `broken` rewrites the file so that it fails to load, and returns where the failure must
+/// be reported (1-based line, and column if it is certain) and a word its message holds. Checks that every error is logged as FILE:LINE:COL (one
 /// at `broken`'s line), that the generation stays, the old mapping serves (the live
 /// connection and new ones), and the failures are counted; then a good rewrite gets
 /// generation 2.
 fn broken_rewrite(
     backend: Backend,
-    broken: impl Fn(&Relay, &str, u16, SocketAddr) -> u64,
+    broken: impl Fn(&mut Relay, &str, u16) -> (u64, Option<u64>, String),
     failures: u64,
 ) {
     let one = named_echo("one");
@@ -677,7 +751,7 @@ fn broken_rewrite(
     let (mut live, _) = connect_named(port);
     roundtrip(&mut live, b"before the broken rewrite");
 
-    let want_line = broken(&relay, &good, port, one.addr());
+    let want = broken(&mut relay, &good, port);
     let fails = relay.wait_logs(is_reload_failed, failures as usize, RELOAD_TIMEOUT);
     for fail in &fails {
         assert_eq!(fail.u64("generation"), Some(1), "{fail}");
@@ -685,19 +759,23 @@ fn broken_rewrite(
     let file = relay.config_path().display().to_string();
     let errors = control_file_errors(&relay);
     assert!(!errors.is_empty(), "no `control file error` line");
-    let lines: Vec<u64> = errors
-        .iter()
-        .map(|e| {
-            let (line, _, message) = split_error(e, &file);
-            assert!(!message.is_empty(), "empty message: {e}");
-            line
-        })
-        .collect();
+    for e in &errors {
+        let (_, _, message) = split_error(e, &file);
+        assert!(!message.is_empty(), "empty message: {e}");
+    }
+    let (want_line, want_col, says) = want;
     assert!(
-        lines.contains(&want_line),
-        "no error at line {want_line}: {errors:?}"
+        errors.iter().any(|e| {
+            let (line, col, message) = split_error(e, &file);
+            line == want_line && want_col.map_or(true, |c| c == col) && message.contains(&says)
+        }),
+        "no error at line {want_line}, column {want_col:?} saying {says:?}: {errors:?}"
     );
-    assert_eq!(relay.generation(), 1, "a failed reload changed the generation");
+    assert_eq!(
+        relay.generation(),
+        1,
+        "a failed reload changed the generation"
+    );
 
     roundtrip(&mut live, b"the live connection is untouched");
     assert_serves(port, "one");
@@ -735,7 +813,6 @@ fn broken_rewrite(
     );
     assert_eq!(sample(&m, "portrelay_config_generation"), Some(2.0), "{m}");
     assert_eq!(sample(&m, "portrelay_mappings"), Some(2.0), "{m}");
-    let _ = &mut relay;
 }
 
 data_path_test!(broken_rewrite_syntax);
@@ -743,10 +820,11 @@ data_path_test!(broken_rewrite_syntax);
 fn broken_rewrite_syntax(backend: Backend) {
     broken_rewrite(
         backend,
-        |relay, good, _, _| {
+        |relay, good, _| {
             let broken = format!("{good}[[map]\nport = 1\n");
             relay.rewrite(&broken);
-            line_number(&broken, 0, |l| l == "[[map]")
+            let line = line_number(&broken, 0, |l| l == "[[map]");
+            (line, None, "syntax".to_string())
         },
         1,
     );
@@ -758,28 +836,19 @@ data_path_test!(broken_rewrite_duplicate_port);
 fn broken_rewrite_duplicate_port(backend: Backend) {
     broken_rewrite(
         backend,
-        |relay, good, port, to| {
+        |relay, good, port| {
             let other = named_echo("duplicate");
             let broken = format!("{good}{}", map(port, other.addr(), "duplicate", ""));
             relay.rewrite_in_place(&broken);
             relay.wait_logs(is_reload_failed, 1, RELOAD_TIMEOUT);
-            // SAFETY of the cast: `broken_rewrite` hands out a shared relay; SIGHUP needs
-            // no exclusive access, so send it directly.
-            sighup_pid(relay.pid());
+            relay.sighup();
             let first = line_number(&broken, 0, |l| l == format!("port = {port}"));
-            let _ = to;
-            line_number(&broken, first as usize, |l| l == format!("port = {port}"))
+            let second = line_number(&broken, first as usize, |l| l == format!("port = {port}"));
+            // At the second mapping's port value ("port = " is 7 characters).
+            (second, Some(8), port.to_string())
         },
         2,
     );
-}
-
-/// SIGHUP to a relay that is known to be running (its log is still being read).
-fn sighup_pid(pid: u32) {
-    // SAFETY: kill(2) with no memory involved; the pid is a child of this process that the
-    // caller holds (not reaped), so it names that relay.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
-    assert_eq!(rc, 0, "kill -HUP: {}", std::io::Error::last_os_error());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -855,7 +924,10 @@ fn port_in_use_reported(backend: Backend) {
     let (p_old, p_busy, p_new) = (base, base + 1, base + 2);
     let holder = TcpListener::bind((LOCALHOST, p_busy)).expect("bind the port to hold");
     let h = head(None, "");
-    let mut relay = Relay::start(&(h.clone() + &map(p_old, ups[0].addr(), "old", "")), backend);
+    let mut relay = Relay::start(
+        &(h.clone() + &map(p_old, ups[0].addr(), "old", "")),
+        backend,
+    );
 
     relay.rewrite(
         &(h + &map(p_old, ups[0].addr(), "old", "")
@@ -890,20 +962,26 @@ fn port_in_use_reported(backend: Backend) {
 const TEN_K_BASE: u16 = 10_000;
 const TEN_K: u16 = 10_000;
 
-mod reload_10k {
-    use super::*;
+/// One test for both backends, one after the other: both relays would want ports
+/// 10000-19999.
+#[test]
+#[ignore = "a measurement: cargo nextest run --run-ignored only reload_10k"]
+fn reload_10k() {
+    run_on(measure_10k, Backend::Uring);
+    run_on(measure_10k, Backend::Epoll);
+}
 
-    #[test]
-    #[ignore = "a measurement: cargo nextest run --run-ignored only reload_10k"]
-    fn uring() {
-        run_on(super::reload_10k, Backend::Uring);
-    }
-
-    #[test]
-    #[ignore = "a measurement: cargo nextest run --run-ignored only reload_10k"]
-    fn epoll() {
-        run_on(super::reload_10k, Backend::Epoll);
-    }
+/// CPU time the relay's main thread (its control thread, which reloads) has used so far:
+/// the first field of /proc/PID/task/PID/schedstat, in nanoseconds.
+fn control_thread_cpu(pid: u32) -> Duration {
+    let path = format!("/proc/{pid}/task/{pid}/schedstat");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let ns = text
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{path}: {text:?}"));
+    Duration::from_nanos(ns)
 }
 
 /// Round-trip times of 64-byte echoes: (when each began, how long it took).
@@ -914,7 +992,7 @@ type Rtts = Arc<Mutex<Vec<(Instant, Duration)>>>;
 /// one mapping each (a rename, then a new upstream); prints each one's `ms`, and the echo
 /// round-trip times before and while it is applied. Runs the relay named by
 /// `$PORTRELAY_BIN` (say target/release/portrelay), else the test build (debug).
-fn reload_10k(backend: Backend) {
+fn measure_10k(backend: Backend) {
     let program: PathBuf = std::env::var_os("PORTRELAY_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(BIN));
@@ -1007,10 +1085,12 @@ fn reload_10k(backend: Backend) {
         let toml = file(name, *to);
         let before_end = Instant::now();
         relay.rewrite(&toml);
+        let cpu0 = control_thread_cpu(relay.pid());
         let t0 = Instant::now();
         relay.sighup();
         let line = relay.wait_reloaded(2 + i as u64, Duration::from_secs(120));
         let t1 = Instant::now();
+        let cpu = control_thread_cpu(relay.pid()) - cpu0;
         wait_rounds(3000);
         assert_eq!(line.num("changed_ports"), 1, "{line}");
         let ms = line.get("ms").and_then(|v| v.as_f64()).expect("ms");
@@ -1029,7 +1109,8 @@ fn reload_10k(backend: Backend) {
         let (n0, p50_0, p99_0, max0) = stats(baseline_from, before_end);
         let (n1, p50_1, p99_1, max1) = stats(t0, t1);
         eprintln!(
-            "RELOAD_10K {} {}: {what}: ms = {ms:.2} (SIGHUP → `reloaded` seen: {:?}); \
+            "RELOAD_10K {} {}: {what}: ms = {ms:.2} (SIGHUP → `reloaded` seen: {:?}; \
+             control thread CPU {cpu:?}); \
              echo rtt in the 500 ms before: n={n0} p50={p50_0:?} p99={p99_0:?} max={max0:?}; \
              during: n={n1} p50={p50_1:?} p99={p99_1:?} max={max1:?}",
             program.display(),
@@ -1041,5 +1122,4 @@ fn reload_10k(backend: Backend) {
     }
     stop.store(true, Ordering::SeqCst);
     pinger.join().expect("echo thread");
-    let _ = &mut relay;
 }
