@@ -250,12 +250,12 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
     (
         "toml syntax",
         "[relay]\nbind = [\"::\"\nwatch = true\n",
-        "t.toml:3:1: TOML syntax error: invalid array; expected `]`",
+        "t.toml:3:1: TOML syntax error: missing comma between array elements, expected `,`",
     ),
     (
         "toml duplicate key",
         "[relay]\nwatch = true\nwatch = false\n",
-        "t.toml:3:1: TOML syntax error: duplicate key `watch` in table `relay`",
+        "t.toml:3:1: TOML syntax error: duplicate key",
     ),
     (
         "unknown key in relay",
@@ -546,7 +546,7 @@ fn columns_count_characters() {
     let text = "[[map]]\nname = \"é\"; port = 0\n";
     assert_eq!(
         errors(text),
-        "t.toml:2:11: TOML syntax error: expected newline, `#`"
+        "t.toml:2:11: TOML syntax error: unexpected key or value, expected newline, `#`"
     );
     let text = "[[map]]\nname = \"é\"\nport = 1\nto = \"10.0.0.5:22\"\n\"é\" = 0\n";
     assert_eq!(errors(text), r#"t.toml:5:1: unknown key "é" in [[map]]"#);
