@@ -215,7 +215,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()?;
     describe_counter!(
         ACCEPTED,
-        "Connections accepted and forwarded upstream, by how they arrived."
+        "Connections admitted (past allow and the caps) and sent upstream, by how they arrived."
     );
     describe_gauge!(ACTIVE, "Connections open now.");
     describe_counter!(REJECTED, "Connections refused at once, by reason.");
@@ -247,8 +247,17 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     describe_counter!(
         LISTEN_FAILURES,
-        "Host ports that could not be opened (bind or listen failed)."
+        "Listeners that could not be opened (bind or listen failed); the log names the port."
     );
+    // Series that must exist before their first event, so that increase() and alerts see
+    // the first one.
+    for result in ["success", "failure"] {
+        counter!(RELOADS, "result" => result).absolute(0);
+    }
+    counter!(LISTEN_FAILURES).absolute(0);
+    let g = global();
+    g.pipes_in_use.set(0.0);
+    g.pipes_idle.set(0.0);
     Ok(handle)
 }
 
@@ -370,25 +379,21 @@ fn respond(stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
     let mut parts = request_line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
-    let mut out = stream;
-    if method == "GET" && path == "/metrics" {
+    let (status, body) = if method == "GET" && path == "/metrics" {
         handle.run_upkeep();
-        let body = handle.render() + &process_exposition();
-        write!(
-            out,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-            body.len(),
-            body
-        )
+        ("200 OK", handle.render() + &process_exposition())
     } else {
-        let body = "portrelay serves GET /metrics\n";
-        write!(
-            out,
-            "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-            body.len(),
-            body
+        (
+            "404 Not Found",
+            "portrelay serves GET /metrics\n".to_string(),
         )
-    }
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// Caps what a request may make us read (8 KiB).
