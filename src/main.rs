@@ -184,6 +184,7 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
             );
         }
         Ok(config) => {
+            let loaded_ms = started.elapsed().as_secs_f64() * 1000.0;
             let mappings = config.mappings.len();
             watch.store(config.relay.watch, Ordering::Relaxed);
             let applied = match relay.apply(config) {
@@ -203,6 +204,7 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
                 mappings,
                 changed_ports = applied.changed_ports,
                 listen_failures = applied.failed.len(),
+                load_ms = loaded_ms,
                 ms = started.elapsed().as_secs_f64() * 1000.0,
                 "reloaded"
             );

@@ -28,10 +28,11 @@ pub fn diff(old: &Config, new: &Config) -> Vec<(u16, PortChange)> {
     let new_ports = ports(new);
     let mut changes = Vec::new();
     for (port, (upstream, m)) in &new_ports {
+        let m = &new.mappings[*m];
         let change = match old_ports.get(port) {
             None => Some(PortChange::Open),
             Some((old_upstream, _)) if old_upstream != upstream => Some(PortChange::Retarget),
-            Some((_, old_m)) if !same_terms(old_m, m) => Some(PortChange::Update),
+            Some((_, old_m)) if !same_terms(&old.mappings[*old_m], m) => Some(PortChange::Update),
             Some(_) => None,
         };
         if let Some(c) = change {
@@ -47,12 +48,13 @@ pub fn diff(old: &Config, new: &Config) -> Vec<(u16, PortChange)> {
     changes
 }
 
-/// Each host port of a file with its upstream and mapping.
-pub fn ports(config: &Config) -> BTreeMap<u16, (UpstreamAddr, &Mapping)> {
+/// Each host port of a file with its upstream and the index of its mapping.
+pub fn ports(config: &Config) -> BTreeMap<u16, (UpstreamAddr, usize)> {
     config
         .mappings
         .iter()
-        .flat_map(|m| m.ports.clone().map(move |p| (p, (m.upstream_for(p), m))))
+        .enumerate()
+        .flat_map(|(i, m)| m.ports.clone().map(move |p| (p, (m.upstream_for(p), i))))
         .collect()
 }
 

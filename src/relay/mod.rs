@@ -265,15 +265,11 @@ impl Relay {
         // count, so its cap still counts the connections it already has.
         let mut states: HashMap<usize, Arc<MappingState>> = HashMap::new();
         let mut routes: HashMap<u16, Arc<Route>> = HashMap::new();
-        for (port, (upstream, m)) in diff::ports(&new) {
+        for (port, (upstream, idx)) in diff::ports(&new) {
             let route = match (changes.get(&port), self.routes.get(&port)) {
                 (None, Some(r)) => r.clone(),
                 _ => {
-                    let idx = new
-                        .mappings
-                        .iter()
-                        .position(|x| std::ptr::eq(x, m))
-                        .expect("mapping of the file");
+                    let m = &new.mappings[idx];
                     let state = states.entry(idx).or_insert_with(|| {
                         let carried = self
                             .routes
@@ -354,7 +350,9 @@ impl Relay {
                 }
             }
         }
-        cmds.push(Command::TlsRoutes(Arc::new(tls_routes(&new, &routes))));
+        if !new.tls.is_empty() || self.config.as_ref().is_some_and(|c| !c.tls.is_empty()) {
+            cmds.push(Command::TlsRoutes(Arc::new(tls_routes(&new, &routes))));
+        }
         let gone: Vec<SocketAddr> = self
             .listeners
             .keys()
