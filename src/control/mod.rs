@@ -25,7 +25,8 @@ mod tests;
 mod validate;
 pub mod watch;
 
-pub use parse::{load, parse_str};
+pub use parse::{load, parse_str, parse_str_with};
+pub use validate::Dns;
 
 /// A validated control file.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::spanned::{self, LineIndex};
-use super::validate::{self, Problem};
+use super::validate::{self, Dns, Problem};
 use super::{Config, ConfigError, ConfigErrors};
 
 /// Reads and validates the control file at `path`. Relative `cert`/`key` paths of
@@ -27,6 +27,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// error is reported alone. No I/O but DNS look-ups of host-name upstreams and the check
 /// that `[[tls]]` cert/key files are readable.
 pub fn parse_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
+    parse_str_with(file, text, Dns::Resolve)
+}
+
+/// [`parse_str`] choosing whether host-name upstreams are looked up in DNS.
+pub fn parse_str_with(file: &str, text: &str, dns: Dns) -> Result<Config, ConfigErrors> {
     let lines = LineIndex::new(text);
     let fail = |mut problems: Vec<Problem>| {
         // Stable: problems at one offset keep the order in which they were found.
@@ -53,5 +58,5 @@ pub fn parse_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
         }])
     })?;
     let base_dir = Path::new(file).parent().unwrap_or(Path::new(""));
-    validate::validate(&root, text, &lines, base_dir).map_err(fail)
+    validate::validate(&root, text, &lines, base_dir, dns).map_err(fail)
 }

@@ -48,6 +48,7 @@ pub(super) fn validate(
     text: &str,
     lines: &LineIndex<'_>,
     base_dir: &Path,
+    dns: Dns,
 ) -> Result<Config, Vec<Problem>> {
     let mut v = Validator {
         text,
@@ -55,6 +56,7 @@ pub(super) fn validate(
         base_dir,
         problems: Vec::new(),
         resolved: HashMap::new(),
+        dns,
     };
     let mut relay = RelaySettings::default();
     let mut maps = Vec::new();
@@ -102,6 +104,15 @@ struct Validator<'a> {
     /// Host name → first address (or why not), so that a name used by many mappings is
     /// looked up once.
     resolved: HashMap<String, Result<IpAddr, String>>,
+    dns: Dns,
+}
+
+/// Whether host-name upstreams are looked up (loading a file) or refused (fuzzing, which
+/// must not send queries anywhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dns {
+    Resolve,
+    Offline,
 }
 
 /// A `[[map]]` entry as far as it is valid; complete when the file has no problem.
@@ -462,6 +473,9 @@ impl Validator<'_> {
     fn resolve(&mut self, host: &str) -> Result<IpAddr, String> {
         if let Some(done) = self.resolved.get(host) {
             return done.clone();
+        }
+        if self.dns == Dns::Offline {
+            return Err("host names are not looked up here".to_owned());
         }
         let result = match (host, 0u16).to_socket_addrs() {
             Ok(mut addrs) => addrs
