@@ -711,7 +711,9 @@ fn ten_thousand_maps_timing() {
     let root = spanned::parse(&text).unwrap();
     let lines = spanned::LineIndex::new(&text);
     let checks_only = best_of(&mut || {
-        let config = validate::validate(&root, &text, &lines, Path::new(""), validate::Dns::Resolve).unwrap();
+        let config =
+            validate::validate(&root, &text, &lines, Path::new(""), validate::Dns::Resolve)
+                .unwrap();
         assert_eq!(config.mappings.len(), 10_000);
     });
     println!(
@@ -723,4 +725,14 @@ fn ten_thousand_maps_timing() {
     if !cfg!(debug_assertions) {
         assert!(checks_only < Duration::from_millis(10), "{checks_only:?}");
     }
+}
+
+#[test]
+fn offline_parsing_never_looks_up_names() {
+    let text = "[[map]]\nport = 2000\nto = \"instance.example:22\"\n";
+    let errors = super::parse_str_with("t.toml", text, super::Dns::Offline).unwrap_err();
+    assert_eq!(
+        errors.render(),
+        "t.toml:3:6: cannot resolve upstream \"instance.example:22\": host names are not looked up here"
+    );
 }
