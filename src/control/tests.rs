@@ -107,6 +107,7 @@ sni_suffix = ".ssh.example.net"
             removed_mapping: RemovedMapping::Keep,
             watch: false,
             max_pipes: 0,
+            pipe_size: 1 << 20,
         },
         mappings: vec![
             Mapping {
@@ -160,6 +161,7 @@ fn defaults_when_relay_is_absent() {
         removed_mapping: RemovedMapping::Close,
         watch: true,
         max_pipes: 1024,
+        pipe_size: 1 << 20,
     };
     assert_eq!(config.relay, relay);
     assert_eq!(RelaySettings::default(), relay);
@@ -391,6 +393,11 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "max_pipes negative",
         "[relay]\nmax_pipes = -1\n",
         r#"t.toml:2:13: "max_pipes" must be between 0 and 4294967295, got -1"#,
+    ),
+    (
+        "pipe_size too big",
+        "[relay]\npipe_size = 2097152\n",
+        r#"t.toml:2:13: "pipe_size" must be at most 1048576 (the kernel's default pipe-max-size), got 2097152"#,
     ),
     (
         "max_connections wrong type",

@@ -34,6 +34,7 @@ const RELAY_KEYS: &[&str] = &[
     "removed_mapping",
     "watch",
     "max_pipes",
+    "pipe_size",
 ];
 const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
 const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
@@ -296,6 +297,18 @@ impl Validator<'_> {
                 "max_pipes" => {
                     if let Some(n) = self.u32_at_least(item, at, name, 0) {
                         r.max_pipes = n;
+                    }
+                }
+                "pipe_size" => {
+                    if let Some(n) = self.u32_at_least(item, at, name, 4096) {
+                        if n > 1 << 20 {
+                            self.err(
+                                at,
+                                format!("\"pipe_size\" must be at most 1048576 (the kernel's default pipe-max-size), got {n}"),
+                            );
+                        } else {
+                            r.pipe_size = n;
+                        }
                     }
                 }
                 "removed_mapping" => match &item.value {

@@ -83,6 +83,7 @@ impl<D: Driver> EventLoop<D> {
         mailbox: Arc<Mailbox>,
         max_pipes: usize,
     ) -> Self {
+        let pipe_size = settings.pipe_size;
         EventLoop {
             driver,
             shared,
@@ -93,7 +94,7 @@ impl<D: Driver> EventLoop<D> {
             listener_keys: HashMap::new(),
             tls_routes: Arc::default(),
             tls_rejected: HashMap::new(),
-            pool: PipePool::new(max_pipes),
+            pool: PipePool::new(max_pipes, pipe_size),
             timers: BinaryHeap::new(),
             pending: Vec::new(),
             events: Vec::with_capacity(1024),
@@ -108,7 +109,7 @@ impl<D: Driver> EventLoop<D> {
     pub fn run(mut self) -> io::Result<()> {
         let result = self.serve();
         self.driver.close();
-        self.pool = PipePool::new(0);
+        self.pool = PipePool::new(0, 0);
         self.publish_pipes();
         result
     }

@@ -20,8 +20,12 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    /// A pipe of `size` bytes if the kernel allows, else of its default size.
+    fn new(size: u32) -> io::Result<Pipe> {
         let (read, write) = sys::pipe()?;
+        if let Err(e) = sys::set_pipe_capacity(&write, size) {
+            tracing::debug!(error = %e, size, "pipe size refused; keeping the default");
+        }
         let capacity = sys::pipe_capacity(&write)?;
         Ok(Pipe {
             read,
@@ -106,15 +110,18 @@ pub struct PipePool {
     in_use: usize,
     /// Pipes this loop may hold at once, idle or in use.
     max: usize,
+    /// Capacity asked of each new pipe.
+    size: u32,
 }
 
 impl PipePool {
-    pub fn new(max: usize) -> PipePool {
+    pub fn new(max: usize, size: u32) -> PipePool {
         PipePool {
             idle: Vec::new(),
             buffers: Vec::new(),
             in_use: 0,
             max,
+            size,
         }
     }
 
@@ -125,7 +132,7 @@ impl PipePool {
             return Hold::Pipe(p);
         }
         if self.in_use < self.max {
-            match Pipe::new() {
+            match Pipe::new(self.size) {
                 Ok(p) => {
                     self.in_use += 1;
                     return Hold::Pipe(p);

@@ -30,6 +30,13 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Asks for a pipe capacity of `bytes` (F_SETPIPE_SZ); the kernel may refuse.
+pub fn set_pipe_capacity(fd: &OwnedFd, bytes: u32) -> io::Result<()> {
+    // SAFETY: `fd` is an open pipe fd for the duration of the call; F_SETPIPE_SZ takes an
+    // integer, no pointer.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes as libc::c_int) }).map(drop)
+}
+
 /// The capacity of a pipe in bytes (F_GETPIPE_SZ).
 pub fn pipe_capacity(fd: &OwnedFd) -> io::Result<usize> {
     // SAFETY: `fd` is an open pipe fd for the duration of the call; F_GETPIPE_SZ takes no
