@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use ::metrics::Counter;
 use rustls::server::Acceptor;
 use rustls::ServerConnection;
-use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use super::admission::{Pending, Stage, Step, TlsRoutes};
 use super::connection::{Connection, Side, Turn};
 use super::driver::{Driver, Event, Key, Tag};
 use super::pipe::PipePool;
-use super::route::{Listener, Route};
+use super::route::{tune, Listener, Route};
 use super::slab::Slab;
 use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
@@ -474,7 +474,7 @@ impl<D: Driver> EventLoop<D> {
                 return Err((client, route, Rejection::Limit));
             }
         };
-        self.tune(&SockRef::from(&client.fd));
+        // TCP_NODELAY and keepalive came with the socket: it inherits the listener's.
         route.metrics.accepted(via);
         Ok(Connection::new(
             client,
@@ -541,19 +541,8 @@ impl<D: Driver> EventLoop<D> {
             Type::STREAM.nonblocking().cloexec(),
             None,
         )?;
-        self.tune(&SockRef::from(&s));
+        tune(&SockRef::from(&s), self.settings.tcp_keepalive);
         Ok(s)
-    }
-
-    /// TCP_NODELAY (no Nagle delay on keystrokes) and keepalive, on both sides.
-    fn tune(&self, s: &SockRef<'_>) {
-        let _ = s.set_nodelay(true);
-        if let Some(t) = self.settings.tcp_keepalive {
-            let ka = TcpKeepalive::new()
-                .with_time(t)
-                .with_interval(t.min(Duration::from_secs(10)));
-            let _ = s.set_tcp_keepalive(&ka);
-        }
     }
 
     fn connected(&mut self, key: Key, result: io::Result<()>) {

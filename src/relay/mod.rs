@@ -331,10 +331,23 @@ impl Relay {
             .copied()
             .collect();
         to_open.sort();
+        // Accepted sockets inherit TCP_NODELAY and keepalive from their listener: set them
+        // on new listeners, and on all of them when the keepalive setting changed.
+        let keepalive = new.relay.tcp_keepalive;
+        if self
+            .config
+            .as_ref()
+            .is_some_and(|c| c.relay.tcp_keepalive != keepalive)
+        {
+            for l in self.listeners.values() {
+                route::tune(&socket2::SockRef::from(&l.socket), keepalive);
+            }
+        }
         for addr in to_open {
             let entrance = entrances[&addr].clone();
             match Listener::bind(addr) {
                 Ok(l) => {
+                    route::tune(&socket2::SockRef::from(&l.socket), keepalive);
                     let l = Arc::new(l);
                     cmds.push(Command::Listen(l.clone(), entrance));
                     self.listeners.insert(addr, l);

@@ -682,3 +682,67 @@ fn idle_timeout_closes_only_idle(backend: Backend) {
     );
     roundtrip(&mut busy, b"the busy one survived");
 }
+
+/// The `ss -tno` lines of established sockets whose local port is `port`.
+fn sockets_on_local_port(port: u16) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tno", "state", "established"])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .is_some_and(|local| local.ends_with(&format!(":{port}")))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+data_path_test!(keepalive_on_both_sides);
+/// `tcp_keepalive` arms a keepalive timer on the relay's client-side socket (inherited from
+/// the listener) and on its upstream socket.
+fn keepalive_on_both_sides(backend: Backend) {
+    let echo = Upstream::echo();
+    let (_relay, port) = relay_one(echo.addr(), "ka", "tcp_keepalive = \"7s\"", backend);
+    let mut conn = connect(port);
+    roundtrip(&mut conn, b"keepalive");
+    let client_side = sockets_on_local_port(port);
+    assert_eq!(
+        client_side.len(),
+        1,
+        "relay's client-side socket: {client_side:?}"
+    );
+    assert!(
+        client_side[0].contains("timer:(keepalive"),
+        "no keepalive on the client side: {client_side:?}"
+    );
+    let relay_port_of_upstream_conn: Vec<String> =
+        sockets_on_local_port(echo.port()).into_iter().collect();
+    // The echo's accepted socket has the upstream connection's peer: find the relay's end.
+    assert_eq!(
+        relay_port_of_upstream_conn.len(),
+        1,
+        "{relay_port_of_upstream_conn:?}"
+    );
+    let peer = relay_port_of_upstream_conn[0]
+        .split_whitespace()
+        .nth(3)
+        .expect("peer column")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let upstream_side = sockets_on_local_port(peer);
+    assert_eq!(
+        upstream_side.len(),
+        1,
+        "relay's upstream socket: {upstream_side:?}"
+    );
+    assert!(
+        upstream_side[0].contains("timer:(keepalive"),
+        "no keepalive on the upstream side: {upstream_side:?}"
+    );
+}
