@@ -90,7 +90,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics_addr = config.relay.metrics;
     let watch = Arc::new(AtomicBool::new(config.relay.watch));
     let mappings = config.mappings.len();
+    let wanted_listeners = config.mappings.len() + config.tls.len();
     let mut relay = Relay::start(config, backend, threads)?;
+    if wanted_listeners > 0 && relay.listener_count() == 0 {
+        // Some ports failing is reported and retried at each reload; none at all is a relay
+        // that serves nothing, which a supervisor should see as a failed start.
+        anyhow::bail!("no listener could be opened (see the errors above); not starting");
+    }
     let mut generation = 1u64;
     portrelay::metrics::set_generation(generation, mappings);
     if let Some(addr) = metrics_addr {

@@ -211,10 +211,11 @@ impl Connection {
                 &mut self.to_upstream,
             ),
         };
+        let last = reverse.ended();
         let result = match (&mut self.tls, d) {
-            (None, _) => move_bytes(src, dst, dir, pool),
-            (Some(tls), Dir::ToUpstream) => tls_path::decrypt(src, dst, dir, tls, pool),
-            (Some(tls), Dir::ToClient) => tls_path::encrypt(src, dst, dir, tls),
+            (None, _) => move_bytes(src, dst, dir, last, pool),
+            (Some(tls), Dir::ToUpstream) => tls_path::decrypt(src, dst, dir, last, tls, pool),
+            (Some(tls), Dir::ToClient) => tls_path::encrypt(src, dst, dir, last, tls),
         };
         let eof_name = match d {
             Dir::ToUpstream => "client_eof",
@@ -352,9 +353,13 @@ pub(super) fn drain(
     Ok(Drained::Empty)
 }
 
-/// Passes a half-close on once everything before it is delivered.
-pub(super) fn pass_eof(dst: &Side, dir: &mut Direction) {
-    let _ = SockRef::from(&dst.fd).shutdown(Shutdown::Write);
+/// Passes a half-close on once everything before it is delivered. When the other
+/// direction has ended too, the connection closes next and close(2) sends this FIN: no
+/// shutdown call.
+pub(super) fn pass_eof(dst: &Side, dir: &mut Direction, last: bool) {
+    if !last {
+        let _ = SockRef::from(&dst.fd).shutdown(Shutdown::Write);
+    }
     dir.state = HalfState::Closed;
 }
 
@@ -369,6 +374,7 @@ fn move_bytes(
     src: &mut Side,
     dst: &mut Side,
     dir: &mut Direction,
+    last: bool,
     pool: &mut PipePool,
 ) -> Result<Turn, Failure> {
     for _ in 0..ROUNDS_PER_TURN {
@@ -380,7 +386,7 @@ fn move_bytes(
         }
         if dir.state == HalfState::Eof {
             // Everything is delivered: pass the half-close on, keep the other direction.
-            pass_eof(dst, dir);
+            pass_eof(dst, dir, last);
             return Ok(Turn::Wait);
         }
         if !src.readable {

@@ -25,6 +25,7 @@ pub(super) fn decrypt(
     client: &mut Side,
     upstream: &mut Side,
     dir: &mut Direction,
+    last: bool,
     tls: &mut ServerConnection,
     pool: &mut PipePool,
 ) -> Result<Turn, Failure> {
@@ -36,7 +37,7 @@ pub(super) fn decrypt(
             return Ok(Turn::Wait);
         }
         if dir.state == HalfState::Eof {
-            pass_eof(upstream, dir);
+            pass_eof(upstream, dir, last);
             return Ok(Turn::Wait);
         }
         let mut hold = pool.take_buffer();
@@ -91,6 +92,7 @@ pub(super) fn encrypt(
     upstream: &mut Side,
     client: &mut Side,
     dir: &mut Direction,
+    last: bool,
     tls: &mut ServerConnection,
 ) -> Result<Turn, Failure> {
     let mut buf = [0u8; RECORD];
@@ -112,7 +114,7 @@ pub(super) fn encrypt(
             }
         }
         if dir.state == HalfState::Eof {
-            pass_eof(client, dir);
+            pass_eof(client, dir, last);
             return Ok(Turn::Wait);
         }
         if !upstream.readable {

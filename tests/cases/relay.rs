@@ -746,3 +746,27 @@ fn keepalive_on_both_sides(backend: Backend) {
         "no keepalive on the upstream side: {upstream_side:?}"
     );
 }
+
+#[test]
+/// A relay that could open none of its listeners at start serves nothing: it exits 1 (so a
+/// supervisor sees a failed start) after naming the port and the reason. (Some ports
+/// failing is reported and retried at each reload instead: `reload::port_in_use_reported`.)
+fn start_without_any_listener_fails() {
+    let held = listeners_in_a_row(1);
+    let port = held[0].local_addr().unwrap().port();
+    let toml = relay_section("")
+        + &map_section(
+            &port.to_string(),
+            SocketAddr::from((LOCALHOST, 22)),
+            "busy",
+            "",
+        );
+    let file = crate::util::ControlFile::new(&toml);
+    let (status, stderr) = file.run_expecting_exit(&["--io-backend", "epoll"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen") && stderr.contains(&format!(":{port}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("no listener could be opened"), "{stderr}");
+}
