@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -180,6 +180,3 @@ impl ConfigErrors {
             .join("\n")
     }
 }
-
-#[allow(dead_code)]
-fn _assert_path(_: &Path) {}
