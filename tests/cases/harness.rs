@@ -25,7 +25,7 @@ fn sshd_runs_command() {
 #[test]
 fn sshd_scp_and_sftp() {
     let sshd = Sshd::start();
-    check_scp(&sshd, sshd.port(), 3 << 20);
+    check_scp(&sshd, sshd.port(), &[], 3 << 20);
     check_sftp(&sshd, sshd.port(), 3 << 20);
 }
 

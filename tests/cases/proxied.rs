@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::util::files::{assert_same_file, random_file};
+use crate::ssh::check_scp;
 use crate::util::haproxy::{Haproxy, SendProxy, PROXY_SOURCE};
 use crate::util::log::LogLine;
 use crate::util::net::{
@@ -114,47 +114,6 @@ fn check_command(sshd: &Sshd, port: u16, options: &[&str]) {
         "ssh {options:?} exit (stderr: {})",
         out.stderr
     );
-}
-
-/// `scp OPTIONS…` of a random file of `size` bytes up into the sshd's dir, then back down
-/// to another path: both copies must equal the original, byte for byte.
-fn check_scp(sshd: &Sshd, port: u16, options: &[&str], size: usize) {
-    let local = tempfile::tempdir().expect("tempdir");
-    let source = local.path().join("source.bin");
-    random_file(&source, size);
-    let remote = sshd.dir().join(format!("scp-{port}.bin"));
-    let back = local.path().join("back.bin");
-
-    let up = process::run(
-        sshd.scp(port)
-            .args(options)
-            .arg(&source)
-            .arg(Sshd::remote(&remote)),
-        Duration::from_secs(100),
-    );
-    assert!(
-        up.status.success(),
-        "scp up {options:?}: {:?}: {}",
-        up.status,
-        up.stderr
-    );
-    assert_same_file(&remote, &source);
-
-    let down = process::run(
-        sshd.scp(port)
-            .args(options)
-            .arg(Sshd::remote(&remote))
-            .arg(&back),
-        Duration::from_secs(100),
-    );
-    assert!(
-        down.status.success(),
-        "scp down {options:?}: {:?}: {}",
-        down.status,
-        down.stderr
-    );
-    assert_same_file(&back, &source);
-    let _ = std::fs::remove_file(&remote);
 }
 
 /// The two `connection closed` lines of an scp up and an scp down of [`SCP_SIZE`] bytes.

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::files::{assert_same_file, random_file};
 use crate::util::log::LogLine;
+use crate::util::net::echo_until_eof;
 use crate::util::net::{
     connect, expect_closed, free_ports_in_a_row, listen, read_some, roundtrip, Upstream, LOCALHOST,
 };
@@ -65,15 +66,7 @@ fn named_echo(name: &str) -> Upstream {
     let listener = listen((LOCALHOST, 0).into()).expect("bind 127.0.0.1:0");
     Upstream::serve(listener, move |mut conn, stats| {
         conn.write_all(&greeting)?;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = read_some(&mut conn, &mut buf)?;
-            stats.bytes_in.fetch_add(n as u64, Ordering::SeqCst);
-            if n == 0 {
-                return conn.shutdown(Shutdown::Write);
-            }
-            conn.write_all(&buf[..n])?;
-        }
+        echo_until_eof(&mut conn, stats)
     })
 }
 

@@ -34,9 +34,9 @@ pub(crate) fn check_command(sshd: &Sshd, port: u16) {
     );
 }
 
-/// `scp -P` a random file of `size` bytes up into the sshd's dir and back down to another
-/// path; both copies must equal the original, byte for byte.
-pub(crate) fn check_scp(sshd: &Sshd, port: u16, size: usize) {
+/// `scp -P OPTIONS…` a random file of `size` bytes up into the sshd's dir and back down to
+/// another path; both copies must equal the original, byte for byte.
+pub(crate) fn check_scp(sshd: &Sshd, port: u16, options: &[&str], size: usize) {
     let local = tempfile::tempdir().expect("tempdir");
     let source = local.path().join("source.bin");
     random_file(&source, size);
@@ -44,24 +44,30 @@ pub(crate) fn check_scp(sshd: &Sshd, port: u16, size: usize) {
     let back = local.path().join("back.bin");
 
     let up = process::run(
-        sshd.scp(port).arg(&source).arg(Sshd::remote(&remote)),
+        sshd.scp(port)
+            .args(options)
+            .arg(&source)
+            .arg(Sshd::remote(&remote)),
         Duration::from_secs(300),
     );
     assert!(
         up.status.success(),
-        "scp up: {:?}: {}",
+        "scp up {options:?}: {:?}: {}",
         up.status,
         up.stderr
     );
     assert_same_file(&remote, &source);
 
     let down = process::run(
-        sshd.scp(port).arg(Sshd::remote(&remote)).arg(&back),
+        sshd.scp(port)
+            .args(options)
+            .arg(Sshd::remote(&remote))
+            .arg(&back),
         Duration::from_secs(300),
     );
     assert!(
         down.status.success(),
-        "scp down: {:?}: {}",
+        "scp down {options:?}: {:?}: {}",
         down.status,
         down.stderr
     );
@@ -171,7 +177,7 @@ data_path_test!(scp_256mib_both_ways);
 fn scp_256mib_both_ways(backend: Backend) {
     let sshd = Sshd::start();
     let (relay, port) = relay_to(&sshd, backend);
-    check_scp(&sshd, port, SCP_SIZE);
+    check_scp(&sshd, port, &[], SCP_SIZE);
     let up = relay.wait_log(
         |l| l.is_closed_on(port) && l.u64("bytes_client_to_upstream") >= Some(SCP_SIZE as u64),
         Duration::from_secs(10),

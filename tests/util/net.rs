@@ -153,17 +153,7 @@ impl Upstream {
     }
 
     pub fn echo_on(listener: TcpListener) -> Upstream {
-        Self::serve(listener, |mut conn, stats| {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = read_some(&mut conn, &mut buf)?;
-                stats.bytes_in.fetch_add(n as u64, Ordering::SeqCst);
-                if n == 0 {
-                    return conn.shutdown(Shutdown::Write);
-                }
-                conn.write_all(&buf[..n])?;
-            }
-        })
+        Self::serve(listener, |mut conn, stats| echo_until_eof(&mut conn, stats))
     }
 
     /// Sends `reply` as soon as a connection is accepted, shuts down its write side, then
@@ -346,6 +336,20 @@ impl BlackHole {
 
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock)
+}
+
+/// Echoes every byte of `conn` back, counting them; at end of stream shuts down its write
+/// side.
+pub fn echo_until_eof(conn: &mut TcpStream, stats: &Stats) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = read_some(conn, &mut buf)?;
+        stats.bytes_in.fetch_add(n as u64, Ordering::SeqCst);
+        if n == 0 {
+            return conn.shutdown(Shutdown::Write);
+        }
+        conn.write_all(&buf[..n])?;
+    }
 }
 
 /// A client connection to 127.0.0.1:`port`, with [`IO_TIMEOUT`] on reads and writes.
