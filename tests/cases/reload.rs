@@ -631,13 +631,21 @@ fn retarget(policy: &str, backend: Backend) {
     );
 
     let probes = probes.lock().unwrap();
-    let refused: Vec<_> = probes
+    // The listener stays open: no connect is ever refused. A connection begun after the
+    // reload applied never fails. One begun before it may have been accepted by a loop just
+    // before that loop applied the change: it reached the old upstream, and with "close"
+    // the policy resets it (with "keep" nothing may fail at all).
+    let failed: Vec<_> = probes
         .iter()
-        .filter(|(_, o)| matches!(o, Err(e) if e.starts_with("connect")))
+        .filter(|(at, o)| match o {
+            Err(e) if e.contains("refused") => true,
+            Err(_) => *at >= reloaded || policy == "keep",
+            Ok(_) => false,
+        })
         .collect();
     assert!(
-        refused.is_empty(),
-        "connections failed while the port was retargeted: {refused:?}"
+        failed.is_empty(),
+        "connections failed while the port was retargeted: {failed:?}"
     );
     let stale: Vec<_> = probes
         .iter()
