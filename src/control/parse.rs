@@ -32,6 +32,18 @@ pub fn parse_str(file: &str, text: &str) -> Result<Config, ConfigErrors> {
 
 /// [`parse_str`] choosing whether host-name upstreams are looked up in DNS.
 pub fn parse_str_with(file: &str, text: &str, dns: Dns) -> Result<Config, ConfigErrors> {
+    if text.trim().is_empty() {
+        // What a host agent leaves behind when a write fails or the disk fills: never
+        // "no mappings" (which would close every port). Only `[relay]` alone means that.
+        return Err(ConfigErrors {
+            file: file.to_owned(),
+            errors: vec![ConfigError {
+                line: 1,
+                col: 1,
+                message: "control file is empty".into(),
+            }],
+        });
+    }
     let lines = LineIndex::new(text);
     let fail = |mut problems: Vec<Problem>| {
         // Stable: problems at one offset keep the order in which they were found.

@@ -176,8 +176,8 @@ fn defaults_when_relay_is_absent() {
         }]
     );
     assert!(config.tls.is_empty());
-    // An empty file is valid too: defaults, nothing mapped.
-    let empty = ok("");
+    // `[relay]` alone: defaults, nothing mapped.
+    let empty = ok("[relay]\n");
     assert_eq!(empty.relay, relay);
     assert!(empty.mappings.is_empty());
 }
@@ -189,6 +189,12 @@ fn zero_durations_and_empty_metrics() {
     assert_eq!(config.relay.idle_timeout, None);
     assert_eq!(config.relay.tcp_keepalive, None);
     assert_eq!(config.relay.shutdown_grace, Duration::ZERO);
+    // Ten years is the longest a duration may be.
+    let long = ok("[relay]\nidle_timeout = \"10y\"\n");
+    assert_eq!(
+        long.relay.idle_timeout,
+        Some(Duration::from_secs(315_576_000))
+    );
 }
 
 #[test]
@@ -483,6 +489,22 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "upstream wrong type",
         "[[map]]\nport = 1\nto = 22\n",
         r#"t.toml:3:6: "to" must be a string "IP:PORT", "[IPv6]:PORT" or "HOST:PORT""#,
+    ),
+    ("zero-byte file", "", "t.toml:1:1: control file is empty"),
+    (
+        "whitespace-only file",
+        "\n  \t\n\n",
+        "t.toml:1:1: control file is empty",
+    ),
+    (
+        "duration past 10 years",
+        "[relay]\nidle_timeout = \"500000000000y\"\n",
+        r#"t.toml:2:16: duration "500000000000y" for "idle_timeout" is longer than 10 years"#,
+    ),
+    (
+        "duration just past 10 years",
+        "[relay]\nconnect_timeout = \"11y\"\n",
+        r#"t.toml:2:19: duration "11y" for "connect_timeout" is longer than 10 years"#,
     ),
     (
         "empty name",

@@ -21,6 +21,10 @@ pub(super) struct Problem {
     pub message: String,
 }
 
+/// The longest duration a key may hold: every deadline the relay computes from one stays
+/// far from `Instant`'s limits (humantime accepts values past them).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+
 const RELAY_KEYS: &[&str] = &[
     "bind",
     "trusted_proxies",
@@ -754,6 +758,13 @@ impl Validator<'_> {
             return Some(Duration::ZERO);
         }
         match humantime::parse_duration(s) {
+            Ok(d) if d > MAX_DURATION => {
+                self.err(
+                    at,
+                    format!("duration {s:?} for \"{name}\" is longer than 10 years"),
+                );
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 self.err(at, format!("invalid duration {s:?} for \"{name}\": {e}"));

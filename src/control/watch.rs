@@ -1,6 +1,9 @@
 //! Watching the control file: inotify on its directory, so that the host agent's
-//! write-to-temp-then-rename is seen as well as an in-place rewrite. Bursts are coalesced:
-//! one reload follows a quick series of writes.
+//! write-to-temp-then-rename is seen as well as an in-place rewrite. A file is applied only
+//! once its writer has closed it (`IN_CLOSE_WRITE`) or it was renamed into place
+//! (`IN_MOVED_TO`): a file still being written (created, truncated or written to, and not
+//! yet closed) is never read, however long its writer takes. Bursts are coalesced: one
+//! reload follows a quick series of complete writes.
 
 use std::ffi::OsString;
 use std::io;
@@ -9,10 +12,40 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use inotify::{Inotify, WatchMask};
+use inotify::{EventMask, Inotify, WatchMask};
 
-/// How long after a change more changes are waited for before one reload.
+/// How long after a complete write more changes are waited for before one reload.
 const SETTLE: Duration = Duration::from_millis(50);
+
+/// What the events seen so far say about the control file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FileState {
+    /// A writer closed it, or it was renamed into place, since the last reload.
+    complete: bool,
+    /// It was created, truncated or written to after that, and not closed since.
+    writing: bool,
+}
+
+impl FileState {
+    /// Takes one event about the control file into account.
+    fn see(&mut self, mask: EventMask) {
+        if mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO) {
+            self.complete = true;
+            self.writing = false;
+        } else if mask.intersects(EventMask::CREATE | EventMask::MODIFY) {
+            self.writing = true;
+        }
+    }
+
+    /// Whether the file is whole and changed: time to reload (and start afresh).
+    fn take_ready(&mut self) -> bool {
+        let ready = self.complete && !self.writing;
+        if ready {
+            self.complete = false;
+        }
+        ready
+    }
+}
 
 /// Starts a thread that calls `changed` after the file at `path` was rewritten or replaced,
 /// while `enabled` is true (the file's `watch` key).
@@ -27,34 +60,85 @@ pub fn spawn(
     let mut inotify = Inotify::init()?;
     inotify.watches().add(
         &dir,
-        WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE,
+        WatchMask::CLOSE_WRITE | WatchMask::MOVED_TO | WatchMask::CREATE | WatchMask::MODIFY,
     )?;
     std::thread::Builder::new()
         .name("watch".into())
         .spawn(move || {
             let mut buf = [0u8; 4096];
+            let mut state = FileState::default();
+            let ours = |n: Option<&std::ffi::OsStr>| n == Some(name.as_os_str());
             loop {
-                let hit = match inotify.read_events_blocking(&mut buf) {
+                match inotify.read_events_blocking(&mut buf) {
                     Ok(events) => events
-                        .into_iter()
-                        .any(|e| e.name.map(|n| n == name.as_os_str()).unwrap_or(false)),
+                        .filter(|e| ours(e.name))
+                        .for_each(|e| state.see(e.mask)),
                     Err(e) => {
                         tracing::error!(error = %e, dir = %dir.display(), "watching the control file failed; SIGHUP still reloads");
                         return;
                     }
-                };
-                if !hit || !enabled.load(Ordering::Relaxed) {
+                }
+                if !state.take_ready() {
                     continue;
                 }
-                // Coalesce a burst: let it settle, then drop what else arrived meanwhile.
+                if !enabled.load(Ordering::Relaxed) {
+                    continue;
+                }
+                // Coalesce a burst: let it settle, then take in what else arrived meanwhile;
+                // a writer that began again in that time is waited for.
                 std::thread::sleep(SETTLE);
                 while let Ok(mut events) = inotify.read_events(&mut buf) {
-                    if events.next().is_none() {
+                    let mut any = false;
+                    for e in events.by_ref() {
+                        any = true;
+                        if ours(e.name) {
+                            state.see(e.mask);
+                        }
+                    }
+                    if !any {
                         break;
                     }
                 }
+                if state.writing {
+                    // Its CLOSE_WRITE (or a rename) comes later and triggers the reload.
+                    state.complete = true;
+                    continue;
+                }
+                state.complete = false;
                 changed();
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(events: &[EventMask]) -> FileState {
+        let mut s = FileState::default();
+        for e in events {
+            s.see(*e);
+        }
+        s
+    }
+
+    #[test]
+    fn only_a_closed_or_renamed_file_is_ready() {
+        use EventMask as E;
+        // Created and partly written, still open: never ready, however long it takes.
+        assert!(!after(&[E::CREATE, E::MODIFY, E::MODIFY]).take_ready());
+        // Truncated in place and written: not before its close.
+        assert!(!after(&[E::MODIFY]).take_ready());
+        assert!(after(&[E::MODIFY, E::MODIFY, E::CLOSE_WRITE]).take_ready());
+        assert!(after(&[E::CREATE, E::MODIFY, E::CLOSE_WRITE]).take_ready());
+        // Renamed into place.
+        assert!(after(&[E::MOVED_TO]).take_ready());
+        // Complete, then a new writer began: wait for that one.
+        assert!(!after(&[E::CLOSE_WRITE, E::CREATE, E::MODIFY]).take_ready());
+        let mut s = after(&[E::CLOSE_WRITE]);
+        assert!(s.take_ready());
+        // Taken: not ready again until the next complete write.
+        assert!(!s.take_ready());
+    }
 }

@@ -254,10 +254,20 @@ allow = ["10.0.0.0/8"]
         "check of a valid file; stderr:\n{stderr}"
     );
 
-    let (status, stderr) = run_check("");
+    let (status, stderr) = run_check("[relay]\n");
     assert_eq!(
         status.code(),
         Some(0),
-        "an empty file is valid (every key has a default); stderr:\n{stderr}"
+        "a file with only [relay] is valid (every key has a default); stderr:\n{stderr}"
     );
+
+    // A zero-byte or blank file is what a failed write leaves: an error, never "no mappings".
+    for blank in ["", " \n\t\n"] {
+        let (status, stderr) = run_check(blank);
+        assert_eq!(status.code(), Some(1), "check of {blank:?}; stderr:\n{stderr}");
+        assert!(
+            stderr.contains(":1:1: control file is empty"),
+            "check of {blank:?}; stderr:\n{stderr}"
+        );
+    }
 }
