@@ -16,6 +16,10 @@ use crate::control::TlsEntry;
 /// ClientHello names no mapping, before any key exists.
 pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
 
+/// A fatal `access_denied` alert, likewise: sent when the mapping the SNI names does not
+/// `allow` the client, before any handshake work (no key share, no certificate signature).
+pub const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("{path}: cannot read certificate chain: {source}")]

@@ -85,6 +85,11 @@ pub struct RelaySettings {
     /// Where the kernel refuses (an unprivileged user past `pipe-user-pages-soft`), pipes
     /// keep the kernel's default size. Added key.
     pub pipe_size: u32,
+    /// Connections still in admission (awaiting a PROXY header or a TLS handshake) at
+    /// once, over the whole relay; each also holds a place in `max_connections`. Bounds
+    /// what a flood of silent connections can hold (an fd each, for up to the admission
+    /// timeout), so that direct ports keep serving. Default 1024. Added key.
+    pub max_pending_admissions: u32,
 }
 
 impl Default for RelaySettings {
@@ -107,6 +112,7 @@ impl Default for RelaySettings {
             watch: true,
             max_pipes: 1024,
             pipe_size: 1 << 20,
+            max_pending_admissions: 1024,
         }
     }
 }

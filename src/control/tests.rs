@@ -63,6 +63,7 @@ max_connections = 5000
 removed_mapping = "keep"
 watch = false
 max_pipes = 0
+max_pending_admissions = 64
 
 [[map]]
 port = 20544
@@ -108,6 +109,7 @@ sni_suffix = ".ssh.example.net"
             watch: false,
             max_pipes: 0,
             pipe_size: 1 << 20,
+            max_pending_admissions: 64,
         },
         mappings: vec![
             Mapping {
@@ -162,6 +164,7 @@ fn defaults_when_relay_is_absent() {
         watch: true,
         max_pipes: 1024,
         pipe_size: 1 << 20,
+        max_pending_admissions: 1024,
     };
     assert_eq!(config.relay, relay);
     assert_eq!(RelaySettings::default(), relay);

@@ -39,6 +39,7 @@ const RELAY_KEYS: &[&str] = &[
     "watch",
     "max_pipes",
     "pipe_size",
+    "max_pending_admissions",
 ];
 const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
 const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
@@ -301,6 +302,11 @@ impl Validator<'_> {
                 "max_pipes" => {
                     if let Some(n) = self.u32_at_least(item, at, name, 0) {
                         r.max_pipes = n;
+                    }
+                }
+                "max_pending_admissions" => {
+                    if let Some(n) = self.u32_at_least(item, at, name, 1) {
+                        r.max_pending_admissions = n;
                     }
                 }
                 "pipe_size" => {

@@ -17,7 +17,7 @@ use super::sys;
 use crate::addr::ClientAddr;
 use crate::metrics::{Rejection, Via};
 use crate::proxy_protocol::{self, Parsed};
-use crate::tls::{FdIo, TlsEndpoint, UNRECOGNIZED_NAME_ALERT};
+use crate::tls::{FdIo, TlsEndpoint, ACCESS_DENIED_ALERT, UNRECOGNIZED_NAME_ALERT};
 
 /// Mapping names (and their `-` forms, lower case) → the route TLS connections take.
 pub type TlsRoutes = HashMap<String, Arc<Route>>;
@@ -34,6 +34,8 @@ pub enum Stage {
     TlsHandshake {
         tls: Box<ServerConnection>,
         route: Arc<Route>,
+        /// The routing name (a key of [`TlsRoutes`]) the route was found by.
+        name: String,
     },
     /// Admitted: what it carried has moved on to the connection.
     Done,
@@ -60,15 +62,26 @@ pub enum Step {
         detail: String,
     },
     /// Route it: the real client address, how it came, and the TLS session if any.
+    /// `route` is the route found when admission began; the loop admits the connection on
+    /// the route in force now (its port's, or for TLS its `tls_name`'s).
     Admit {
         route: Arc<Route>,
         client_addr: ClientAddr,
         via: Via,
         tls: Option<Box<ServerConnection>>,
+        tls_name: Option<String>,
     },
 }
 
 impl Pending {
+    /// The mapped host port this connection is bound for, once known.
+    pub fn mapped_port(&self) -> Option<u16> {
+        match &self.stage {
+            Stage::ProxyHeader { route } | Stage::TlsHandshake { route, .. } => Some(route.port),
+            Stage::TlsHello { .. } | Stage::Done => None,
+        }
+    }
+
     /// Moves admission on as far as the bytes that have arrived allow.
     pub fn advance(&mut self, tls_routes: &TlsRoutes) -> Step {
         loop {
@@ -78,16 +91,16 @@ impl Pending {
                     return read_proxy_header(&mut self.client, route);
                 }
                 Stage::TlsHello { acceptor, endpoint } => {
-                    match read_hello(&mut self.client, acceptor, endpoint, tls_routes) {
+                    match read_hello(&mut self.client, self.peer, acceptor, endpoint, tls_routes) {
                         Ok(Some(next)) => next,
                         Ok(None) => return Step::Wait,
                         Err(step) => return step,
                     }
                 }
-                Stage::TlsHandshake { tls, route } => {
+                Stage::TlsHandshake { tls, route, .. } => {
                     return match handshake(&mut self.client, tls) {
                         Ok(true) => {
-                            let Stage::TlsHandshake { tls, route } =
+                            let Stage::TlsHandshake { tls, route, name } =
                                 std::mem::replace(&mut self.stage, Stage::Done)
                             else {
                                 unreachable!()
@@ -97,6 +110,7 @@ impl Pending {
                                 client_addr: self.peer,
                                 via: Via::Tls,
                                 tls: Some(tls),
+                                tls_name: Some(name),
                             }
                         }
                         Ok(false) => Step::Wait,
@@ -152,6 +166,7 @@ fn read_proxy_header(client: &mut Side, route: &Arc<Route>) -> Step {
                     client_addr: ClientAddr(source),
                     via: Via::Proxy,
                     tls: None,
+                    tls_name: None,
                 },
                 None => reject(format!(
                     "PROXY v{} header names no client address ({:?})",
@@ -162,9 +177,11 @@ fn read_proxy_header(client: &mut Side, route: &Arc<Route>) -> Step {
     }
 }
 
-/// Reads the ClientHello and routes by its SNI. `Ok(None)`: need more bytes.
+/// Reads the ClientHello and routes by its SNI. `Ok(None)`: need more bytes. A client that
+/// the mapping's `allow` refuses is refused here, before any handshake work.
 fn read_hello(
     client: &mut Side,
+    peer: ClientAddr,
     acceptor: &mut Acceptor,
     endpoint: &TlsEndpoint,
     tls_routes: &TlsRoutes,
@@ -198,8 +215,8 @@ fn read_hello(
     let route = sni
         .as_deref()
         .and_then(|s| endpoint.mapping_name(s))
-        .and_then(|name| tls_routes.get(name));
-    let Some(route) = route else {
+        .and_then(|name| tls_routes.get_key_value(name));
+    let Some((name, route)) = route else {
         let _ = FdIo(fd).write(&UNRECOGNIZED_NAME_ALERT);
         return Err(Step::Reject {
             why: Rejection::NoRoute,
@@ -207,10 +224,19 @@ fn read_hello(
             detail: format!("no mapping for SNI {:?}", sni.unwrap_or_default()),
         });
     };
+    if !route.mapping.allows(peer.0.ip()) {
+        let _ = FdIo(fd).write(&ACCESS_DENIED_ALERT);
+        return Err(Step::Reject {
+            why: Rejection::Acl,
+            route: Some(route.clone()),
+            detail: String::new(),
+        });
+    }
     match accepted.into_connection(endpoint.config.clone()) {
         Ok(tls) => Ok(Some(Stage::TlsHandshake {
             tls: Box::new(tls),
             route: route.clone(),
+            name: name.clone(),
         })),
         Err((e, mut alert)) => {
             let _ = alert.write(&mut FdIo(fd));

@@ -267,8 +267,9 @@ impl Connection {
     /// Closes both sockets once the connection is done. A peer that got our FIN is closed
     /// gracefully (its unread bytes are discarded first, so the kernel does not answer them
     /// with a reset that would drop the tail of what we sent); a live peer whose other side
-    /// failed is reset, so it learns of the failure.
-    pub fn close(self, pool: &mut PipePool) {
+    /// failed is reset, so it learns of the failure. Returns the two sockets for the loop to
+    /// close (through its driver, which knows when the kernel is done with them).
+    pub fn close(self, pool: &mut PipePool) -> [OwnedFd; 2] {
         let Connection {
             client,
             upstream,
@@ -278,22 +279,25 @@ impl Connection {
         } = self;
         to_upstream.drop_hold(pool);
         to_client.drop_hold(pool);
-        close_side(client, &to_client, &to_upstream);
-        close_side(upstream, &to_upstream, &to_client);
+        [
+            close_side(client, &to_client, &to_upstream),
+            close_side(upstream, &to_upstream, &to_client),
+        ]
     }
 }
 
-fn close_side(side: Side, inbound: &Direction, outbound: &Direction) {
+fn close_side(side: Side, inbound: &Direction, outbound: &Direction) -> OwnedFd {
     if side.dead {
-        return;
+        return side.fd;
     }
     if inbound.state == HalfState::Closed {
         if outbound.state != HalfState::Closed {
             discard_unread(&side);
         }
-        return;
+        return side.fd;
     }
     let _ = SockRef::from(&side.fd).set_linger(Some(Duration::ZERO));
+    side.fd
 }
 
 /// Reads and drops what a peer sent that will never be forwarded (bounded).

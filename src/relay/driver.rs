@@ -87,6 +87,12 @@ pub trait Driver {
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
     /// Stops reporting on `fd`, which the caller is about to close.
     fn unwatch(&mut self, key: Key, fd: RawFd);
+    /// Closes `fd` (already unwatched) once the kernel has taken in every request queued
+    /// so far that names it: closed any earlier, its number could go to a new socket that
+    /// a queued request would then act on.
+    fn retire(&mut self, fd: OwnedFd) {
+        drop(fd);
+    }
     /// Waits up to `timeout` (forever if `None`) for events, appending them to `events`.
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()>;
     /// Hands queued requests to the kernel now (a change must take effect before the

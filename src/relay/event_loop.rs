@@ -23,7 +23,7 @@ use super::route::{tune, Listener, Route};
 use super::slab::Slab;
 use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
-use crate::control::RelaySettings;
+use crate::control::{RelaySettings, RemovedMapping};
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
@@ -60,6 +60,8 @@ pub struct EventLoop<D: Driver> {
     listeners: Slab<LoopListener>,
     listener_keys: HashMap<SocketAddr, (u32, u32)>,
     tls_routes: Arc<TlsRoutes>,
+    /// The route of each mapped host port in force (for connections finishing admission).
+    routes: Arc<HashMap<u16, Arc<Route>>>,
     /// Rejection counters of TLS entry ports (mapped ports count through their route).
     tls_rejected: HashMap<u16, [Counter; 6]>,
     pool: PipePool,
@@ -73,6 +75,9 @@ pub struct EventLoop<D: Driver> {
     /// This loop's pipe counts as last added to the relay-wide gauges.
     published_pipes: (usize, usize),
     idle_sweep_armed: bool,
+    /// Debug builds only: a fault to inject once a connection is in the loop.
+    #[cfg(debug_assertions)]
+    fault: Option<String>,
 }
 
 impl<D: Driver> EventLoop<D> {
@@ -93,6 +98,7 @@ impl<D: Driver> EventLoop<D> {
             listeners: Slab::new(),
             listener_keys: HashMap::new(),
             tls_routes: Arc::default(),
+            routes: Arc::default(),
             tls_rejected: HashMap::new(),
             pool: PipePool::new(max_pipes, pipe_size),
             timers: BinaryHeap::new(),
@@ -102,6 +108,23 @@ impl<D: Driver> EventLoop<D> {
             drain_until: None,
             published_pipes: (0, 0),
             idle_sweep_armed: false,
+            #[cfg(debug_assertions)]
+            fault: std::env::var("PORTRELAY_TEST_FAULT").ok(),
+        }
+    }
+
+    /// Debug builds only (the tests' binary): with `PORTRELAY_TEST_FAULT=panic` or `=error`
+    /// the loop fails as a bug would, once it holds a connection, so that the tests can
+    /// check what the process does then. Release builds have no such switch.
+    #[cfg(debug_assertions)]
+    fn inject_fault(&mut self) -> io::Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        match self.fault.take().as_deref() {
+            Some("panic") => panic!("injected fault"),
+            Some("error") => Err(io::Error::other("injected fault")),
+            _ => Ok(()),
         }
     }
 
@@ -138,6 +161,8 @@ impl<D: Driver> EventLoop<D> {
                 self.handle(ev);
             }
             self.events = events;
+            #[cfg(debug_assertions)]
+            self.inject_fault()?;
             self.run_timers();
             for key in std::mem::take(&mut self.pending) {
                 self.service(key);
@@ -236,6 +261,7 @@ impl<D: Driver> EventLoop<D> {
             match cmd {
                 Command::Settings(settings) => self.settings = settings,
                 Command::TlsRoutes(routes) => self.tls_routes = routes,
+                Command::Routes(routes) => self.routes = routes,
                 Command::Listen(listener, entrance) => {
                     let addr = listener.addr.0;
                     if let Entrance::Tls(_) = entrance {
@@ -266,8 +292,24 @@ impl<D: Driver> EventLoop<D> {
                 Command::CloseConnections(doomed) => {
                     let keys: Vec<_> = self.entries.keys().collect();
                     for (slot, generation) in keys {
-                        let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) else {
-                            continue;
+                        let key = Key::new(Tag::Client, slot, generation);
+                        let c = match self.entries.get_mut(slot, generation) {
+                            Some(Entry::Relay(c)) => c,
+                            // Still in admission, for a port that is gone: refused now. (One
+                            // whose port was retargeted takes the new route when admitted.)
+                            Some(Entry::Pending(p)) => {
+                                if p.mapped_port()
+                                    .is_some_and(|port| doomed.get(&port) == Some(&None))
+                                {
+                                    self.refuse_pending(
+                                        key,
+                                        Rejection::NoRoute,
+                                        "its mapping was removed during admission",
+                                    );
+                                }
+                                continue;
+                            }
+                            _ => continue,
                         };
                         let close = match doomed.get(&c.route.port) {
                             Some(None) => true,
@@ -289,7 +331,12 @@ impl<D: Driver> EventLoop<D> {
                     for addr in addrs {
                         self.unlisten(addr);
                     }
-                    self.drain_until = Some(self.now + grace);
+                    self.drain_until = Some(super::deadline(self.now, grace));
+                    // No connection still in admission opens an upstream connection now.
+                    let keys: Vec<_> = self.entries.keys().collect();
+                    for (slot, generation) in keys {
+                        self.expire_pending(Key::new(Tag::Client, slot, generation));
+                    }
                 }
             }
         }
@@ -341,6 +388,23 @@ impl<D: Driver> EventLoop<D> {
                 TLS_HANDSHAKE_TIMEOUT,
             ),
         };
+        // Before any admission work: a place among the pending admissions and in the
+        // relay-wide cap, so that a flood of silent connections holds a bounded number of
+        // fds and direct ports keep serving.
+        if !self.shared.try_acquire_pending() {
+            let route = match &stage {
+                Stage::ProxyHeader { route } => Some(route.clone()),
+                _ => None,
+            };
+            return self.reject(
+                client,
+                peer,
+                port,
+                route,
+                Rejection::Limit,
+                "too many connections in admission",
+            );
+        }
         let (slot, generation) = self.entries.insert(Entry::Pending(Pending {
             client,
             peer,
@@ -349,8 +413,10 @@ impl<D: Driver> EventLoop<D> {
         }));
         let key = Key::new(Tag::Client, slot, generation);
         self.watch_client(key);
-        self.timers
-            .push(Reverse((self.now + timeout, Timer::Admission(key.0))));
+        self.timers.push(Reverse((
+            super::deadline(self.now, timeout),
+            Timer::Admission(key.0),
+        )));
     }
 
     fn trusted(&self, peer: ClientAddr) -> bool {
@@ -371,6 +437,10 @@ impl<D: Driver> EventLoop<D> {
 
     /// Admits a direct connection at once.
     fn admit_new(&mut self, client: Side, route: Arc<Route>, addr: ClientAddr, via: Via) {
+        if !self.shared.try_acquire() {
+            let port = route.port;
+            return self.reject(client, addr, port, Some(route), Rejection::Limit, "");
+        }
         match self.admit(client, route, addr, via, None) {
             Ok(conn) => {
                 let (slot, generation) = self.entries.insert(Entry::Relay(conn));
@@ -401,8 +471,19 @@ impl<D: Driver> EventLoop<D> {
                 client_addr,
                 via,
                 tls,
+                tls_name,
             } => {
+                // The mapping in force now decides, not the one when admission began.
+                let Some(route) = self.route_in_force(&route, tls_name.as_deref()) else {
+                    return self.refuse_pending(
+                        key,
+                        Rejection::NoRoute,
+                        "its mapping was removed during admission",
+                    );
+                };
                 let p = self.take_pending(key);
+                // Its place in the relay-wide cap passes to the connection.
+                self.shared.admitted();
                 match self.admit(p.client, route, client_addr, via, tls) {
                     Ok(conn) => {
                         *self
@@ -436,16 +517,44 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    /// Removes a pending entry for good and stops watching its socket.
+    /// Removes a pending entry for good, stops watching its socket and frees its places
+    /// in the caps.
     fn remove_pending(&mut self, key: Key) -> Pending {
         let p = self.take_pending(key);
         self.entries.remove(key.slot(), key.generation());
         self.driver.unwatch(key, p.client.fd.as_raw_fd());
+        self.shared.release_pending();
         p
     }
 
+    /// Refuses a pending entry now, for `why`.
+    fn refuse_pending(&mut self, key: Key, why: Rejection, detail: &str) {
+        let p = self.remove_pending(key);
+        let route = match p.stage {
+            Stage::ProxyHeader { route } | Stage::TlsHandshake { route, .. } => Some(route),
+            _ => None,
+        };
+        self.reject(p.client, p.peer, p.port, route, why, detail);
+    }
+
+    /// The route a connection that finishes admission now takes: its port's route in force
+    /// (for TLS: the route its SNI name has now). When its mapping is gone, it keeps the
+    /// route it began with under `removed_mapping = "keep"`, and has none under `close`.
+    fn route_in_force(&self, began: &Arc<Route>, tls_name: Option<&str>) -> Option<Arc<Route>> {
+        let now = match tls_name {
+            Some(name) => self.tls_routes.get(name),
+            None => self.routes.get(&began.port),
+        };
+        match now {
+            Some(route) => Some(route.clone()),
+            None if self.settings.removed_mapping == RemovedMapping::Keep => Some(began.clone()),
+            None => None,
+        }
+    }
+
     /// The checks every connection passes before it is relayed: `allow` (against the real
-    /// client address), then the relay-wide and per-mapping caps. Then the upstream socket.
+    /// client address), then the per-mapping cap. Then the upstream socket. The caller
+    /// holds a place in the relay-wide cap for it; a refusal gives that place back.
     #[allow(clippy::result_large_err)]
     fn admit(
         &mut self,
@@ -456,10 +565,8 @@ impl<D: Driver> EventLoop<D> {
         tls: Option<Box<ServerConnection>>,
     ) -> Result<Connection, (Side, Arc<Route>, Rejection)> {
         if !route.mapping.allows(addr.0.ip()) {
+            self.shared.release();
             return Err((client, route, Rejection::Acl));
-        }
-        if !self.shared.try_acquire() {
-            return Err((client, route, Rejection::Limit));
         }
         if !route.mapping.try_acquire() {
             self.shared.release();
@@ -524,7 +631,7 @@ impl<D: Driver> EventLoop<D> {
         for (slot, generation) in keys {
             if let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) {
                 any = true;
-                if c.last_active + idle <= self.now {
+                if self.now.saturating_duration_since(c.last_active) >= idle {
                     c.abort("idle".to_string(), &mut self.pool);
                     self.finish(Key::new(Tag::Client, slot, generation));
                 }
@@ -624,7 +731,9 @@ impl<D: Driver> EventLoop<D> {
             "connection closed"
         );
         r.metrics.session.record(c.duration(self.now).as_secs_f64());
-        c.close(&mut self.pool);
+        for fd in c.close(&mut self.pool) {
+            self.driver.retire(fd);
+        }
     }
 
     /// Refuses a connection at once: a reset, so the client does not wait; counted and
@@ -639,7 +748,7 @@ impl<D: Driver> EventLoop<D> {
         detail: &str,
     ) {
         let _ = SockRef::from(&client.fd).set_linger(Some(Duration::ZERO));
-        drop(client);
+        self.driver.retire(client.fd);
         match &route {
             Some(r) => r.metrics.rejected(why),
             None => {

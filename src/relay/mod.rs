@@ -79,13 +79,55 @@ pub fn choose_backend(choice: BackendChoice) -> anyhow::Result<Backend> {
     }
 }
 
-/// What the loops share: the relay-wide connection count and its cap.
+/// `now + d`, saturating: a deadline that would pass `Instant`'s range is as far away as
+/// the clock allows (never a panic in a loop).
+pub(crate) fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(u32::MAX as u64)))
+        .unwrap_or(now)
+}
+
+/// What the loops share: the relay-wide connection count and its cap, and the count of
+/// connections in admission (each also counted in `active`) and theirs.
 pub struct Shared {
     active: AtomicU32,
     max_connections: AtomicU32,
+    pending: AtomicU32,
+    max_pending: AtomicU32,
 }
 
 impl Shared {
+    /// A place for a connection that must pass admission first: one among the pending
+    /// admissions, and one in the relay-wide cap.
+    fn try_acquire_pending(&self) -> bool {
+        let max = self.max_pending.load(Ordering::Relaxed);
+        if self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        if !self.try_acquire() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Admission is over: the connection keeps its place in the relay-wide cap.
+    fn admitted(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A pending connection is refused: both its places are free again.
+    fn release_pending(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.release();
+    }
+
     fn try_acquire(&self) -> bool {
         let max = self.max_connections.load(Ordering::Relaxed);
         self.active
@@ -113,6 +155,9 @@ pub enum Command {
     Settings(Arc<RelaySettings>),
     /// Where TLS entries route each SNI name, from now on.
     TlsRoutes(Arc<admission::TlsRoutes>),
+    /// The route of every mapped host port in force: a connection that finishes its
+    /// admission (PROXY header) takes the route its port has then.
+    Routes(Arc<HashMap<u16, Arc<Route>>>),
     /// Accept on this listener.
     Listen(Arc<Listener>, Entrance),
     /// New connections of the listener at this address go this way (same listener).
@@ -173,7 +218,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     config: Option<Config>,
     listeners: HashMap<SocketAddr, Arc<Listener>>,
-    routes: HashMap<u16, Arc<Route>>,
+    routes: Arc<HashMap<u16, Arc<Route>>>,
 }
 
 impl Relay {
@@ -194,6 +239,8 @@ impl Relay {
         let shared = Arc::new(Shared {
             active: AtomicU32::new(0),
             max_connections: AtomicU32::new(config.relay.max_connections),
+            pending: AtomicU32::new(0),
+            max_pending: AtomicU32::new(config.relay.max_pending_admissions),
         });
         let threads = threads.max(1);
         let max_pipes = (config.relay.max_pipes as usize).div_ceil(threads);
@@ -211,7 +258,7 @@ impl Relay {
             );
             let handle = std::thread::Builder::new()
                 .name(format!("loop-{i}"))
-                .spawn(move || run_loop(backend, sh, st, mb, max_pipes, tx))?;
+                .spawn(move || run_loop(i, backend, sh, st, mb, max_pipes, tx))?;
             mailboxes.push(mailbox);
             loops.push(handle);
         }
@@ -229,7 +276,7 @@ impl Relay {
             shared,
             config: None,
             listeners: HashMap::new(),
-            routes: HashMap::new(),
+            routes: Arc::default(),
         };
         relay.apply(config)?;
         Ok(relay)
@@ -288,6 +335,9 @@ impl Relay {
         self.shared
             .max_connections
             .store(new.relay.max_connections, Ordering::Relaxed);
+        self.shared
+            .max_pending
+            .store(new.relay.max_pending_admissions, Ordering::Relaxed);
 
         // Listeners: one per port and bind address; open what is missing (a port that
         // failed before is retried here), close what is no longer asked for.
@@ -391,6 +441,8 @@ impl Relay {
             }
         }
 
+        let routes = Arc::new(routes);
+        cmds.push(Command::Routes(routes.clone()));
         self.broadcast(cmds);
         self.barrier();
         for addr in gone {
@@ -422,9 +474,9 @@ impl Relay {
         for mb in &self.mailboxes {
             mb.send([Command::Barrier(tx.clone())]);
         }
-        let deadline = Instant::now() + timeout;
+        let until = deadline(Instant::now(), timeout);
         self.mailboxes.iter().all(|_| {
-            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            rx.recv_timeout(until.saturating_duration_since(Instant::now()))
                 .is_ok()
         })
     }
@@ -438,12 +490,20 @@ impl Relay {
             .map_or(Duration::ZERO, |c| c.relay.shutdown_grace);
         self.broadcast(vec![Command::Shutdown { grace }]);
         self.listeners.clear();
-        for h in self.loops.drain(..) {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("an event loop panicked"))?
-                .context("event loop failed")?;
+        // Every loop is joined, whatever an earlier one returned: each drains its own
+        // connections. The first failure is reported.
+        let mut first_error = None;
+        for (i, h) in self.loops.drain(..).enumerate() {
+            let result = match h.join() {
+                Ok(r) => r.with_context(|| format!("event loop {i} failed")),
+                Err(_) => Err(anyhow::anyhow!("event loop {i} panicked")),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "event loop failed during shutdown");
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -453,6 +513,7 @@ impl Command {
         match self {
             Command::Settings(s) => Command::Settings(s.clone()),
             Command::TlsRoutes(r) => Command::TlsRoutes(r.clone()),
+            Command::Routes(r) => Command::Routes(r.clone()),
             Command::Listen(l, e) => Command::Listen(l.clone(), e.clone()),
             Command::Enter(a, e) => Command::Enter(*a, e.clone()),
             Command::Unlisten(a) => Command::Unlisten(*a),
@@ -477,7 +538,13 @@ fn tls_routes(config: &Config, routes: &HashMap<u16, Arc<Route>>) -> admission::
     table
 }
 
+/// A loop's thread: builds the loop, reports that it is ready, and runs it. A loop that
+/// fails or panics takes the whole process down at once, with a log line saying why: half
+/// a relay (a dead loop's connections cut without a log line, their places in the caps
+/// never given back, every reload waiting on it) is worse than a restart by the supervisor,
+/// which `Restart=on-failure` does within a second.
 fn run_loop(
+    index: usize,
     backend: Backend,
     shared: Arc<Shared>,
     settings: Arc<RelaySettings>,
@@ -496,14 +563,30 @@ fn run_loop(
             Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>
         }),
     };
-    match result {
-        Ok(run) => {
-            let _ = ready.send(Ok(()));
-            run()
-        }
+    let run = match result {
+        Ok(run) => run,
         Err(e) => {
             let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-            Err(e)
+            return Err(e);
         }
-    }
+    };
+    let _ = ready.send(Ok(()));
+    let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => format!("{e}"),
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            format!("panicked: {text}")
+        }
+    };
+    tracing::error!(
+        event_loop = index,
+        error = %why,
+        "an event loop failed; exiting so that the supervisor restarts the relay"
+    );
+    std::process::exit(70)
 }

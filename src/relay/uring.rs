@@ -38,7 +38,11 @@ pub struct Uring {
     #[allow(clippy::vec_box)]
     args: Vec<Box<(SockAddr, types::Timespec)>>,
     wake: RawFd,
+    /// Completions reaped but not yet handled (while making room to submit).
     completions: Vec<(u64, i32, u32)>,
+    /// Sockets to close once the requests queued before them (their cancellations among
+    /// them) have been submitted.
+    retire: Vec<OwnedFd>,
 }
 
 /// Whether io_uring can run this backend here: creates a ring with the flags the loops use
@@ -85,6 +89,7 @@ impl Uring {
             args: Vec::new(),
             wake,
             completions: Vec::with_capacity(1024),
+            retire: Vec::new(),
         };
         u.poll(Key::new(Tag::Wake, 0, 0), wake, libc::POLLIN as u32);
         Ok(u)
@@ -92,17 +97,45 @@ impl Uring {
 
     fn push(&mut self, entry: squeue::Entry) {
         loop {
-            // SAFETY: every entry we build references only fds the loop keeps open until it
-            // cancels the request, and memory in `self.args`, which lives until submitted.
+            // SAFETY: every entry we build references only fds that stay open until the
+            // kernel has taken the entry in (the loop closes sockets through `retire`), and
+            // memory in `self.args`, which lives until the queue is empty after a submit.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return;
             }
             // The queue is full: hand it to the kernel (which copies what it needs) and retry.
-            if let Err(e) = self.ring.submit() {
-                tracing::warn!(error = %e, "io_uring submit failed");
+            // Should the kernel refuse for now (EBUSY: completions to reap first; EAGAIN,
+            // ENOMEM), reap them into `completions`, handled at the next `wait`.
+            let result = self.ring.submit();
+            self.submitted();
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "io_uring submit failed; retrying");
+                self.stash_completions();
+                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EINTR)) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
+        }
+    }
+
+    /// After a submit, whatever it returned: sockets retired before it may close once the
+    /// kernel has taken in every queued request (it has resolved their fds then).
+    /// So may the connect arguments the submitted entries pointed to (the kernel copied
+    /// them), but not while an entry that points to them is still queued.
+    fn submitted(&mut self) {
+        if self.ring.submission().is_empty() {
+            self.retire.clear();
             self.args.clear();
         }
+    }
+
+    /// Moves what the completion queue holds into `completions`.
+    fn stash_completions(&mut self) {
+        self.completions.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
     }
 
     fn poll(&mut self, key: Key, fd: RawFd, mask: u32) {
@@ -225,7 +258,7 @@ impl Driver for Uring {
         };
         if room < 2 {
             let _ = self.ring.submit();
-            self.args.clear();
+            self.submitted();
         }
         let args = Box::new((addr.clone(), types::Timespec::from(timeout)));
         let connect = opcode::Connect::new(types::Fd(fd), args.0.as_ptr(), args.0.len())
@@ -251,6 +284,10 @@ impl Driver for Uring {
         self.cancel(key);
     }
 
+    fn retire(&mut self, fd: OwnedFd) {
+        self.retire.push(fd);
+    }
+
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
         let ts;
         let args = types::SubmitArgs::new();
@@ -261,26 +298,34 @@ impl Driver for Uring {
             }
             None => args,
         };
-        match self.ring.submitter().submit_with_args(1, &args) {
+        // Completions reaped while submitting are handled now, without waiting.
+        let want = usize::from(self.completions.is_empty());
+        let result = self.ring.submitter().submit_with_args(want, &args);
+        self.submitted();
+        match result {
             Ok(_) => {}
+            // Woken without a completion (a timeout, a signal), or the completion queue
+            // must be reaped first: reap it below.
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ETIME | libc::EINTR | libc::EBUSY)
                 ) => {}
+            // Transient shortages: the next turn tries again.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
+                tracing::warn!(error = %e, "io_uring_enter failed; retrying");
+                std::thread::sleep(Duration::from_millis(1));
+            }
             Err(e) => return Err(e),
         }
-        self.args.clear();
+        self.stash_completions();
         let mut batch = std::mem::take(&mut self.completions);
-        batch.extend(
-            self.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
         for &(key, res, flags) in &batch {
             self.complete(Key(key), res, cqueue::more(flags), out);
         }
         batch.clear();
+        // What `complete` stashed meanwhile (a full queue while re-arming) stays queued.
+        batch.append(&mut self.completions);
         self.completions = batch;
         Ok(())
     }
@@ -290,7 +335,7 @@ impl Driver for Uring {
         let ts = types::Timespec::new();
         let args = types::SubmitArgs::new().timespec(&ts);
         let _ = self.ring.submitter().submit_with_args(1, &args);
-        self.args.clear();
+        self.submitted();
     }
 
     fn close(&mut self) {
@@ -312,5 +357,85 @@ impl Driver for Uring {
         }
         self.listeners.clear();
         self.connecting.clear();
+        self.retire.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+    use std::net::{SocketAddr, TcpListener};
+    use std::os::fd::AsRawFd;
+    use std::time::Instant;
+
+    use socket2::{Domain, Socket, Type};
+
+    use super::*;
+
+    fn socket() -> Socket {
+        Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), None).unwrap()
+    }
+
+    /// A socket whose connect is still queued when the loop lets it go (a reload closed its
+    /// connection in the same turn) must stay open until the kernel has taken the queued
+    /// requests in: otherwise the next socket gets its number, and the queued connect
+    /// connects that socket to the old connection's upstream.
+    #[test]
+    fn a_retired_socket_number_never_takes_a_queued_connect() {
+        if let Err(e) = probe() {
+            if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() {
+                eprintln!("SKIPPED: io_uring unavailable: {e}");
+                return;
+            }
+            panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip");
+        }
+        let old = TcpListener::bind("127.0.0.1:0").unwrap();
+        let new = TcpListener::bind("127.0.0.1:0").unwrap();
+        old.set_nonblocking(true).unwrap();
+        let addr = |l: &TcpListener| SockAddr::from(l.local_addr().unwrap());
+        let wake = crate::relay::sys::eventfd().unwrap();
+        let mut ring = Uring::new(wake.as_raw_fd()).unwrap();
+        let timeout = Duration::from_secs(5);
+
+        let first = socket();
+        let first_key = Key::new(Tag::Upstream, 1, 1);
+        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout);
+        ring.unwatch(first_key, first.as_raw_fd());
+        ring.retire(first.into());
+        let second = socket();
+        let second_key = Key::new(Tag::Upstream, 2, 1);
+        ring.connect(second_key, second.as_raw_fd(), &addr(&new), timeout);
+
+        let deadline = Instant::now() + timeout;
+        let mut events = Vec::new();
+        let connected = loop {
+            ring.wait(Some(Duration::from_millis(100)), &mut events)
+                .unwrap();
+            let found = events.iter().find_map(|e| match e {
+                Event::Connected(k, r) if *k == second_key => Some(r.as_ref().map(|_| ())),
+                _ => None,
+            });
+            if let Some(r) = found {
+                break r.map_err(|e| e.to_string());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no connect completion: {events:?}"
+            );
+        };
+        assert_eq!(connected, Ok(()), "the second socket's connect");
+        let peer: SocketAddr = second.peer_addr().unwrap().as_socket().unwrap();
+        assert_eq!(peer, new.local_addr().unwrap(), "the second socket's peer");
+        // The first socket's own connect may have reached the old upstream before its
+        // cancellation: never from the second socket.
+        let second_local: SocketAddr = second.local_addr().unwrap().as_socket().unwrap();
+        match old.accept() {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Ok((_, from)) => assert_ne!(
+                from, second_local,
+                "the second socket reached the old upstream"
+            ),
+            Err(e) => panic!("accept on the old upstream: {e}"),
+        }
     }
 }

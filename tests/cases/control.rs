@@ -264,7 +264,11 @@ allow = ["10.0.0.0/8"]
     // A zero-byte or blank file is what a failed write leaves: an error, never "no mappings".
     for blank in ["", " \n\t\n"] {
         let (status, stderr) = run_check(blank);
-        assert_eq!(status.code(), Some(1), "check of {blank:?}; stderr:\n{stderr}");
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "check of {blank:?}; stderr:\n{stderr}"
+        );
         assert!(
             stderr.contains(":1:1: control file is empty"),
             "check of {blank:?}; stderr:\n{stderr}"
