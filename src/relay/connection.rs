@@ -33,6 +33,8 @@ pub struct Side {
     /// The peer has closed (or reset): a short read no longer proves the socket empty,
     /// because its FIN may be queued behind the data without a new readiness report.
     pub hup: bool,
+    /// The driver reported a pending socket error, not yet looked at.
+    pub error: bool,
     /// The peer reset it, or a syscall on it failed: nothing more can be sent.
     pub dead: bool,
 }
@@ -44,6 +46,7 @@ impl Side {
             readable: false,
             writable: false,
             hup: false,
+            error: false,
             dead: false,
         }
     }
@@ -187,6 +190,7 @@ impl Connection {
 
     /// Moves bytes both ways until each direction blocks, ends, or uses up its turn.
     pub fn pump(&mut self, pool: &mut PipePool) -> Turn {
+        self.notice_errors(pool);
         let a = self.pump_dir(Dir::ToUpstream, pool);
         let b = self.pump_dir(Dir::ToClient, pool);
         if a == Turn::Yield || b == Turn::Yield {
@@ -248,6 +252,32 @@ impl Connection {
         }
     }
 
+    /// A socket whose own direction has ended is read no more, so a reset (or a peer that
+    /// keepalive or `TCP_USER_TIMEOUT` found dead) would go unnoticed until the other peer
+    /// writes: its pending error ends the connection now, and the other peer is reset.
+    fn notice_errors(&mut self, pool: &mut PipePool) {
+        for d in [Dir::ToUpstream, Dir::ToClient] {
+            let (src, dir) = match d {
+                Dir::ToUpstream => (&mut self.client, &self.to_upstream),
+                Dir::ToClient => (&mut self.upstream, &self.to_client),
+            };
+            if !std::mem::take(&mut src.error) || src.dead || dir.state == HalfState::Open {
+                continue;
+            }
+            if let Ok(Some(e)) = SockRef::from(&src.fd).take_error() {
+                // A direction that already passed its FIN on stays closed: that peer has
+                // everything and is closed gracefully; the others end now.
+                src.dead = true;
+                for dir in [&mut self.to_upstream, &mut self.to_client] {
+                    if !dir.ended() {
+                        dir.abort(pool);
+                    }
+                }
+                self.fail(&e);
+            }
+        }
+    }
+
     fn fail(&mut self, e: &io::Error) {
         if self.failure.is_none() {
             self.failure = Some(match e.raw_os_error() {
@@ -300,10 +330,13 @@ fn close_side(side: Side, inbound: &Direction, outbound: &Direction) -> OwnedFd 
     side.fd
 }
 
-/// Reads and drops what a peer sent that will never be forwarded (bounded).
+/// Reads and drops what a peer sent that will never be forwarded, until its socket is
+/// empty: closing a socket with unread bytes sends a reset, which would throw away the tail
+/// of what we sent that is still queued. Bounded (16 MiB, more than a receive buffer
+/// holds), so a peer that keeps sending cannot hold the loop.
 fn discard_unread(side: &Side) {
-    let mut scratch = [0u8; 4096];
-    for _ in 0..16 {
+    let mut scratch = [0u8; 64 * 1024];
+    for _ in 0..256 {
         match sys::recv(side.fd.as_raw_fd(), &mut scratch) {
             Ok(n) if n > 0 => continue,
             _ => return,
@@ -367,6 +400,17 @@ pub(super) fn pass_eof(dst: &Side, dir: &mut Direction, last: bool) {
     dir.state = HalfState::Closed;
 }
 
+/// The source's read returned end of stream. After a write to that socket failed (a reset
+/// first seen by `send`/`splice` consumes the socket's error, and reads then return 0),
+/// that is no clean end: it is the reset, passed on as one.
+pub(super) fn end_of_stream(src: &Side, dir: &mut Direction) -> Result<(), Failure> {
+    if src.dead {
+        return Err(Failure::Read(io::Error::from_raw_os_error(libc::ECONNRESET)));
+    }
+    dir.state = HalfState::Eof;
+    Ok(())
+}
+
 pub(super) fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
@@ -404,7 +448,7 @@ fn move_bytes(
         match hold.fill_from(src.fd.as_raw_fd()) {
             Ok(0) => {
                 pool.give_back(hold);
-                dir.state = HalfState::Eof;
+                end_of_stream(src, dir)?;
             }
             Ok(n) => {
                 match &hold {

@@ -64,6 +64,9 @@ pub enum Event {
         writable: bool,
         /// The peer closed or reset (RDHUP, HUP, ERR): reads must go on until they say so.
         hup: bool,
+        /// The socket has a pending error (ERR): a reset, or a dead peer found by keepalive
+        /// or `TCP_USER_TIMEOUT`.
+        error: bool,
     },
     /// The driver stopped reporting on this socket on its own (io_uring: a multishot poll
     /// ended); call `watch` again to go on.

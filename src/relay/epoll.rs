@@ -208,6 +208,7 @@ impl Driver for Epoll {
                         != 0;
                     let writable = bits & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) != 0;
                     let hup = bits & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                    let error = bits & libc::EPOLLERR != 0;
                     if writable {
                         if let Some((_, fd)) = self.connecting.remove(&key) {
                             out.push(Event::Connected(key, socket_error(fd)));
@@ -218,6 +219,7 @@ impl Driver for Epoll {
                         readable,
                         writable,
                         hup,
+                        error,
                     });
                 }
             }

@@ -213,11 +213,13 @@ impl<D: Driver> EventLoop<D> {
                 readable,
                 writable,
                 hup,
+                error,
             } => {
                 if let Some(side) = self.side(key) {
                     side.readable |= readable;
                     side.writable |= writable;
                     side.hup |= hup;
+                    side.error |= error;
                     self.progress(key);
                 }
             }

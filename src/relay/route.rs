@@ -118,20 +118,30 @@ impl Listener {
     }
 }
 
-/// TCP_NODELAY (no Nagle delay on keystrokes) and keepalive (`None`: off). Set on each
-/// listener, whose accepted sockets inherit both (one setsockopt per listener instead of
-/// four per connection), and on each upstream socket.
+/// Keepalive probes unanswered before a peer is taken for dead.
+pub const KEEPALIVE_PROBES: u32 = 6;
+
+/// TCP_NODELAY (no Nagle delay on keystrokes), keepalive (`None`: off) and, with
+/// keepalive, `TCP_USER_TIMEOUT` = idle + interval × probes, so that a vanished peer is
+/// given up at the same time whether the connection is idle (keepalive) or has unacked
+/// data (retransmissions, which alone take ~15 min). Set on each listener, whose accepted
+/// sockets inherit them (a few setsockopt per listener instead of per connection), and on
+/// each upstream socket.
 pub fn tune(s: &SockRef<'_>, keepalive: Option<Duration>) {
     let _ = s.set_nodelay(true);
     match keepalive {
         Some(t) => {
+            let interval = t.min(Duration::from_secs(10));
             let ka = TcpKeepalive::new()
                 .with_time(t)
-                .with_interval(t.min(Duration::from_secs(10)));
+                .with_interval(interval)
+                .with_retries(KEEPALIVE_PROBES);
             let _ = s.set_tcp_keepalive(&ka);
+            let _ = s.set_tcp_user_timeout(Some(t + interval * KEEPALIVE_PROBES));
         }
         None => {
             let _ = s.set_keepalive(false);
+            let _ = s.set_tcp_user_timeout(None);
         }
     }
 }

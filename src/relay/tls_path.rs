@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use rustls::ServerConnection;
 
 use super::connection::{
-    drain, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side, Turn,
+    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side, Turn,
     ROUNDS_PER_TURN,
 };
 use super::pipe::PipePool;
@@ -45,7 +45,7 @@ pub(super) fn decrypt(
             // close_notify: the client's clean EOF.
             Ok(0) => {
                 pool.give_back(hold);
-                dir.state = HalfState::Eof;
+                end_of_stream(client, dir)?;
             }
             Ok(n) => {
                 dir.in_flight = n;
@@ -54,7 +54,7 @@ pub(super) fn decrypt(
             // A TCP FIN without close_notify: an EOF all the same for SSH inside.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 pool.give_back(hold);
-                dir.state = HalfState::Eof;
+                end_of_stream(client, dir)?;
             }
             Err(e) if would_block(&e) => {
                 pool.give_back(hold);
@@ -64,7 +64,9 @@ pub(super) fn decrypt(
                 match tls.read_tls(&mut FdIo(client.fd.as_raw_fd())) {
                     Ok(_) => {
                         if let Err(e) = tls.process_new_packets() {
-                            // The alert rustls queued goes out with the other direction.
+                            // Send the alert rustls queued (best effort: the connection
+                            // ends now, so it cannot wait for the socket to be writable).
+                            let _ = tls.write_tls(&mut FdIo(client.fd.as_raw_fd()));
                             return Err(Failure::Read(io::Error::new(
                                 io::ErrorKind::InvalidData,
                                 format!("TLS: {e}"),
@@ -122,8 +124,8 @@ pub(super) fn encrypt(
         }
         match sys::recv(upstream.fd.as_raw_fd(), &mut buf) {
             Ok(0) => {
+                end_of_stream(upstream, dir)?;
                 tls.send_close_notify();
-                dir.state = HalfState::Eof;
             }
             Ok(n) => {
                 // rustls's send buffer is empty here (flushed above), so it takes it all.

@@ -221,11 +221,13 @@ impl Uring {
                         != 0;
                     let writable = bits & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
                     let hup = bits & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
+                    let error = bits & libc::POLLERR != 0;
                     out.push(Event::Ready {
                         key,
                         readable,
                         writable,
                         hup,
+                        error,
                     });
                 }
                 if !more && res != -libc::ECANCELED {
