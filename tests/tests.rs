@@ -9,6 +9,8 @@
 //! - `reload`: live reload of the control file while connections run.
 //! - `proxied`: PROXY v1/v2 through real HAProxy, SSH over TLS through `openssl s_client`.
 //! - `ops`: sd_notify as systemd sees it; exact counters through a real scrape.
+//! - `hardening`: fault drills: broken control files, dying loops, admission against
+//!   reloads and floods, resets seen late, dead peers.
 //! - `control`: `portrelay check` and `run` on invalid and valid control files.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
@@ -20,6 +22,8 @@ mod util;
 // as a test binary of its own.
 #[path = "cases/control.rs"]
 mod control;
+#[path = "cases/hardening.rs"]
+mod hardening;
 #[path = "cases/harness.rs"]
 mod harness;
 #[path = "cases/ops.rs"]

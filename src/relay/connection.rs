@@ -405,7 +405,9 @@ pub(super) fn pass_eof(dst: &Side, dir: &mut Direction, last: bool) {
 /// that is no clean end: it is the reset, passed on as one.
 pub(super) fn end_of_stream(src: &Side, dir: &mut Direction) -> Result<(), Failure> {
     if src.dead {
-        return Err(Failure::Read(io::Error::from_raw_os_error(libc::ECONNRESET)));
+        return Err(Failure::Read(io::Error::from_raw_os_error(
+            libc::ECONNRESET,
+        )));
     }
     dir.state = HalfState::Eof;
     Ok(())

@@ -219,6 +219,8 @@ pub struct Relay {
     config: Option<Config>,
     listeners: HashMap<SocketAddr, Arc<Listener>>,
     routes: Arc<HashMap<u16, Arc<Route>>>,
+    /// `pipe_size` and `max_pipes` the pools were made with: they change at restart only.
+    pipes: (u32, u32),
 }
 
 impl Relay {
@@ -277,6 +279,7 @@ impl Relay {
             config: None,
             listeners: HashMap::new(),
             routes: Arc::default(),
+            pipes: (config.relay.pipe_size, config.relay.max_pipes),
         };
         relay.apply(config)?;
         Ok(relay)
@@ -331,6 +334,16 @@ impl Relay {
             routes.insert(port, route);
         }
 
+        let asked = (new.relay.pipe_size, new.relay.max_pipes);
+        if asked != self.pipes {
+            tracing::warn!(
+                pipe_size = asked.0,
+                max_pipes = asked.1,
+                running_pipe_size = self.pipes.0,
+                running_max_pipes = self.pipes.1,
+                "pipe_size and max_pipes take effect at the next restart; the running pools keep theirs"
+            );
+        }
         let mut cmds = vec![Command::Settings(Arc::new(new.relay.clone()))];
         self.shared
             .max_connections

@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use rustls::ServerConnection;
 
 use super::connection::{
-    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side, Turn,
-    ROUNDS_PER_TURN,
+    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
+    Turn, ROUNDS_PER_TURN,
 };
 use super::pipe::PipePool;
 use super::sys;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
@@ -18,12 +18,13 @@ use super::driver::{Driver, Event, Key, Tag};
 const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
 
 /// The opcodes this backend submits; all must be supported for `auto` to choose it.
-const OPCODES: [(u8, &str); 5] = [
+const OPCODES: [(u8, &str); 6] = [
     (opcode::Accept::CODE, "ACCEPT"),
     (opcode::Connect::CODE, "CONNECT"),
     (opcode::LinkTimeout::CODE, "LINK_TIMEOUT"),
     (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::Close::CODE, "CLOSE"),
 ];
 
 pub struct Uring {
@@ -40,9 +41,6 @@ pub struct Uring {
     wake: RawFd,
     /// Completions reaped but not yet handled (while making room to submit).
     completions: Vec<(u64, i32, u32)>,
-    /// Sockets to close once the requests queued before them (their cancellations among
-    /// them) have been submitted.
-    retire: Vec<OwnedFd>,
 }
 
 /// Whether io_uring can run this backend here: creates a ring with the flags the loops use
@@ -89,7 +87,6 @@ impl Uring {
             args: Vec::new(),
             wake,
             completions: Vec::with_capacity(1024),
-            retire: Vec::new(),
         };
         u.poll(Key::new(Tag::Wake, 0, 0), wake, libc::POLLIN as u32);
         Ok(u)
@@ -118,13 +115,11 @@ impl Uring {
         }
     }
 
-    /// After a submit, whatever it returned: sockets retired before it may close once the
-    /// kernel has taken in every queued request (it has resolved their fds then).
-    /// So may the connect arguments the submitted entries pointed to (the kernel copied
-    /// them), but not while an entry that points to them is still queued.
+    /// After a submit, whatever it returned: the connect arguments the submitted entries
+    /// pointed to may go (the kernel copied them), but not while an entry that points to
+    /// them is still queued.
     fn submitted(&mut self) {
         if self.ring.submission().is_empty() {
-            self.retire.clear();
             self.args.clear();
         }
     }
@@ -286,8 +281,14 @@ impl Driver for Uring {
         self.cancel(key);
     }
 
+    /// Closes through the ring, queued after everything that names the fd: the kernel
+    /// takes the entries in order, so each earlier one has resolved the fd to this socket
+    /// before the close frees its number. No extra syscall.
     fn retire(&mut self, fd: OwnedFd) {
-        self.retire.push(fd);
+        let e = opcode::Close::new(types::Fd(fd.into_raw_fd()))
+            .build()
+            .user_data(Key::new(Tag::Ignore, 0, 0).0);
+        self.push(e);
     }
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
@@ -359,7 +360,6 @@ impl Driver for Uring {
         }
         self.listeners.clear();
         self.connecting.clear();
-        self.retire.clear();
     }
 }
 
