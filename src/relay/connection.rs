@@ -476,3 +476,53 @@ fn move_bytes(
     }
     Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::OwnedFd;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Closing a socket that still has unread bytes sends a reset, which throws away what
+    /// is still queued towards that peer: before a graceful close every unread byte is
+    /// read, however many the peer sent (here over 64 KiB).
+    #[test]
+    fn discard_unread_empties_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        let chunk = vec![1u8; 64 * 1024];
+        let mut sent = 0;
+        for _ in 0..16 {
+            match peer.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if would_block(&e) => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        assert!(sent > 128 * 1024, "sent only {sent} bytes");
+        // Wait (bounded) until more than 64 KiB has arrived.
+        let mut probe = vec![0u8; 256 * 1024];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let queued = sys::peek(ours.as_raw_fd(), &mut probe).unwrap_or(0);
+            if queued > 96 * 1024 || Instant::now() > deadline {
+                assert!(queued > 96 * 1024, "only {queued} bytes arrived");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let side = Side::new(OwnedFd::from(ours));
+        discard_unread(&side);
+        let mut one = [0u8; 1];
+        match sys::recv(side.fd.as_raw_fd(), &mut one) {
+            Err(e) if would_block(&e) => {}
+            other => panic!("the socket still has unread bytes: {other:?}"),
+        }
+    }
+}
