@@ -228,8 +228,10 @@ impl Relay {
     /// is accepting on every listener that could be opened (the others are logged).
     pub fn start(config: Config, backend: Backend, threads: usize) -> anyhow::Result<Relay> {
         let nofile = sys::raise_nofile_limit().unwrap_or(0);
-        // Each connection holds 2 fds; leave room for listeners, pipes and the rest.
-        let fit = nofile.saturating_sub(256) / 2;
+        // Each connection holds 2 fds (one in admission holds 1, and counts in the cap
+        // too), each pipe 2; leave room for listeners and the rest.
+        let pipe_fds = 2 * u64::from(config.relay.max_pipes);
+        let fit = nofile.saturating_sub(256).saturating_sub(pipe_fds) / 2;
         if (config.relay.max_connections as u64) > fit {
             tracing::warn!(
                 max_connections = config.relay.max_connections,

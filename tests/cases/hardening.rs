@@ -316,6 +316,121 @@ fn pending_refused_at_shutdown(backend: Backend) {
     );
 }
 
+fn tls_toml(map_port: u16, to: SocketAddr, tls_port: u16, ca: &TestCa) -> String {
+    relay_section("")
+        + &map_section(&map_port.to_string(), to, "C.1", "")
+        + &format!(
+            "[[tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\nsni_suffix = \"{SNI_SUFFIX}\"\n",
+            ca.chain.display(),
+            ca.key.display()
+        )
+}
+
+/// A TCP relay of the test's own between a TLS client and the relay's TLS port: it passes
+/// on everything, except that once the relay has answered the ClientHello it holds the
+/// client's next bytes (its Finished) until `release` says so. Returns its port, and a
+/// receiver told once the relay has answered the ClientHello.
+fn hold_after_hello(to: u16, release: mpsc::Receiver<()>) -> (u16, mpsc::Receiver<()>) {
+    let (told_tx, told_rx) = mpsc::channel();
+    let listener = listen((LOCALHOST, 0).into()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut relay = connect(to);
+        let (answered_tx, answered_rx) = mpsc::channel();
+        let (mut from_relay, mut to_client) =
+            (relay.try_clone().unwrap(), client.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n) = from_relay.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = answered_tx.send(());
+                let _ = told_tx.send(());
+                if to_client.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to_client.shutdown(Shutdown::Write);
+        });
+        let mut buf = [0u8; 16 * 1024];
+        let mut held = false;
+        while let Ok(n) = client.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if !held && answered_rx.try_recv().is_ok() {
+                held = true;
+                let _ = release.recv_timeout(Duration::from_secs(20));
+            }
+            if relay.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = relay.shutdown(Shutdown::Write);
+    });
+    (port, told_rx)
+}
+
+data_path_test!(pending_tls_takes_retarget);
+/// A TLS client (`openssl s_client`) whose handshake is held half way (the relay has
+/// answered its ClientHello, its Finished is held back) while the mapping its SNI names is
+/// retargeted to `two`: once the handshake completes it reaches `two`, not `one`.
+fn pending_tls_takes_retarget(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let (one, two) = (
+        Upstream::reply(b"one\n".to_vec()),
+        Upstream::reply(b"two\n".to_vec()),
+    );
+    let base = free_ports_in_a_row(2);
+    let (map_port, tls_port) = (base, base + 1);
+    let relay = Relay::start(&tls_toml(map_port, one.addr(), tls_port, &ca), backend);
+    let (release_tx, release_rx) = mpsc::channel();
+    let (hold_port, answered) = hold_after_hello(tls_port, release_rx);
+    let sni = format!("C-1.{SNI_SUFFIX}");
+    let mut client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{hold_port}"),
+        ])
+        .args(["-servername", &sni, "-verify_return_error", "-CAfile"])
+        .arg(&ca.ca)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start openssl s_client");
+    let mut out = client.stdout.take().unwrap();
+    let (got_tx, got_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut got = [0u8; 4];
+        let _ = got_tx.send(out.read_exact(&mut got).map(|_| got.to_vec()));
+    });
+    // The relay has routed the ClientHello (to `one`) and waits for the client's Finished.
+    answered
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the relay answered the ClientHello");
+    relay.rewrite(&tls_toml(map_port, two.addr(), tls_port, &ca));
+    relay.wait_reloaded(2, RELOAD_TIMEOUT);
+    release_tx.send(()).unwrap();
+    let got = got_rx.recv_timeout(Duration::from_secs(10));
+    let _ = client.kill();
+    let _ = client.wait();
+    let got = got
+        .expect("s_client printed nothing")
+        .expect("s_client output");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "two\n",
+        "reached through the TLS entry"
+    );
+    assert_eq!(one.accepted(), 0, "the old upstream was reached");
+}
+
 // ---------------------------------------------------------------------------------------
 // Admission costs
 
