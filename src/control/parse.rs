@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::spanned::{self, LineIndex};
 use super::validate::{self, Dns, Problem};
-use super::{Config, ConfigError, ConfigErrors};
+use super::{code, Config, ConfigError, ConfigErrors};
 
 /// Reads and validates the control file at `path`. Relative `cert`/`key` paths of
 /// `[[tls]]` are taken relative to the file's directory. Messages name the file as given.
@@ -16,6 +16,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         errors: vec![ConfigError {
             line: 1,
             col: 1,
+            code: code::UNREADABLE_FILE,
             message: format!("cannot read the control file: {e}"),
         }],
     })?;
@@ -40,6 +41,7 @@ pub fn parse_str_with(file: &str, text: &str, dns: Dns) -> Result<Config, Config
             errors: vec![ConfigError {
                 line: 1,
                 col: 1,
+                code: code::EMPTY_FILE,
                 message: "control file is empty".into(),
             }],
         });
@@ -57,6 +59,7 @@ pub fn parse_str_with(file: &str, text: &str, dns: Dns) -> Result<Config, Config
                     ConfigError {
                         line,
                         col,
+                        code: p.code,
                         message: p.message,
                     }
                 })
@@ -66,6 +69,7 @@ pub fn parse_str_with(file: &str, text: &str, dns: Dns) -> Result<Config, Config
     let root = spanned::parse(text).map_err(|e| {
         fail(vec![Problem {
             offset: e.offset,
+            code: code::SYNTAX,
             message: format!("TOML syntax error: {}", e.message),
         }])
     })?;

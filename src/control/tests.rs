@@ -530,6 +530,120 @@ fn each_error_kind_exact_message() {
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
 
+/// The code of each [`ERROR_CASES`] entry's errors, by the entry's name.
+const ERROR_CODES: &[(&str, &[&str])] = &[
+    ("toml syntax", &[code::SYNTAX]),
+    ("toml duplicate key", &[code::SYNTAX]),
+    ("unknown key in relay", &[code::UNKNOWN_KEY]),
+    ("unknown key in map", &[code::UNKNOWN_KEY]),
+    ("unknown table", &[code::UNKNOWN_TABLE]),
+    ("unknown array of tables", &[code::UNKNOWN_TABLE]),
+    ("unknown dotted table", &[code::UNKNOWN_KEY]),
+    ("unknown top-level key", &[code::UNKNOWN_KEY]),
+    ("relay not a table", &[code::WRONG_TYPE]),
+    ("map not an array of tables", &[code::WRONG_TYPE]),
+    ("port wrong type", &[code::WRONG_TYPE]),
+    ("port 0", &[code::BAD_PORT]),
+    ("port above 65535", &[code::BAD_PORT]),
+    ("range end above 65535", &[code::BAD_PORT]),
+    ("range first > last", &[code::BAD_PORT]),
+    ("range malformed", &[code::BAD_PORT]),
+    ("bad duration", &[code::BAD_DURATION]),
+    ("duration not a string", &[code::WRONG_TYPE]),
+    ("zero connect timeout", &[code::OUT_OF_RANGE]),
+    ("sub-second keepalive", &[code::OUT_OF_RANGE]),
+    ("bad CIDR prefix", &[code::BAD_CIDR]),
+    ("bad CIDR", &[code::BAD_CIDR]),
+    ("allow not an array", &[code::WRONG_TYPE]),
+    ("bad IP in bind", &[code::BAD_ADDRESS]),
+    ("duplicate IP in bind", &[code::DUPLICATE_ADDRESS]),
+    ("bad metrics address", &[code::BAD_ADDRESS]),
+    ("max_connections 0", &[code::OUT_OF_RANGE]),
+    ("map max_connections 0", &[code::OUT_OF_RANGE]),
+    ("max_pipes negative", &[code::OUT_OF_RANGE]),
+    ("pipe_size too big", &[code::OUT_OF_RANGE]),
+    ("max_connections wrong type", &[code::WRONG_TYPE]),
+    ("removed_mapping", &[code::BAD_VALUE]),
+    ("watch wrong type (a datetime)", &[code::WRONG_TYPE]),
+    ("duplicate port", &[code::DUPLICATE_PORT]),
+    ("overlapping ranges", &[code::OVERLAPPING_PORTS]),
+    (
+        "overlapping ranges, later one starts first",
+        &[code::OVERLAPPING_PORTS],
+    ),
+    ("port inside a range", &[code::DUPLICATE_PORT]),
+    ("range over a port", &[code::OVERLAPPING_PORTS]),
+    ("upstream range past 65535", &[code::UPSTREAM_PORT_OVERFLOW]),
+    ("missing to", &[code::MISSING_KEY]),
+    (
+        "missing port and to, indented header",
+        &[code::MISSING_KEY, code::MISSING_KEY],
+    ),
+    ("upstream without port", &[code::BAD_UPSTREAM]),
+    ("upstream IPv6 without brackets", &[code::BAD_UPSTREAM]),
+    ("upstream port 0", &[code::BAD_UPSTREAM]),
+    ("upstream port too large", &[code::BAD_UPSTREAM]),
+    ("upstream unspecified", &[code::BAD_UPSTREAM]),
+    ("upstream wrong type", &[code::WRONG_TYPE]),
+    ("zero-byte file", &[code::EMPTY_FILE]),
+    ("whitespace-only file", &[code::EMPTY_FILE]),
+    ("duration past 10 years", &[code::OUT_OF_RANGE]),
+    ("duration just past 10 years", &[code::OUT_OF_RANGE]),
+    ("empty name", &[code::EMPTY_VALUE]),
+];
+
+fn codes(file: &str, text: &str) -> Vec<&'static str> {
+    match parse_str(file, text) {
+        Ok(config) => panic!("expected errors, got {config:#?}"),
+        Err(e) => e.errors.iter().map(|e| e.code).collect(),
+    }
+}
+
+#[test]
+fn each_error_kind_has_its_code() {
+    let mut failures = Vec::new();
+    for (what, text, _) in ERROR_CASES {
+        let Some((_, expected)) = ERROR_CODES.iter().find(|(name, _)| name == what) else {
+            failures.push(format!("{what}: no entry in ERROR_CODES"));
+            continue;
+        };
+        let got = codes("t.toml", text);
+        if got != *expected {
+            failures.push(format!("{what}: expected {expected:?}, got {got:?}"));
+        }
+    }
+    assert_eq!(
+        ERROR_CODES.len(),
+        ERROR_CASES.len(),
+        "an ERROR_CODES entry per case"
+    );
+
+    // The kinds that need a file system or DNS.
+    assert_eq!(
+        codes("t.toml", "[[map]]\nport = 1\nto = \"nosuch.invalid:22\"\n"),
+        [code::UNRESOLVABLE_UPSTREAM]
+    );
+    let dir = tls_dir();
+    let tls = "[[tls]]\nlisten = \"0.0.0.0:443\"\ncert = \"missing.crt\"\nkey = \"\"\nsni_suffix = \"x\"\n[[tls]]\nlisten = \"0.0.0.0:443\"\ncert = \"tls.crt\"\nkey = \"tls.key\"\nsni_suffix = \"x\"\n";
+    assert_eq!(
+        codes(&control_file(dir.path()), tls),
+        [
+            code::UNREADABLE_TLS_FILE,
+            code::EMPTY_VALUE,
+            code::DUPLICATE_ADDRESS
+        ]
+    );
+    let tls = "[[map]]\nport = 443\nto = \"10.0.0.5:22\"\n[[tls]]\nlisten = \"0.0.0.0:443\"\ncert = \"tls.crt\"\nkey = \"tls.key\"\nsni_suffix = \"x\"\n";
+    assert_eq!(
+        codes(&control_file(dir.path()), tls),
+        [code::DUPLICATE_PORT]
+    );
+    let missing = dir.path().join("nope.toml");
+    let err = load(&missing).unwrap_err();
+    assert_eq!(err.errors[0].code, code::UNREADABLE_FILE);
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
 #[test]
 fn unresolvable_upstream_host() {
     let got = errors("[[map]]\nport = 1\nto = \"nosuch.invalid:22\"\n");

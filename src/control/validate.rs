@@ -11,13 +11,15 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::spanned::{Item, Key, LineIndex, Table, Value};
-use super::{Config, Mapping, RelaySettings, RemovedMapping, TlsEntry};
+use super::{code, Config, Mapping, RelaySettings, RemovedMapping, TlsEntry};
 use crate::addr::UpstreamAddr;
 
 /// One problem, at a byte offset of the text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Problem {
     pub offset: usize,
+    /// One of [`code`]'s names: what kind of problem, for programs.
+    pub code: &'static str,
     pub message: String,
 }
 
@@ -73,7 +75,11 @@ pub(super) fn validate(
         match key.name.as_str() {
             "relay" => match &item.value {
                 Value::Table(table) => v.relay(table, &mut relay),
-                _ => v.err(at, "\"relay\" must be a table, written [relay]"),
+                _ => v.err(
+                    at,
+                    code::WRONG_TYPE,
+                    "\"relay\" must be a table, written [relay]",
+                ),
             },
             "map" => {
                 for (table, at) in v.array_of_tables(item, at, "map") {
@@ -170,9 +176,10 @@ impl TlsDraft {
 }
 
 impl Validator<'_> {
-    fn err(&mut self, offset: usize, message: impl Into<String>) {
+    fn err(&mut self, offset: usize, code: &'static str, message: impl Into<String>) {
         self.problems.push(Problem {
             offset,
+            code,
             message: message.into(),
         });
     }
@@ -188,14 +195,16 @@ impl Validator<'_> {
     fn unknown_top_level(&mut self, key: &Key, item: &Item, key_at: usize) {
         let source = self.source(item);
         let shown = table_name(&key.name);
-        let message = match &item.value {
-            Value::Table(_) if !source.starts_with('{') => format!("unknown table [{shown}]"),
+        let (code, message) = match &item.value {
+            Value::Table(_) if !source.starts_with('{') => {
+                (code::UNKNOWN_TABLE, format!("unknown table [{shown}]"))
+            }
             Value::Array(entries)
                 if source.starts_with("[[")
                     && !entries.is_empty()
                     && entries.iter().all(|e| matches!(e.value, Value::Table(_))) =>
             {
-                format!("unknown table [[{shown}]]")
+                (code::UNKNOWN_TABLE, format!("unknown table [[{shown}]]"))
             }
             _ => {
                 let name = key.name.as_str();
@@ -208,10 +217,11 @@ impl Validator<'_> {
                 } else {
                     ""
                 };
-                format!("unknown key {name:?} at top level{hint}")
+                let message = format!("unknown key {name:?} at top level{hint}");
+                (code::UNKNOWN_KEY, message)
             }
         };
-        self.err(key_at, message);
+        self.err(key_at, code, message);
     }
 
     /// The entries of `[[name]]` (or of an inline array of tables), each with its offset.
@@ -223,14 +233,14 @@ impl Validator<'_> {
     ) -> Vec<(&'i Table, usize)> {
         let message = format!("\"{name}\" must be an array of tables, written [[{name}]]");
         let Value::Array(entries) = &item.value else {
-            self.err(at, message);
+            self.err(at, code::WRONG_TYPE, message);
             return Vec::new();
         };
         let mut tables = Vec::with_capacity(entries.len());
         for entry in entries {
             match &entry.value {
                 Value::Table(table) => tables.push((table, entry.start(at))),
-                _ => self.err(entry.start(at), message.clone()),
+                _ => self.err(entry.start(at), code::WRONG_TYPE, message.clone()),
             }
         }
         tables
@@ -261,13 +271,18 @@ impl Validator<'_> {
                     }
                     _ => self.err(
                         at,
+                        code::WRONG_TYPE,
                         "\"metrics\" must be a string \"IP:PORT\", or \"\" to disable",
                     ),
                 },
                 "connect_timeout" | "proxy_header_timeout" => {
                     if let Some(d) = self.duration(item, at, name) {
                         if d.is_zero() {
-                            self.err(at, format!("\"{name}\" must be greater than 0s"));
+                            self.err(
+                                at,
+                                code::OUT_OF_RANGE,
+                                format!("\"{name}\" must be greater than 0s"),
+                            );
                         } else if name == "connect_timeout" {
                             r.connect_timeout = d;
                         } else {
@@ -283,7 +298,11 @@ impl Validator<'_> {
                 "tcp_keepalive" => {
                     if let Some(d) = self.duration(item, at, name) {
                         if !d.is_zero() && d < Duration::from_secs(1) {
-                            self.err(at, "\"tcp_keepalive\" must be 0s (off) or at least 1s");
+                            self.err(
+                                at,
+                                code::OUT_OF_RANGE,
+                                "\"tcp_keepalive\" must be 0s (off) or at least 1s",
+                            );
                         } else {
                             r.tcp_keepalive = (!d.is_zero()).then_some(d);
                         }
@@ -313,7 +332,7 @@ impl Validator<'_> {
                     if let Some(n) = self.u32_at_least(item, at, name, 4096) {
                         if n > 1 << 20 {
                             self.err(
-                                at,
+                                at, code::OUT_OF_RANGE,
                                 format!("\"pipe_size\" must be at most 1048576 (the kernel's default pipe-max-size), got {n}"),
                             );
                         } else {
@@ -326,15 +345,24 @@ impl Validator<'_> {
                     Value::String(s) if s == "keep" => r.removed_mapping = RemovedMapping::Keep,
                     Value::String(s) => self.err(
                         at,
+                        code::BAD_VALUE,
                         format!("\"removed_mapping\" must be \"close\" or \"keep\", got {s:?}"),
                     ),
-                    _ => self.err(at, "\"removed_mapping\" must be \"close\" or \"keep\""),
+                    _ => self.err(
+                        at,
+                        code::WRONG_TYPE,
+                        "\"removed_mapping\" must be \"close\" or \"keep\"",
+                    ),
                 },
                 "watch" => match item.value {
                     Value::Boolean(b) => r.watch = b,
-                    _ => self.err(at, "\"watch\" must be true or false"),
+                    _ => self.err(at, code::WRONG_TYPE, "\"watch\" must be true or false"),
                 },
-                _ => self.err(key_at, format!("unknown key {name:?} in [relay]")),
+                _ => self.err(
+                    key_at,
+                    code::UNKNOWN_KEY,
+                    format!("unknown key {name:?} in [relay]"),
+                ),
             }
         }
     }
@@ -363,7 +391,11 @@ impl Validator<'_> {
                     d.upstream = match &item.value {
                         Value::String(s) => self.upstream(s, value_at),
                         _ => {
-                            self.err(value_at, format!("\"to\" must be a string {TO_FORMS}"));
+                            self.err(
+                                value_at,
+                                code::WRONG_TYPE,
+                                format!("\"to\" must be a string {TO_FORMS}"),
+                            );
                             None
                         }
                     };
@@ -371,14 +403,18 @@ impl Validator<'_> {
                 "name" => d.name = self.non_empty_string(item, value_at, name),
                 "allow" => d.allow = self.cidrs(item, value_at, name),
                 "max_connections" => d.max_connections = self.u32_at_least(item, value_at, name, 1),
-                _ => self.err(key_at, format!("unknown key {name:?} in [[map]]")),
+                _ => self.err(
+                    key_at,
+                    code::UNKNOWN_KEY,
+                    format!("unknown key {name:?} in [[map]]"),
+                ),
             }
         }
         if !has_port {
-            self.err(at, "[[map]] needs \"port\"");
+            self.err(at, code::MISSING_KEY, "[[map]] needs \"port\"");
         }
         if !has_to {
-            self.err(at, "[[map]] needs \"to\"");
+            self.err(at, code::MISSING_KEY, "[[map]] needs \"to\"");
         }
         if let (Some((ports, _)), Some(up)) = (&d.ports, &d.upstream) {
             let first = u32::from(up.port());
@@ -386,6 +422,7 @@ impl Validator<'_> {
             if last > u32::from(u16::MAX) {
                 self.err(
                     to_at,
+                    code::UPSTREAM_PORT_OVERFLOW,
                     format!("upstream ports {first}-{last} would pass 65535"),
                 );
             }
@@ -406,7 +443,7 @@ impl Validator<'_> {
                 let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
                 if !digits(first) || !digits(last) {
                     self.err(
-                        at,
+                        at, code::BAD_PORT,
                         format!(
                             "invalid port range {s:?}: expected \"FIRST-LAST\" such as \"40000-40009\""
                         ),
@@ -418,6 +455,7 @@ impl Validator<'_> {
                 if first > last {
                     self.err(
                         at,
+                        code::BAD_PORT,
                         format!("invalid port range {s:?}: {first} is greater than {last}"),
                     );
                     return None;
@@ -425,7 +463,7 @@ impl Validator<'_> {
                 Some(first..=last)
             }
             _ => {
-                self.err(at, PORT_TYPE);
+                self.err(at, code::WRONG_TYPE, PORT_TYPE);
                 None
             }
         }
@@ -438,7 +476,11 @@ impl Validator<'_> {
         {
             Some(p) => Some(p),
             None => {
-                self.err(at, format!("port {text} is out of range 1-65535"));
+                self.err(
+                    at,
+                    code::BAD_PORT,
+                    format!("port {text} is out of range 1-65535"),
+                );
                 None
             }
         }
@@ -449,19 +491,23 @@ impl Validator<'_> {
         let invalid = |why: &str| format!("invalid upstream {s:?}: {why}");
         let addr = if let Ok(addr) = s.parse::<SocketAddr>() {
             if addr.ip().is_unspecified() {
-                self.err(at, invalid("the unspecified address is not an upstream"));
+                self.err(
+                    at,
+                    code::BAD_UPSTREAM,
+                    invalid("the unspecified address is not an upstream"),
+                );
                 return None;
             }
             addr
         } else {
             let expected = format!("expected {TO_FORMS}");
             let Some((host, port)) = s.rsplit_once(':') else {
-                self.err(at, invalid(&expected));
+                self.err(at, code::BAD_UPSTREAM, invalid(&expected));
                 return None;
             };
             if host.contains(':') && !host.starts_with('[') && host.parse::<Ipv6Addr>().is_ok() {
                 let hint = format!("write an IPv6 address in brackets, as \"[{host}]:{port}\"");
-                self.err(at, invalid(&hint));
+                self.err(at, code::BAD_UPSTREAM, invalid(&hint));
                 return None;
             }
             let host_ok = !host.is_empty()
@@ -471,23 +517,27 @@ impl Validator<'_> {
                 && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
             let port_ok = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
             if !host_ok || !port_ok {
-                self.err(at, invalid(&expected));
+                self.err(at, code::BAD_UPSTREAM, invalid(&expected));
                 return None;
             }
             let Ok(port) = port.parse::<u16>() else {
-                self.err(at, invalid("port must be 1-65535"));
+                self.err(at, code::BAD_UPSTREAM, invalid("port must be 1-65535"));
                 return None;
             };
             match self.resolve(host) {
                 Ok(ip) => SocketAddr::new(ip, port),
                 Err(why) => {
-                    self.err(at, format!("cannot resolve upstream {s:?}: {why}"));
+                    self.err(
+                        at,
+                        code::UNRESOLVABLE_UPSTREAM,
+                        format!("cannot resolve upstream {s:?}: {why}"),
+                    );
                     return None;
                 }
             }
         };
         if addr.port() == 0 {
-            self.err(at, invalid("port must be 1-65535"));
+            self.err(at, code::BAD_UPSTREAM, invalid("port must be 1-65535"));
             return None;
         }
         Some(addr)
@@ -531,7 +581,11 @@ impl Validator<'_> {
                     Value::String(s) => {
                         d.listen = self.socket_addr(s, value_at, name).map(|a| (a, value_at))
                     }
-                    _ => self.err(value_at, "\"listen\" must be a string \"IP:PORT\""),
+                    _ => self.err(
+                        value_at,
+                        code::WRONG_TYPE,
+                        "\"listen\" must be a string \"IP:PORT\"",
+                    ),
                 },
                 "cert" | "key" => {
                     let path = self.readable_file(item, value_at, name);
@@ -547,21 +601,33 @@ impl Validator<'_> {
                             Some(s.trim_start_matches('.').to_owned())
                         }
                         Value::String(_) => {
-                            self.err(value_at, "\"sni_suffix\" must not be empty");
+                            self.err(
+                                value_at,
+                                code::EMPTY_VALUE,
+                                "\"sni_suffix\" must not be empty",
+                            );
                             None
                         }
                         _ => {
-                            self.err(value_at, "\"sni_suffix\" must be a string");
+                            self.err(
+                                value_at,
+                                code::WRONG_TYPE,
+                                "\"sni_suffix\" must be a string",
+                            );
                             None
                         }
                     }
                 }
-                _ => self.err(key_at, format!("unknown key {name:?} in [[tls]]")),
+                _ => self.err(
+                    key_at,
+                    code::UNKNOWN_KEY,
+                    format!("unknown key {name:?} in [[tls]]"),
+                ),
             }
         }
         for (i, key) in TLS_KEYS.iter().enumerate() {
             if !seen[i] {
-                self.err(at, format!("[[tls]] needs \"{key}\""));
+                self.err(at, code::MISSING_KEY, format!("[[tls]] needs \"{key}\""));
             }
         }
         d
@@ -580,7 +646,11 @@ impl Validator<'_> {
                 Err(e) => e.to_string(),
             },
         };
-        self.err(at, format!("cannot read {name} file {path:?}: {why}"));
+        self.err(
+            at,
+            code::UNREADABLE_TLS_FILE,
+            format!("cannot read {name} file {path:?}: {why}"),
+        );
         None
     }
 
@@ -614,16 +684,18 @@ impl Validator<'_> {
                 continue;
             };
             let line = self.lines.line(*their_at);
-            let message = if mine.start() == mine.end() {
-                format!("port {} is already mapped at line {line}", mine.start())
+            let (code, message) = if mine.start() == mine.end() {
+                let message = format!("port {} is already mapped at line {line}", mine.start());
+                (code::DUPLICATE_PORT, message)
             } else {
-                format!(
+                let message = format!(
                     "ports {} overlap {} mapped at line {line}",
                     range_text(mine),
                     ports_text(theirs)
-                )
+                );
+                (code::OVERLAPPING_PORTS, message)
             };
-            self.err(*at, message);
+            self.err(*at, code, message);
         }
     }
 
@@ -639,6 +711,7 @@ impl Validator<'_> {
                 let line = self.lines.line(first_at);
                 self.err(
                     at,
+                    code::DUPLICATE_ADDRESS,
                     format!("address {listen} is already used by [[tls]] at line {line}"),
                 );
                 continue;
@@ -659,6 +732,7 @@ impl Validator<'_> {
                 let line = self.lines.line(port_at);
                 self.err(
                     at,
+                    code::DUPLICATE_PORT,
                     format!(
                         "\"listen\" port {} is already mapped at line {line}",
                         listen.port()
@@ -671,7 +745,7 @@ impl Validator<'_> {
     fn bind(&mut self, item: &Item, at: usize) -> Option<Vec<IpAddr>> {
         let message = "\"bind\" must be an array of IP address strings";
         let Value::Array(entries) = &item.value else {
-            self.err(at, message);
+            self.err(at, code::WRONG_TYPE, message);
             return None;
         };
         let mut ips: Vec<IpAddr> = Vec::with_capacity(entries.len());
@@ -679,18 +753,26 @@ impl Validator<'_> {
         for entry in entries {
             let entry_at = entry.start(at);
             let Value::String(s) = &entry.value else {
-                self.err(entry_at, message);
+                self.err(entry_at, code::WRONG_TYPE, message);
                 ok = false;
                 continue;
             };
             match s.parse::<IpAddr>() {
                 Ok(ip) if ips.contains(&ip) => {
-                    self.err(entry_at, format!("duplicate address {s:?} in \"bind\""));
+                    self.err(
+                        entry_at,
+                        code::DUPLICATE_ADDRESS,
+                        format!("duplicate address {s:?} in \"bind\""),
+                    );
                     ok = false;
                 }
                 Ok(ip) => ips.push(ip),
                 Err(_) => {
-                    self.err(entry_at, format!("invalid IP address {s:?} in \"bind\""));
+                    self.err(
+                        entry_at,
+                        code::BAD_ADDRESS,
+                        format!("invalid IP address {s:?} in \"bind\""),
+                    );
                     ok = false;
                 }
             }
@@ -702,7 +784,7 @@ impl Validator<'_> {
     fn cidrs(&mut self, item: &Item, at: usize, name: &str) -> Option<Vec<IpNet>> {
         let message = format!("\"{name}\" must be an array of CIDR strings");
         let Value::Array(entries) = &item.value else {
-            self.err(at, message);
+            self.err(at, code::WRONG_TYPE, message);
             return None;
         };
         let mut nets = Vec::with_capacity(entries.len());
@@ -710,14 +792,18 @@ impl Validator<'_> {
         for entry in entries {
             let entry_at = entry.start(at);
             let Value::String(s) = &entry.value else {
-                self.err(entry_at, message.clone());
+                self.err(entry_at, code::WRONG_TYPE, message.clone());
                 ok = false;
                 continue;
             };
             match parse_cidr(s) {
                 Ok(net) => nets.push(net),
                 Err(why) => {
-                    self.err(entry_at, format!("invalid CIDR {s:?} in \"{name}\": {why}"));
+                    self.err(
+                        entry_at,
+                        code::BAD_CIDR,
+                        format!("invalid CIDR {s:?} in \"{name}\": {why}"),
+                    );
                     ok = false;
                 }
             }
@@ -730,6 +816,7 @@ impl Validator<'_> {
             Ok(addr) if addr.port() == 0 => {
                 self.err(
                     at,
+                    code::BAD_ADDRESS,
                     format!("invalid address {s:?} for \"{name}\": port must be 1-65535"),
                 );
                 None
@@ -742,7 +829,7 @@ impl Validator<'_> {
                     ""
                 };
                 self.err(
-                    at,
+                    at, code::BAD_ADDRESS,
                     format!(
                         "invalid address {s:?} for \"{name}\": expected \"IP:PORT\" or \"[IPv6]:PORT\"{disable}"
                     ),
@@ -756,6 +843,7 @@ impl Validator<'_> {
         let Value::String(s) = &item.value else {
             self.err(
                 at,
+                code::WRONG_TYPE,
                 format!("\"{name}\" must be a duration string such as \"5s\""),
             );
             return None;
@@ -767,13 +855,18 @@ impl Validator<'_> {
             Ok(d) if d > MAX_DURATION => {
                 self.err(
                     at,
+                    code::OUT_OF_RANGE,
                     format!("duration {s:?} for \"{name}\" is longer than 10 years"),
                 );
                 None
             }
             Ok(d) => Some(d),
             Err(e) => {
-                self.err(at, format!("invalid duration {s:?} for \"{name}\": {e}"));
+                self.err(
+                    at,
+                    code::BAD_DURATION,
+                    format!("invalid duration {s:?} for \"{name}\": {e}"),
+                );
                 None
             }
         }
@@ -781,7 +874,11 @@ impl Validator<'_> {
 
     fn u32_at_least(&mut self, item: &Item, at: usize, name: &str, min: u32) -> Option<u32> {
         let Value::Integer(n) = item.value else {
-            self.err(at, format!("\"{name}\" must be an integer"));
+            self.err(
+                at,
+                code::WRONG_TYPE,
+                format!("\"{name}\" must be an integer"),
+            );
             return None;
         };
         match u32::try_from(n).ok().filter(|&n| n >= min) {
@@ -789,6 +886,7 @@ impl Validator<'_> {
             None => {
                 self.err(
                     at,
+                    code::OUT_OF_RANGE,
                     format!("\"{name}\" must be between {min} and {}, got {n}", u32::MAX),
                 );
                 None
@@ -799,12 +897,16 @@ impl Validator<'_> {
     fn non_empty_string(&mut self, item: &Item, at: usize, name: &str) -> Option<String> {
         match &item.value {
             Value::String(s) if s.is_empty() => {
-                self.err(at, format!("\"{name}\" must not be empty"));
+                self.err(
+                    at,
+                    code::EMPTY_VALUE,
+                    format!("\"{name}\" must not be empty"),
+                );
                 None
             }
             Value::String(s) => Some(s.clone()),
             _ => {
-                self.err(at, format!("\"{name}\" must be a string"));
+                self.err(at, code::WRONG_TYPE, format!("\"{name}\" must be a string"));
                 None
             }
         }
