@@ -642,6 +642,25 @@ fn each_error_kind_has_its_code() {
     let err = load(&missing).unwrap_err();
     assert_eq!(err.errors[0].code, code::UNREADABLE_FILE);
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+
+    // Every code is tested above, and named in code::ALL.
+    let tested: Vec<&str> = ERROR_CODES
+        .iter()
+        .flat_map(|(_, codes)| codes.iter().copied())
+        .chain([
+            code::UNRESOLVABLE_UPSTREAM,
+            code::UNREADABLE_TLS_FILE,
+            code::DUPLICATE_ADDRESS,
+            code::UNREADABLE_FILE,
+        ])
+        .collect();
+    let untested: Vec<_> = code::ALL.iter().filter(|c| !tested.contains(c)).collect();
+    assert!(untested.is_empty(), "codes without a test: {untested:?}");
+    let unlisted: Vec<_> = tested.iter().filter(|c| !code::ALL.contains(c)).collect();
+    assert!(
+        unlisted.is_empty(),
+        "codes missing from code::ALL: {unlisted:?}"
+    );
 }
 
 #[test]
