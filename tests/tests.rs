@@ -12,6 +12,8 @@
 //! - `hardening`: fault drills: broken control files, dying loops, admission against
 //!   reloads and floods, resets seen late, dead peers.
 //! - `control`: `portrelay check` and `run` on invalid and valid control files.
+//! - `package`: `check --format json`, `--version`, the man page and completions build.rs
+//!   makes (the .deb itself: scripts/check-package).
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`.
@@ -28,6 +30,8 @@ mod hardening;
 mod harness;
 #[path = "cases/ops.rs"]
 mod ops;
+#[path = "cases/package.rs"]
+mod package;
 #[path = "cases/proxied.rs"]
 mod proxied;
 #[path = "cases/relay.rs"]
