@@ -901,3 +901,21 @@ fn offline_parsing_never_looks_up_names() {
         "t.toml:3:6: cannot resolve upstream \"instance.example:22\": host names are not looked up here"
     );
 }
+
+/// The man page (doc/portrelay.1.roff, which build.rs puts in portrelay(1)) describes
+/// every key of the control file.
+#[test]
+fn man_page_names_every_key() {
+    let page = include_str!("../../doc/portrelay.1.roff");
+    let keys = validate::RELAY_KEYS
+        .iter()
+        .chain(validate::MAP_KEYS)
+        .chain(validate::TLS_KEYS);
+    let missing: Vec<_> = keys
+        .filter(|k| !page.contains(&format!("\\fB{k}\\fR =")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys missing from the man page: {missing:?}"
+    );
+}

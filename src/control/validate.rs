@@ -27,7 +27,7 @@ pub(super) struct Problem {
 /// far from `Instant`'s limits (humantime accepts values past them).
 const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
 
-const RELAY_KEYS: &[&str] = &[
+pub(super) const RELAY_KEYS: &[&str] = &[
     "bind",
     "trusted_proxies",
     "metrics",
@@ -43,8 +43,8 @@ const RELAY_KEYS: &[&str] = &[
     "pipe_size",
     "max_pending_admissions",
 ];
-const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
-const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
+pub(super) const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
+pub(super) const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
 
 const PORT_TYPE: &str = "\"port\" must be an integer or a \"FIRST-LAST\" string";
 const TO_FORMS: &str = "\"IP:PORT\", \"[IPv6]:PORT\" or \"HOST:PORT\"";
