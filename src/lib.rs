@@ -7,6 +7,7 @@
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
 //! - [`tls`]: the TLS entry: certificates, SNI routing.
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
+//! - [`sys`]: the syscall wrappers the standard library lacks (splice, pipes, eventfd, peek).
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -15,4 +16,5 @@ pub mod control;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod sys;
 pub mod tls;

@@ -264,7 +264,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 /// The process's own figures, read from /proc at scrape time and written in the standard
 /// `process_*` form (CPU seconds as a float counter, which the registry cannot hold).
 fn process_exposition() -> String {
-    let (page, ticks) = crate::relay::sys::page_size_and_ticks();
+    let (page, ticks) = crate::sys::page_size_and_ticks();
     let (page, ticks) = (page as f64, ticks as f64);
     let mut out = String::new();
     let mut put = |name: &str, kind: &str, help: &str, value: Option<f64>| {

@@ -146,15 +146,6 @@ impl Mapping {
         addr.set_port(self.upstream.0.port() + (port - self.ports.start()));
         UpstreamAddr(addr)
     }
-
-    /// Whether `ip` (IPv4-mapped IPv6 counts as IPv4) is allowed by `allow`.
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.allow.iter().any(|net| net.contains(&ip))
-    }
 }
 
 /// One problem in a control file, located in it.

@@ -13,10 +13,10 @@ use rustls::ServerConnection;
 
 use super::connection::Side;
 use super::route::Route;
-use super::sys;
 use crate::addr::ClientAddr;
 use crate::metrics::{Rejection, Via};
 use crate::proxy_protocol::{self, Parsed};
+use crate::sys;
 use crate::tls::{FdIo, TlsEndpoint, ACCESS_DENIED_ALERT, UNRECOGNIZED_NAME_ALERT};
 
 /// Mapping names (and their `-` forms, lower case) → the route TLS connections take.

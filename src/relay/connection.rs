@@ -14,10 +14,10 @@ use rustls::ServerConnection;
 
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
-use super::sys;
 use super::tls_path;
 use crate::addr::ClientAddr;
 use crate::metrics::Via;
+use crate::sys;
 
 /// A spliced read smaller than this sends a direction back to the copy path.
 const STREAMING_READ: usize = 16 * 1024;

@@ -16,8 +16,8 @@ use rustls::ServerConnection;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::admission::{Pending, Stage, Step, TlsRoutes};
+use super::backend::driver::{Driver, Event, Key, Tag};
 use super::connection::{Connection, Side, Turn};
-use super::driver::{Driver, Event, Key, Tag};
 use super::pipe::PipePool;
 use super::route::{tune, Listener, Route};
 use super::slab::Slab;

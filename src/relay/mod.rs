@@ -1,7 +1,7 @@
 //! The data plane: N event loops (one per core by default), each with its own io backend,
 //! connections, pipe pool and timers, fed by the control thread through a mailbox.
 //!
-//! - `driver`: the readiness interface; `uring` and `epoll` implement it.
+//! - `backend`: the readiness interface (`driver`); `uring` and `epoll` implement it.
 //! - `event_loop`: accept, connect, dispatch readiness, timers, shutdown drain.
 //! - `connection`: one connection's two directions and the splice/copy data path.
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
@@ -24,16 +24,16 @@ use crate::control::{Config, RelaySettings, RemovedMapping};
 use crate::tls::{self, TlsEndpoint};
 
 mod admission;
+mod backend;
 mod connection;
-mod driver;
-mod epoll;
 mod event_loop;
 mod pipe;
 mod route;
 mod slab;
-pub(crate) mod sys;
 mod tls_path;
-mod uring;
+
+use crate::sys;
+use backend::{epoll, uring};
 
 pub use route::{Listener, MappingState, Route};
 

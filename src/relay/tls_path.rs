@@ -14,7 +14,7 @@ use super::connection::{
     Turn, ROUNDS_PER_TURN,
 };
 use super::pipe::PipePool;
-use super::sys;
+use crate::sys;
 use crate::tls::FdIo;
 
 /// Plaintext read from the upstream per record (the TLS maximum record payload).
