@@ -19,6 +19,58 @@ use crate::addr::ClientAddr;
 use crate::metrics::Via;
 use crate::sys;
 
+/// Why a connection ended: the `reason` of its close line, as the text says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent FIN first (and then both directions ended cleanly).
+    ClientEof,
+    /// The upstream sent FIN first.
+    UpstreamEof,
+    /// A peer reset its side (or a write to it failed as a reset does).
+    Reset,
+    /// No byte moved for `idle_timeout`.
+    Idle,
+    /// A reload removed or retargeted its port (`removed_mapping = "close"`).
+    Reload,
+    /// `shutdown_grace` ran out after SIGTERM.
+    Shutdown,
+    /// Anything else, with what failed: `error: connect: timed out`, `error: …`.
+    Error(String),
+}
+
+impl CloseReason {
+    /// The reason of an ended connection whose socket call failed with `e`.
+    pub fn of(e: &io::Error) -> CloseReason {
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) | Some(libc::EPIPE) => CloseReason::Reset,
+            _ => CloseReason::Error(e.to_string()),
+        }
+    }
+
+    /// The reason of a failed upstream connect.
+    pub fn connect(e: &io::Error) -> CloseReason {
+        if e.kind() == io::ErrorKind::TimedOut {
+            CloseReason::Error("connect: timed out".into())
+        } else {
+            CloseReason::Error(format!("connect: {e}"))
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::ClientEof => "client_eof",
+            CloseReason::UpstreamEof => "upstream_eof",
+            CloseReason::Reset => "reset",
+            CloseReason::Idle => "idle",
+            CloseReason::Reload => "reload",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error(what) => return write!(f, "error: {what}"),
+        })
+    }
+}
+
 /// A spliced read smaller than this sends a direction back to the copy path.
 const STREAMING_READ: usize = 16 * 1024;
 
@@ -140,9 +192,9 @@ pub struct Connection {
     pub started: Instant,
     pub last_active: Instant,
     /// Which side sent FIN first: the reason of a clean end.
-    first_eof: Option<&'static str>,
-    /// The reason of an unclean end (`reset`, `error: …`), first one wins.
-    failure: Option<String>,
+    first_eof: Option<CloseReason>,
+    /// The reason of an unclean end (reset, error), first one wins.
+    failure: Option<CloseReason>,
 }
 
 impl Connection {
@@ -177,11 +229,11 @@ impl Connection {
     }
 
     /// Why the connection ended (meaningful once `is_done`).
-    pub fn reason(&self) -> &str {
+    pub fn reason(&self) -> CloseReason {
         self.failure
-            .as_deref()
-            .or(self.first_eof)
-            .unwrap_or("error: ended without cause")
+            .clone()
+            .or_else(|| self.first_eof.clone())
+            .unwrap_or_else(|| CloseReason::Error("ended without cause".into()))
     }
 
     pub fn duration(&self, now: Instant) -> Duration {
@@ -222,8 +274,8 @@ impl Connection {
             (Some(tls), Dir::ToClient) => tls_path::encrypt(src, dst, dir, last, tls),
         };
         let eof_name = match d {
-            Dir::ToUpstream => "client_eof",
-            Dir::ToClient => "upstream_eof",
+            Dir::ToUpstream => CloseReason::ClientEof,
+            Dir::ToClient => CloseReason::UpstreamEof,
         };
         match result {
             Ok(turn) => {
@@ -279,16 +331,11 @@ impl Connection {
     }
 
     fn fail(&mut self, e: &io::Error) {
-        if self.failure.is_none() {
-            self.failure = Some(match e.raw_os_error() {
-                Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset".to_string(),
-                _ => format!("error: {e}"),
-            });
-        }
+        self.failure.get_or_insert_with(|| CloseReason::of(e));
     }
 
     /// Ends the connection now, for `reason` (idle, shutdown, reload, connect errors).
-    pub fn abort(&mut self, reason: String, pool: &mut PipePool) {
+    pub fn abort(&mut self, reason: CloseReason, pool: &mut PipePool) {
         self.failure.get_or_insert(reason);
         self.to_upstream.abort(pool);
         self.to_client.abort(pool);
@@ -485,6 +532,33 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn close_reasons_read_as_the_log_contract_says() {
+        let cases = [
+            (CloseReason::ClientEof, "client_eof"),
+            (CloseReason::UpstreamEof, "upstream_eof"),
+            (CloseReason::Reset, "reset"),
+            (CloseReason::Idle, "idle"),
+            (CloseReason::Reload, "reload"),
+            (CloseReason::Shutdown, "shutdown"),
+            (
+                CloseReason::of(&io::Error::from_raw_os_error(libc::EPIPE)),
+                "reset",
+            ),
+            (
+                CloseReason::connect(&io::Error::from(io::ErrorKind::TimedOut)),
+                "error: connect: timed out",
+            ),
+            (
+                CloseReason::connect(&io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+                "error: connect: Connection refused (os error 111)",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+        }
+    }
 
     /// Closing a socket that still has unread bytes sends a reset, which throws away what
     /// is still queued towards that peer: before a graceful close every unread byte is

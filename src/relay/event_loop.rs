@@ -17,7 +17,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 
 use super::admission::{Pending, Stage, Step, TlsRoutes};
 use super::backend::driver::{Driver, Event, Key, Tag};
-use super::connection::{Connection, Side, Turn};
+use super::connection::{CloseReason, Connection, Side, Turn};
 use super::pipe::PipePool;
 use super::route::{tune, Listener, Route};
 use super::slab::Slab;
@@ -145,7 +145,7 @@ impl<D: Driver> EventLoop<D> {
                     return Ok(());
                 }
                 if self.now >= until {
-                    self.close_all("shutdown");
+                    self.close_all(CloseReason::Shutdown);
                     return Ok(());
                 }
             }
@@ -319,7 +319,7 @@ impl<D: Driver> EventLoop<D> {
                             None => false,
                         };
                         if close {
-                            c.abort("reload".to_string(), &mut self.pool);
+                            c.abort(CloseReason::Reload, &mut self.pool);
                             self.finish(Key::new(Tag::Client, slot, generation));
                         }
                     }
@@ -634,7 +634,7 @@ impl<D: Driver> EventLoop<D> {
             if let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) {
                 any = true;
                 if self.now.saturating_duration_since(c.last_active) >= idle {
-                    c.abort("idle".to_string(), &mut self.pool);
+                    c.abort(CloseReason::Idle, &mut self.pool);
                     self.finish(Key::new(Tag::Client, slot, generation));
                 }
             }
@@ -669,12 +669,7 @@ impl<D: Driver> EventLoop<D> {
             }
             Err(e) => {
                 c.route.metrics.connect_failed(ConnectFailure::of(&e));
-                let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    "error: connect: timed out".to_string()
-                } else {
-                    format!("error: connect: {e}")
-                };
-                c.abort(reason, &mut self.pool);
+                c.abort(CloseReason::connect(&e), &mut self.pool);
                 self.finish(key);
             }
         }
@@ -729,7 +724,7 @@ impl<D: Driver> EventLoop<D> {
             bytes_client_to_upstream = c.to_upstream.bytes,
             bytes_upstream_to_client = c.to_client.bytes,
             duration_ms = c.duration(self.now).as_millis() as u64,
-            reason = c.reason(),
+            reason = %c.reason(),
             "connection closed"
         );
         r.metrics.session.record(c.duration(self.now).as_secs_f64());
@@ -821,13 +816,13 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn close_all(&mut self, reason: &str) {
+    fn close_all(&mut self, reason: CloseReason) {
         let keys: Vec<_> = self.entries.keys().collect();
         for (slot, generation) in keys {
             let key = Key::new(Tag::Client, slot, generation);
             match self.entries.get_mut(slot, generation) {
                 Some(Entry::Relay(c)) => {
-                    c.abort(reason.to_string(), &mut self.pool);
+                    c.abort(reason.clone(), &mut self.pool);
                     self.finish(key);
                 }
                 Some(Entry::Pending(_)) => self.expire_pending(key),
