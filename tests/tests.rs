@@ -22,6 +22,8 @@ mod util;
 mod control;
 #[path = "cases/harness.rs"]
 mod harness;
+#[path = "cases/metrics.rs"]
+mod metrics;
 #[path = "cases/ops.rs"]
 mod ops;
 #[path = "cases/proxied.rs"]
