@@ -284,26 +284,21 @@ fn answer(head: &[u8], render: &dyn Fn() -> String) -> Vec<u8> {
     let Some(req) = parse(head) else {
         return response(Status::BadRequest, "bad request\n");
     };
-    let body_wanted = match req.method {
-        "GET" => true,
-        "HEAD" => false,
-        _ => return response(Status::MethodNotAllowed, "GET or HEAD /metrics\n"),
+    let mut out = match (req.method, req.path) {
+        ("GET" | "HEAD", "/metrics") => {
+            let body = render();
+            let body = match req.gzip {
+                true => gzip(body.as_bytes()),
+                false => body.into_bytes(),
+            };
+            let mut out = head_bytes(Status::Ok, body.len(), req.gzip);
+            out.extend_from_slice(&body);
+            out
+        }
+        ("GET" | "HEAD", _) => response(Status::NotFound, "portrelay serves /metrics\n"),
+        _ => response(Status::MethodNotAllowed, "GET or HEAD /metrics\n"),
     };
-    if req.path != "/metrics" {
-        return response(Status::NotFound, "portrelay serves /metrics\n");
-    }
-    let body = render();
-    let mut out = if req.gzip {
-        let gz = gzip(body.as_bytes());
-        let mut out = head_bytes(Status::Ok, gz.len(), true);
-        out.extend_from_slice(&gz);
-        out
-    } else {
-        let mut out = head_bytes(Status::Ok, body.len(), false);
-        out.extend_from_slice(body.as_bytes());
-        out
-    };
-    if !body_wanted {
+    if req.method == "HEAD" {
         out.truncate(head_end(&out).expect("a head we wrote"));
     }
     out
@@ -406,6 +401,9 @@ mod tests {
 
         let other = text(&answer(b"GET / HTTP/1.1\r\n\r\n", &render));
         assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
+        let other = text(&answer(b"HEAD / HTTP/1.1\r\n\r\n", &render));
+        assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
+        assert!(other.ends_with("\r\n\r\n"), "HEAD has no body: {other}");
 
         let post = text(&answer(b"POST /metrics HTTP/1.1\r\n\r\n", &render));
         assert!(
