@@ -25,7 +25,7 @@ pub mod http;
 mod process;
 pub mod registry;
 
-pub use registry::Registry;
+pub use registry::{Live, Registry};
 
 pub const ACCEPTED: &str = "portrelay_connections_accepted_total";
 pub const ACTIVE: &str = "portrelay_connections_active";
@@ -306,6 +306,26 @@ pub fn exposition(registry: &Registry) -> String {
         }
     }
     out
+}
+
+/// The mappings of a control file, as the labels of their series (with its TLS entries'
+/// ports, which count rejections).
+pub fn live(config: &crate::control::Config) -> Live {
+    Live::new(
+        config
+            .mappings
+            .iter()
+            .flat_map(|m| m.ports.clone().map(|p| (m.name.clone(), p))),
+        config.tls.iter().map(|t| t.listen.port()),
+    )
+}
+
+/// Once a control file is in force: the mappings whose series stay even when no handle
+/// holds them (see [`registry`]).
+pub fn set_live(live: Live) {
+    if let Some(registry) = REGISTRY.get() {
+        registry.set_live(live);
+    }
 }
 
 /// The process's registry, once [`install`]ed.

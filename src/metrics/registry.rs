@@ -2,14 +2,16 @@
 //! registry and the handles share, and the registry renders them in the Prometheus text
 //! format.
 //!
-//! A series with a `map` or `port` label belongs to a mapping, and lives as long as a handle
-//! to it is held: a route holds its port's handles, and every connection holds its route. So
-//! when a mapping is removed or renamed, its series stay while any of its connections runs
-//! (and go on counting exactly), and the first scrape after the last one ended drops them.
-//! No handle can count into a dropped series: none was left. Series without those labels
-//! (reloads, pipes, the backend…) live for the whole process.
+//! A series with a `map` or `port` label belongs to a mapping. It is dropped once both hold:
+//! its labels name no mapping in force ([`Live`]), and no handle to it is held. A route
+//! holds its port's handles, and every connection holds its route; so when a mapping is
+//! removed or renamed, its series stay while any of its connections runs (and go on
+//! counting exactly), and the first scrape or reload after the last one ended drops them.
+//! No handle can count into a dropped series: none was left. A mapping in force keeps its
+//! series even when no handle is held (a handle got for one event does not lose its count).
+//! Series without those labels (reloads, pipes, the backend…) live for the whole process.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -123,15 +125,51 @@ impl Series {
     }
 }
 
-/// Whether a series belongs to a mapping (and so is dropped once no handle holds it).
-fn per_mapping(key: &Key) -> bool {
-    key.labels().any(|l| matches!(l.key(), "map" | "port"))
+/// The mappings in force, as the labels of their series.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Mapping name → its host ports.
+    ports_of: HashMap<String, HashSet<String>>,
+    /// Every host port in force (mapped, and others such as TLS entries).
+    ports: HashSet<String>,
+}
+
+impl Live {
+    /// From each mapping's `(name, port)` pairs, and ports that belong to no mapping.
+    pub fn new(
+        mappings: impl IntoIterator<Item = (String, u16)>,
+        other_ports: impl IntoIterator<Item = u16>,
+    ) -> Live {
+        let mut live = Live::default();
+        for (name, port) in mappings {
+            live.ports.insert(port.to_string());
+            live.ports_of
+                .entry(name)
+                .or_default()
+                .insert(port.to_string());
+        }
+        live.ports
+            .extend(other_ports.into_iter().map(|p| p.to_string()));
+        live
+    }
+
+    /// Whether `key` is the series of a mapping in force, or of no mapping at all.
+    fn holds(&self, key: &Key) -> bool {
+        let label = |name| key.labels().find(|l| l.key() == name).map(|l| l.value());
+        match (label("map"), label("port")) {
+            (None, None) => true,
+            (Some(m), Some(p)) => self.ports_of.get(m).is_some_and(|ps| ps.contains(p)),
+            (Some(m), None) => self.ports_of.contains_key(m),
+            (None, Some(p)) => self.ports.contains(p),
+        }
+    }
 }
 
 /// Every series of the process, and the help text of each metric.
 #[derive(Debug)]
 pub struct Registry {
     series: Mutex<BTreeMap<Key, Series>>,
+    live: Mutex<Live>,
     help: Mutex<HashMap<String, String>>,
     buckets: Vec<(&'static str, &'static [f64])>,
 }
@@ -141,6 +179,7 @@ impl Registry {
     pub fn new(buckets: &[(&'static str, &'static [f64])]) -> Registry {
         Registry {
             series: Mutex::default(),
+            live: Mutex::default(),
             help: Mutex::default(),
             buckets: buckets.to_vec(),
         }
@@ -171,12 +210,18 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Drops the series of mappings that no handle holds any more.
+    /// The mappings in force from now on (until then: none).
+    pub fn set_live(&self, live: Live) {
+        *self.live.lock().expect("metrics live lock") = live;
+    }
+
+    /// Drops the series of mappings no longer in force that no handle holds any more.
     pub fn prune(&self) {
+        let live = self.live.lock().expect("metrics live lock");
         let mut series = self.series.lock().expect("metrics registry lock");
         // Under the lock no handle can be made (handles come from here, or are clones of a
         // handle that exists), so a series held by no one now stays so.
-        series.retain(|key, s| s.held() || !per_mapping(key));
+        series.retain(|key, s| s.held() || live.holds(key));
     }
 
     /// Every series in the text format, grouped by metric (each with its help and type),
@@ -363,9 +408,9 @@ mod tests {
         );
     }
 
-    /// The series of a mapping stay while a handle holds them, counting exactly, and go at
-    /// the first scrape after the last handle is dropped; re-registering the same series
-    /// while a handle lives gives the same series.
+    /// The series of a mapping no longer in force stay while a handle holds them, counting
+    /// exactly, and go at the first scrape after the last handle is dropped; re-registering
+    /// the same series while a handle lives gives the same series.
     #[test]
     fn mapping_series_live_as_long_as_their_handles() {
         let registry = Arc::new(Registry::new(&[]));
@@ -391,5 +436,46 @@ mod tests {
             "# TYPE global_total counter\nglobal_total 1\n"
         );
         assert_eq!(registry.len(), 1);
+    }
+
+    /// Series of mappings in force stay without handles; those of a renamed mapping, a
+    /// moved one and a removed port go.
+    #[test]
+    fn mapping_series_in_force_stay_without_handles() {
+        let registry = Arc::new(Registry::new(&[]));
+        registry.set_live(Live::new(
+            [("a".to_string(), 1), ("b".to_string(), 2)],
+            [443],
+        ));
+        metrics::with_local_recorder(&Recorder(registry.clone()), || {
+            for (map, port) in [("a", "1"), ("b", "2"), ("old", "1"), ("a", "2")] {
+                counter!("x_total", "map" => map, "port" => port).increment(1);
+            }
+            for port in ["1", "443", "9"] {
+                counter!("rejected_total", "port" => port).increment(1);
+            }
+            for map in ["a", "old"] {
+                histogram!("h", "map" => map).record(1.0);
+            }
+        });
+        let text = registry.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.rsplit_once(' ').unwrap().0)
+            .filter(|s| !s.starts_with("h_bucket"))
+            .collect();
+        assert_eq!(
+            series,
+            [
+                "h_sum{map=\"a\"}",
+                "h_count{map=\"a\"}",
+                "rejected_total{port=\"1\"}",
+                "rejected_total{port=\"443\"}",
+                "x_total{map=\"a\",port=\"1\"}",
+                "x_total{map=\"b\",port=\"2\"}",
+            ],
+            "{text}"
+        );
     }
 }
