@@ -4,8 +4,9 @@
 //! and says nothing (a port scanner, a stuck scraper) must not delay anyone, and a pool of
 //! `N` blocking threads is stalled by `N` silent clients. Here a silent client costs a slot
 //! and a few bytes until its header timeout, and a scrape is answered as soon as its
-//! request has arrived, whatever the others do. An HTTP crate would bring an async runtime
-//! (hyper, axum) or a thread per connection (tiny_http); this is ~200 lines of std.
+//! request has arrived, whatever the others do. An HTTP server crate would bring an async
+//! runtime (hyper and what is built on it) into the relay's process, or threads that block
+//! on one client each; this is a few hundred lines of std, and flate2 for gzip.
 //!
 //! - At most [`MAX_CLIENTS`] at once; when full, a new client takes the place of the oldest
 //!   one that has not finished its request.
