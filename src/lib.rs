@@ -3,7 +3,8 @@
 //! - [`cli`]: command line (clap).
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`addr`]: address newtypes, so a signature says which end it means.
-//! - [`metrics`]: metric names, handles, the `/metrics` endpoint.
+//! - [`metrics`]: metric names, handles, the registry (series follow the mappings), the
+//!   `/metrics` endpoint.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
 //! - [`tls`]: the TLS entry: certificates, SNI routing.
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.

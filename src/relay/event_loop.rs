@@ -138,6 +138,7 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn serve(&mut self) -> io::Result<()> {
+        let health = metrics::loop_health();
         self.take_commands();
         loop {
             if let Some(until) = self.drain_until {
@@ -154,9 +155,12 @@ impl<D: Driver> EventLoop<D> {
             } else {
                 Some(Duration::ZERO)
             };
+            let timeout =
+                Some(timeout.map_or(metrics::LOOP_TURN_MAX, |t| t.min(metrics::LOOP_TURN_MAX)));
             let mut events = std::mem::take(&mut self.events);
             self.driver.wait(timeout, &mut events)?;
             self.now = Instant::now();
+            health.turned();
             for ev in events.drain(..) {
                 self.handle(ev);
             }
@@ -413,6 +417,7 @@ impl<D: Driver> EventLoop<D> {
             port,
             stage,
         }));
+        metrics::pending_admission().increment(1.0);
         let key = Key::new(Tag::Client, slot, generation);
         self.watch_client(key);
         self.timers.push(Reverse((
@@ -513,6 +518,7 @@ impl<D: Driver> EventLoop<D> {
             .entries
             .get_mut(key.slot(), key.generation())
             .expect("pending entry");
+        metrics::pending_admission().decrement(1.0);
         match std::mem::replace(entry, Entry::Moving) {
             Entry::Pending(p) => p,
             _ => unreachable!("take_pending on a pending entry"),

@@ -1,19 +1,31 @@
-//! Metric names, the registry (the `metrics` crate with the Prometheus recorder), the
-//! handles the data path counts with, and the `/metrics` endpoint.
+//! Metric names, the handles the data path counts with, the registry behind them, and the
+//! `/metrics` endpoint.
 //!
-//! The hot path never looks a metric up: a route gets its counter handles once, when it is
-//! built, and counting is one relaxed atomic add on a handle.
+//! - [`registry`]: the `metrics` facade's recorder: series as shared atomics, the text
+//!   format, and the rule that drops the series of mappings that are gone.
+//! - [`http`]: the endpoint, which no client can stall.
+//! - `process`: the `process_*` figures, from /proc.
+//!
+//! The hot path never looks a metric up: a route gets its handles once, when it is built,
+//! and counting is one relaxed atomic operation on a handle. Connections hold their route,
+//! so a removed mapping's series live (and count) until its last connection has ended.
 
-use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
     Gauge, Histogram, Unit,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub mod http;
+mod process;
+pub mod registry;
+
+pub use registry::{Live, Registry};
 
 pub const ACCEPTED: &str = "portrelay_connections_accepted_total";
 pub const ACTIVE: &str = "portrelay_connections_active";
@@ -28,6 +40,8 @@ pub const MAPPINGS: &str = "portrelay_mappings";
 pub const BACKEND_INFO: &str = "portrelay_io_backend_info";
 pub const PIPES: &str = "portrelay_pipes";
 pub const LISTEN_FAILURES: &str = "portrelay_listen_failures_total";
+pub const PENDING: &str = "portrelay_connections_pending";
+pub const LOOP_LAST_TURN: &str = "portrelay_loop_last_turn_seconds";
 
 /// Upstream connects take microseconds on a host bridge and seconds when an instance boots.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -183,6 +197,7 @@ pub struct Global {
     pub connect_duration: Histogram,
     pub pipes_in_use: Gauge,
     pub pipes_idle: Gauge,
+    pub pending_admission: Gauge,
 }
 
 pub fn global() -> &'static Global {
@@ -191,28 +206,142 @@ pub fn global() -> &'static Global {
         connect_duration: histogram!(CONNECT_DURATION),
         pipes_in_use: gauge!(PIPES, "state" => "in_use"),
         pipes_idle: gauge!(PIPES, "state" => "idle"),
+        pending_admission: gauge!(PENDING),
     })
+}
+
+/// Connections pending admission (a PROXY header or a TLS handshake is awaited), over all
+/// loops: +1 when a loop takes one in, -1 when it is admitted or refused.
+pub fn pending_admission() -> &'static Gauge {
+    &global().pending_admission
 }
 
 pub fn reload(success: bool) {
     counter!(RELOADS, "result" => if success { "success" } else { "failure" }).increment(1);
 }
 
+/// After a control file was applied: its generation and mapping count. Also drops the
+/// series of mappings gone by now, so that they do not pile up on a host nobody scrapes.
 pub fn set_generation(generation: u64, mappings: usize) {
     gauge!(GENERATION).set(generation as f64);
     gauge!(MAPPINGS).set(mappings as f64);
+    if let Some(registry) = REGISTRY.get() {
+        registry.prune();
+    }
 }
 
 pub fn set_backend(name: &'static str) {
     gauge!(BACKEND_INFO, "backend" => name).set(1.0);
 }
 
-/// Installs the Prometheus recorder for the process, with help text and buckets.
-pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(CONNECT_DURATION.into()), CONNECT_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(SESSION_DURATION.into()), SESSION_BUCKETS)?
-        .install_recorder()?;
+/// A loop turns (waits for events, handles them) at least this often, even with nothing
+/// to do, so that [`LOOP_LAST_TURN`] above it means the loop is stuck or gone.
+pub const LOOP_TURN_MAX: Duration = Duration::from_secs(1);
+
+/// Each loop's number, and when it last turned (milliseconds since [`epoch`]).
+type Loops = Mutex<Vec<(String, Arc<AtomicU64>)>>;
+
+fn loops() -> &'static Loops {
+    static LOOPS: OnceLock<Loops> = OnceLock::new();
+    LOOPS.get_or_init(Mutex::default)
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn millis_since_epoch() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// What a loop stamps each turn: the scrape shows how long ago that was.
+pub struct LoopHealth(Arc<AtomicU64>);
+
+impl LoopHealth {
+    pub fn turned(&self) {
+        self.0.store(millis_since_epoch(), Ordering::Relaxed);
+    }
+}
+
+/// The health handle of the loop on the calling thread (named `loop-N`: its series is
+/// `{loop="N"}`), stamped as turned now.
+pub fn loop_health() -> LoopHealth {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("");
+    let label = name.strip_prefix("loop-").unwrap_or(name).to_string();
+    let stamp = Arc::new(AtomicU64::new(millis_since_epoch()));
+    let mut loops = loops().lock().expect("loops lock");
+    loops.retain(|(l, _)| *l != label);
+    loops.push((label, stamp.clone()));
+    loops.sort_by_key(|(l, _)| (l.len(), l.clone()));
+    LoopHealth(stamp)
+}
+
+fn loops_exposition() -> String {
+    let loops = loops().lock().expect("loops lock");
+    if loops.is_empty() {
+        return String::new();
+    }
+    let now = millis_since_epoch();
+    let mut out = format!(
+        "# HELP {LOOP_LAST_TURN} Seconds since the loop last turned; it turns at least every \
+         {}s, so more means stuck or gone.\n# TYPE {LOOP_LAST_TURN} gauge\n",
+        LOOP_TURN_MAX.as_secs()
+    );
+    for (label, stamp) in loops.iter() {
+        let age = now.saturating_sub(stamp.load(Ordering::Relaxed)) as f64 / 1000.0;
+        out.push_str(&format!("{LOOP_LAST_TURN}{{loop=\"{label}\"}} {age}\n"));
+    }
+    out
+}
+
+/// The whole exposition: the registry's series, the loops' health, the process's figures.
+pub fn exposition(registry: &Registry) -> String {
+    let mut out = registry.render();
+    for part in [loops_exposition(), process::exposition()] {
+        if !part.is_empty() {
+            out.push('\n');
+            out.push_str(&part);
+        }
+    }
+    out
+}
+
+/// The mappings of a control file, as the labels of their series (with its TLS entries'
+/// ports, which count rejections).
+pub fn live(config: &crate::control::Config) -> Live {
+    Live::new(
+        config
+            .mappings
+            .iter()
+            .flat_map(|m| m.ports.clone().map(|p| (m.name.clone(), p))),
+        config.tls.iter().map(|t| t.listen.port()),
+    )
+}
+
+/// Once a control file is in force: the mappings whose series stay even when no handle
+/// holds them (see [`registry`]).
+pub fn set_live(live: Live) {
+    if let Some(registry) = REGISTRY.get() {
+        registry.set_live(live);
+    }
+}
+
+/// The process's registry, once [`install`]ed.
+static REGISTRY: OnceLock<Arc<Registry>> = OnceLock::new();
+
+/// Installs the recorder for the process, with help text and buckets; returns the registry
+/// that [`serve`] renders.
+pub fn install() -> anyhow::Result<Arc<Registry>> {
+    epoch();
+    let registry = Arc::new(Registry::new(&[
+        (CONNECT_DURATION, CONNECT_BUCKETS),
+        (SESSION_DURATION, SESSION_BUCKETS),
+    ]));
+    metrics::set_global_recorder(registry::Recorder(registry.clone()))
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    let _ = REGISTRY.set(registry.clone());
     describe_counter!(
         ACCEPTED,
         "Connections admitted (past allow and the caps) and sent upstream, by how they arrived."
@@ -245,6 +374,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         PIPES,
         "Pipes held by the loops: in use (bytes in flight) or idle in the pool."
     );
+    describe_gauge!(
+        PENDING,
+        "Connections pending admission: a PROXY header or a TLS handshake is awaited."
+    );
     describe_counter!(
         LISTEN_FAILURES,
         "Listeners that could not be opened (bind or listen failed); the log names the port."
@@ -258,151 +391,15 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let g = global();
     g.pipes_in_use.set(0.0);
     g.pipes_idle.set(0.0);
-    Ok(handle)
+    g.pending_admission.set(0.0);
+    Ok(registry)
 }
 
-/// The process's own figures, read from /proc at scrape time and written in the standard
-/// `process_*` form (CPU seconds as a float counter, which the registry cannot hold).
-fn process_exposition() -> String {
-    let (page, ticks) = crate::sys::page_size_and_ticks();
-    let (page, ticks) = (page as f64, ticks as f64);
-    let mut out = String::new();
-    let mut put = |name: &str, kind: &str, help: &str, value: Option<f64>| {
-        if let Some(v) = value {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-            ));
-        }
-    };
-    let stat = self_stat();
-    put(
-        "process_cpu_seconds_total",
-        "counter",
-        "CPU time used, user and system, in seconds.",
-        stat.as_ref().map(|f| (f[11] + f[12]) / ticks),
-    );
-    put(
-        "process_open_fds",
-        "gauge",
-        "Open file descriptors.",
-        std::fs::read_dir("/proc/self/fd")
-            .ok()
-            .map(|d| d.count() as f64),
-    );
-    put(
-        "process_max_fds",
-        "gauge",
-        "The open-file limit.",
-        std::fs::read_to_string("/proc/self/limits")
-            .ok()
-            .and_then(|l| {
-                l.lines()
-                    .find(|l| l.starts_with("Max open files"))?
-                    .split_whitespace()
-                    .nth(3)?
-                    .parse()
-                    .ok()
-            }),
-    );
-    put(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory in bytes.",
-        std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|m| m.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .map(|pages| pages * page),
-    );
-    put(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process, seconds since the epoch.",
-        start_time(stat.as_deref(), ticks),
-    );
-    out
+/// Serves `/metrics` on `addr` (see [`http`]) from a thread of its own. Returns once it is
+/// listening.
+pub fn serve(addr: SocketAddr, registry: Arc<Registry>) -> io::Result<SocketAddr> {
+    http::serve(addr, move || exposition(&registry))
 }
-
-/// Fields of /proc/self/stat after the command name, as numbers (index 0 is `state`).
-fn self_stat() -> Option<Vec<f64>> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    Some(
-        rest.split_whitespace()
-            .map(|v| v.parse().unwrap_or(0.0))
-            .collect(),
-    )
-}
-
-fn start_time(stat: Option<&[f64]>, ticks: f64) -> Option<f64> {
-    let start = stat?.get(19).copied()? / ticks;
-    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()?
-        .as_secs_f64();
-    Some(now - uptime + start)
-}
-
-/// Serves `GET /metrics` on `addr` from a thread of its own. Returns once it is listening.
-pub fn serve(addr: SocketAddr, handle: PrometheusHandle) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let local = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = respond(stream, &handle) {
-                    tracing::debug!(error = %e, "metrics request failed");
-                }
-            }
-        })?;
-    Ok(local)
-}
-
-/// One request, one response, then close: all a scraper needs.
-fn respond(stream: TcpStream, handle: &PrometheusHandle) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?.take_limit());
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Skip the headers: a scrape has no body.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        line.clear();
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, body) = if method == "GET" && path == "/metrics" {
-        handle.run_upkeep();
-        ("200 OK", handle.render() + &process_exposition())
-    } else {
-        (
-            "404 Not Found",
-            "portrelay serves GET /metrics\n".to_string(),
-        )
-    };
-    let mut out = stream;
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
-
-/// Caps what a request may make us read (8 KiB).
-trait TakeLimit: io::Read + Sized {
-    fn take_limit(self) -> io::Take<Self> {
-        self.take(8192)
-    }
-}
-impl<R: io::Read> TakeLimit for R {}
 
 #[cfg(test)]
 mod tests {
@@ -414,10 +411,11 @@ mod tests {
     #[test]
     #[ignore = "a measurement, not a check"]
     fn counting_cost() {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            let port = PortMetrics::new("m", 1);
+        let registry = Arc::new(Registry::new(&[]));
+        let port = metrics::with_local_recorder(&registry::Recorder(registry.clone()), || {
+            PortMetrics::new("m", 1)
+        });
+        {
             let turns: u64 = 50_000_000;
             let started = std::time::Instant::now();
             for i in 0..turns {
@@ -427,7 +425,9 @@ mod tests {
             }
             let ns = started.elapsed().as_nanos() as f64 / turns as f64;
             println!("counting: {ns:.2} ns per turn (two counter adds)");
-        });
-        assert!(handle.render().contains("portrelay_bytes_total"));
+        }
+        assert!(registry.render().contains("portrelay_bytes_total"));
+        drop(port);
+        assert!(!registry.render().contains("portrelay_bytes_total"));
     }
 }
