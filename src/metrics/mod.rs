@@ -53,64 +53,63 @@ const SESSION_BUCKETS: &[f64] = &[
     1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0, 259200.0, 604800.0,
 ];
 
-/// Why an accepted connection was refused (the `reason` label of [`REJECTED`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    Acl,
-    Limit,
-    ProxyHeader,
-    NoRoute,
-    Tls,
-    Shutdown,
+/// A closed set of label values: the enum, its values in order (`ALL`), their number
+/// (`COUNT`, which sizes the per-value handle arrays) and each value's label text. A new
+/// value is one line here; every array of handles follows.
+macro_rules! label_set {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub const ALL: [$name; [$($name::$variant),+].len()] = [$($name::$variant),+];
+            pub const COUNT: usize = Self::ALL.len();
+
+            pub fn label(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label),+
+                }
+            }
+        }
+    };
 }
 
-impl Rejection {
-    pub const ALL: [Rejection; 6] = [
-        Rejection::Acl,
-        Rejection::Limit,
-        Rejection::ProxyHeader,
-        Rejection::NoRoute,
-        Rejection::Tls,
-        Rejection::Shutdown,
-    ];
-    pub fn label(self) -> &'static str {
-        match self {
-            Rejection::Acl => "acl",
-            Rejection::Limit => "limit",
-            Rejection::ProxyHeader => "proxy_header",
-            Rejection::NoRoute => "no_route",
-            Rejection::Tls => "tls",
-            Rejection::Shutdown => "shutdown",
-        }
+label_set! {
+    /// Why an accepted connection was refused (the `reason` label of [`REJECTED`]).
+    Rejection {
+        Acl => "acl",
+        Limit => "limit",
+        ProxyHeader => "proxy_header",
+        NoRoute => "no_route",
+        Tls => "tls",
+        Shutdown => "shutdown",
     }
 }
 
-/// How a connection reached the relay (the `via` label).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Via {
-    Direct,
-    Proxy,
-    Tls,
-}
-
-impl Via {
-    pub fn label(self) -> &'static str {
-        match self {
-            Via::Direct => "direct",
-            Via::Proxy => "proxy",
-            Via::Tls => "tls",
-        }
+label_set! {
+    /// How a connection reached the relay (the `via` label).
+    Via {
+        Direct => "direct",
+        Proxy => "proxy",
+        Tls => "tls",
     }
 }
 
-/// Why an upstream connect failed (the `reason` label of [`CONNECT_FAILURES`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectFailure {
-    Refused,
-    Timeout,
-    Unreachable,
-    Other,
+label_set! {
+    /// Why an upstream connect failed (the `reason` label of [`CONNECT_FAILURES`]).
+    ConnectFailure {
+        Refused => "refused",
+        Timeout => "timeout",
+        Unreachable => "unreachable",
+        Other => "other",
+    }
 }
+
+/// The rejection counters of one port, one per [`Rejection`].
+pub type RejectedCounters = [Counter; Rejection::COUNT];
 
 impl ConnectFailure {
     pub fn of(e: &io::Error) -> ConnectFailure {
@@ -126,41 +125,27 @@ impl ConnectFailure {
             _ => ConnectFailure::Other,
         }
     }
-    fn label(self) -> &'static str {
-        match self {
-            ConnectFailure::Refused => "refused",
-            ConnectFailure::Timeout => "timeout",
-            ConnectFailure::Unreachable => "unreachable",
-            ConnectFailure::Other => "other",
-        }
-    }
 }
 
 /// The handles one host port counts with, labelled by its mapping's name and the port.
 #[derive(Debug)]
 pub struct PortMetrics {
-    accepted: [Counter; 3],
+    accepted: [Counter; Via::COUNT],
     pub active: Gauge,
     pub bytes_to_upstream: Counter,
     pub bytes_to_client: Counter,
-    connect_failures: [Counter; 4],
-    rejected: [Counter; 6],
+    connect_failures: [Counter; ConnectFailure::COUNT],
+    rejected: RejectedCounters,
     pub session: Histogram,
 }
 
 impl PortMetrics {
     pub fn new(map: &str, port: u16) -> PortMetrics {
         let (m, p) = (map.to_string(), port.to_string());
-        let accepted = [Via::Direct, Via::Proxy, Via::Tls].map(
+        let accepted = Via::ALL.map(
             |v| counter!(ACCEPTED, "map" => m.clone(), "port" => p.clone(), "via" => v.label()),
         );
-        let connect_failures = [
-            ConnectFailure::Refused,
-            ConnectFailure::Timeout,
-            ConnectFailure::Unreachable,
-            ConnectFailure::Other,
-        ]
-        .map(|r| counter!(CONNECT_FAILURES, "map" => m.clone(), "port" => p.clone(), "reason" => r.label()));
+        let connect_failures = ConnectFailure::ALL.map(|r| counter!(CONNECT_FAILURES, "map" => m.clone(), "port" => p.clone(), "reason" => r.label()));
         PortMetrics {
             accepted,
             active: gauge!(ACTIVE, "map" => m.clone(), "port" => p.clone()),
@@ -187,7 +172,7 @@ impl PortMetrics {
 }
 
 /// The rejection counters of one host port (`port`, `reason`).
-pub fn rejected_counters(port: u16) -> [Counter; 6] {
+pub fn rejected_counters(port: u16) -> RejectedCounters {
     let p = port.to_string();
     Rejection::ALL.map(|r| counter!(REJECTED, "port" => p.clone(), "reason" => r.label()))
 }

@@ -10,7 +10,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::metrics::Counter;
 use rustls::server::Acceptor;
 use rustls::ServerConnection;
 use socket2::{Domain, SockRef, Socket, Type};
@@ -63,7 +62,7 @@ pub struct EventLoop<D: Driver> {
     /// The route of each mapped host port in force (for connections finishing admission).
     routes: Arc<HashMap<u16, Arc<Route>>>,
     /// Rejection counters of TLS entry ports (mapped ports count through their route).
-    tls_rejected: HashMap<u16, [Counter; 6]>,
+    tls_rejected: HashMap<u16, metrics::RejectedCounters>,
     pool: PipePool,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     /// Connections that used up their turn with work left.
