@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rustls::server::Acceptor;
 use rustls::ServerConnection;
 
+use super::codec::Codec;
 use super::connection::Side;
 use super::route::Route;
 use crate::addr::ClientAddr;
@@ -61,14 +62,15 @@ pub enum Step {
         route: Option<Arc<Route>>,
         detail: String,
     },
-    /// Route it: the real client address, how it came, and the TLS session if any.
+    /// Route it: the real client address, how it came, and how its client end carries
+    /// bytes (the TLS session of a TLS entrance).
     /// `route` is the route found when admission began; the loop admits the connection on
     /// the route in force now (its port's, or for TLS its `tls_name`'s).
     Admit {
         route: Arc<Route>,
         client_addr: ClientAddr,
         via: Via,
-        tls: Option<Box<ServerConnection>>,
+        codec: Codec,
         tls_name: Option<String>,
     },
 }
@@ -109,7 +111,7 @@ impl Pending {
                                 route,
                                 client_addr: self.peer,
                                 via: Via::Tls,
-                                tls: Some(tls),
+                                codec: Codec::Tls(tls),
                                 tls_name: Some(name),
                             }
                         }
@@ -165,7 +167,7 @@ fn read_proxy_header(client: &mut Side, route: &Arc<Route>) -> Step {
                     route: route.clone(),
                     client_addr: ClientAddr(source),
                     via: Via::Proxy,
-                    tls: None,
+                    codec: Codec::Plain,
                     tls_name: None,
                 },
                 None => reject(format!(

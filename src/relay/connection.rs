@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use rustls::ServerConnection;
-
+use super::codec::Codec;
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
-use super::tls_path;
 use crate::addr::ClientAddr;
 use crate::metrics::Via;
 use crate::sys;
@@ -72,7 +70,7 @@ impl std::fmt::Display for CloseReason {
 }
 
 /// A spliced read smaller than this sends a direction back to the copy path.
-const STREAMING_READ: usize = 16 * 1024;
+pub(super) const STREAMING_READ: usize = 16 * 1024;
 
 /// Reads a direction may make in one turn before the loop serves other connections.
 pub(super) const ROUNDS_PER_TURN: usize = 16;
@@ -126,7 +124,7 @@ pub struct Direction {
     /// Reads fill whole buffers: splice (zero-copy) pays off. Small reads (keystrokes, a
     /// request/response) go through a buffer instead, where a short read proves the socket
     /// empty and saves the `EAGAIN` read a splice would need.
-    streaming: bool,
+    pub(super) streaming: bool,
 }
 
 impl Direction {
@@ -186,9 +184,8 @@ pub struct Connection {
     pub route: Arc<Route>,
     pub client_addr: ClientAddr,
     pub via: Via,
-    /// The TLS session of a connection that came through a TLS entry: its client side is
-    /// encrypted, so both directions take the copy path through rustls.
-    pub tls: Option<Box<ServerConnection>>,
+    /// How the client end carries its bytes.
+    pub codec: Codec,
     pub started: Instant,
     pub last_active: Instant,
     /// Which side sent FIN first: the reason of a clean end.
@@ -204,7 +201,7 @@ impl Connection {
         route: Arc<Route>,
         client_addr: ClientAddr,
         via: Via,
-        tls: Option<Box<ServerConnection>>,
+        codec: Codec,
         now: Instant,
     ) -> Connection {
         Connection {
@@ -216,7 +213,7 @@ impl Connection {
             route,
             client_addr,
             via,
-            tls,
+            codec,
             started: now,
             last_active: now,
             first_eof: None,
@@ -268,11 +265,7 @@ impl Connection {
             ),
         };
         let last = reverse.ended();
-        let result = match (&mut self.tls, d) {
-            (None, _) => move_bytes(src, dst, dir, last, pool),
-            (Some(tls), Dir::ToUpstream) => tls_path::decrypt(src, dst, dir, last, tls, pool),
-            (Some(tls), Dir::ToClient) => tls_path::encrypt(src, dst, dir, last, tls),
-        };
+        let result = self.codec.pump(d, src, dst, dir, last, pool);
         let eof_name = match d {
             Dir::ToUpstream => CloseReason::ClientEof,
             Dir::ToClient => CloseReason::UpstreamEof,
@@ -462,66 +455,6 @@ pub(super) fn end_of_stream(src: &Side, dir: &mut Direction) -> Result<(), Failu
 
 pub(super) fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
-}
-
-/// The data path of one direction: drain what is held into `dst`, pass on EOF, refill from
-/// `src`; repeat until a socket blocks or the turn is used up. A hold is filled only when
-/// empty, so `EAGAIN` on a read always means "socket empty", never "pipe full".
-fn move_bytes(
-    src: &mut Side,
-    dst: &mut Side,
-    dir: &mut Direction,
-    last: bool,
-    pool: &mut PipePool,
-) -> Result<Turn, Failure> {
-    for _ in 0..ROUNDS_PER_TURN {
-        if dir.ended() {
-            return Ok(Turn::Wait);
-        }
-        if let Drained::Blocked = drain(dst, dir, pool)? {
-            return Ok(Turn::Wait);
-        }
-        if dir.state == HalfState::Eof {
-            // Everything is delivered: pass the half-close on, keep the other direction.
-            pass_eof(dst, dir, last);
-            return Ok(Turn::Wait);
-        }
-        if !src.readable {
-            return Ok(Turn::Wait);
-        }
-        let mut hold = if dir.streaming {
-            pool.take()
-        } else {
-            pool.take_buffer()
-        };
-        match hold.fill_from(src.fd.as_raw_fd()) {
-            Ok(0) => {
-                pool.give_back(hold);
-                end_of_stream(src, dir)?;
-            }
-            Ok(n) => {
-                match &hold {
-                    Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
-                    // recv stopped short: the socket is empty (unless a FIN waits behind).
-                    Hold::Buffer(_) => src.readable = src.hup,
-                    Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
-                    Hold::Pipe(_) => {}
-                }
-                dir.in_flight = n;
-                dir.hold = Some(hold);
-            }
-            Err(e) if would_block(&e) => {
-                pool.give_back(hold);
-                src.readable = false;
-                return Ok(Turn::Wait);
-            }
-            Err(e) => {
-                pool.give_back(hold);
-                return Err(Failure::Read(e));
-            }
-        }
-    }
-    Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
 }
 
 #[cfg(test)]

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::server::Acceptor;
-use rustls::ServerConnection;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use super::admission::{Pending, Stage, Step, TlsRoutes};
 use super::backend::driver::{Driver, Event, Key, Tag};
+use super::codec::Codec;
 use super::connection::{CloseReason, Connection, Side, Turn};
 use super::pipe::PipePool;
 use super::route::{tune, Listener, Route};
@@ -447,7 +447,7 @@ impl<D: Driver> EventLoop<D> {
             let port = route.port;
             return self.reject(client, addr, port, Some(route), Rejection::Limit, "");
         }
-        match self.admit(client, route, addr, via, None) {
+        match self.admit(client, route, addr, via, Codec::Plain) {
             Ok(conn) => {
                 let (slot, generation) = self.entries.insert(Entry::Relay(conn));
                 let key = Key::new(Tag::Client, slot, generation);
@@ -476,7 +476,7 @@ impl<D: Driver> EventLoop<D> {
                 route,
                 client_addr,
                 via,
-                tls,
+                codec,
                 tls_name,
             } => {
                 // The mapping in force now decides, not the one when admission began.
@@ -490,7 +490,7 @@ impl<D: Driver> EventLoop<D> {
                 let p = self.take_pending(key);
                 // Its place in the relay-wide cap passes to the connection.
                 self.shared.admitted();
-                match self.admit(p.client, route, client_addr, via, tls) {
+                match self.admit(p.client, route, client_addr, via, codec) {
                     Ok(conn) => {
                         *self
                             .entries
@@ -569,7 +569,7 @@ impl<D: Driver> EventLoop<D> {
         route: Arc<Route>,
         addr: ClientAddr,
         via: Via,
-        tls: Option<Box<ServerConnection>>,
+        codec: Codec,
     ) -> Result<Connection, (Side, Arc<Route>, Rejection)> {
         if !route.mapping.allows(addr.0.ip()) {
             self.shared.release();
@@ -596,7 +596,7 @@ impl<D: Driver> EventLoop<D> {
             route,
             addr,
             via,
-            tls,
+            codec,
             self.now,
         ))
     }

@@ -25,12 +25,12 @@ use crate::tls::{self, TlsEndpoint};
 
 mod admission;
 mod backend;
+mod codec;
 mod connection;
 mod event_loop;
 mod pipe;
 mod route;
 mod slab;
-mod tls_path;
 
 use crate::sys;
 use backend::{epoll, uring};
