@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use super::admission::{MappingPermit, Permit};
 use super::codec::Codec;
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
@@ -186,6 +187,8 @@ pub struct Connection {
     pub via: Via,
     /// How the client end carries its bytes.
     pub codec: Codec,
+    /// Its places in the relay-wide and the mapping's cap, until it ends.
+    pub caps: Option<(Permit, MappingPermit)>,
     pub started: Instant,
     pub last_active: Instant,
     /// Which side sent FIN first: the reason of a clean end.
@@ -194,16 +197,24 @@ pub struct Connection {
     failure: Option<CloseReason>,
 }
 
+/// What admission decided about a connection: where it goes, who it is, how it came.
+pub struct Admitted {
+    pub route: Arc<Route>,
+    pub client_addr: ClientAddr,
+    pub via: Via,
+    pub codec: Codec,
+    pub caps: (Permit, MappingPermit),
+}
+
 impl Connection {
-    pub fn new(
-        client: Side,
-        upstream: OwnedFd,
-        route: Arc<Route>,
-        client_addr: ClientAddr,
-        via: Via,
-        codec: Codec,
-        now: Instant,
-    ) -> Connection {
+    pub fn new(client: Side, upstream: OwnedFd, admitted: Admitted, now: Instant) -> Connection {
+        let Admitted {
+            route,
+            client_addr,
+            via,
+            codec,
+            caps,
+        } = admitted;
         Connection {
             client,
             upstream: Side::new(upstream),
@@ -214,6 +225,7 @@ impl Connection {
             client_addr,
             via,
             codec,
+            caps: Some(caps),
             started: now,
             last_active: now,
             first_eof: None,

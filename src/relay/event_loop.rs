@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use rustls::server::Acceptor;
 use socket2::{Domain, SockRef, Socket, Type};
 
-use super::admission::{Pending, Stage, Step, TlsRoutes};
+use super::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes};
 use super::backend::driver::{Driver, Event, Key, Tag};
 use super::codec::Codec;
-use super::connection::{CloseReason, Connection, Side, Turn};
+use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
 use super::pipe::PipePool;
 use super::route::{tune, Listener, Route};
 use super::slab::Slab;
@@ -396,7 +396,7 @@ impl<D: Driver> EventLoop<D> {
         // Before any admission work: a place among the pending admissions and in the
         // relay-wide cap, so that a flood of silent connections holds a bounded number of
         // fds and direct ports keep serving.
-        if !self.shared.try_acquire_pending() {
+        let Some(permit) = AdmissionPermit::acquire(&self.shared) else {
             let route = match &stage {
                 Stage::ProxyHeader { route } => Some(route.clone()),
                 _ => None,
@@ -409,12 +409,13 @@ impl<D: Driver> EventLoop<D> {
                 Rejection::Limit,
                 "too many connections in admission",
             );
-        }
+        };
         let (slot, generation) = self.entries.insert(Entry::Pending(Pending {
             client,
             peer,
             port,
             stage,
+            permit,
         }));
         metrics::pending_admission().increment(1.0);
         let key = Key::new(Tag::Client, slot, generation);
@@ -443,11 +444,11 @@ impl<D: Driver> EventLoop<D> {
 
     /// Admits a direct connection at once.
     fn admit_new(&mut self, client: Side, route: Arc<Route>, addr: ClientAddr, via: Via) {
-        if !self.shared.try_acquire() {
+        let Some(permit) = Permit::acquire(&self.shared) else {
             let port = route.port;
             return self.reject(client, addr, port, Some(route), Rejection::Limit, "");
-        }
-        match self.admit(client, route, addr, via, Codec::Plain) {
+        };
+        match self.admit(client, route, addr, via, Codec::Plain, permit) {
             Ok(conn) => {
                 let (slot, generation) = self.entries.insert(Entry::Relay(conn));
                 let key = Key::new(Tag::Client, slot, generation);
@@ -489,8 +490,8 @@ impl<D: Driver> EventLoop<D> {
                 };
                 let p = self.take_pending(key);
                 // Its place in the relay-wide cap passes to the connection.
-                self.shared.admitted();
-                match self.admit(p.client, route, client_addr, via, codec) {
+                let permit = p.permit.admitted();
+                match self.admit(p.client, route, client_addr, via, codec, permit) {
                     Ok(conn) => {
                         *self
                             .entries
@@ -530,7 +531,6 @@ impl<D: Driver> EventLoop<D> {
         let p = self.take_pending(key);
         self.entries.remove(key.slot(), key.generation());
         self.driver.unwatch(key, p.client.fd.as_raw_fd());
-        self.shared.release_pending();
         p
     }
 
@@ -560,8 +560,8 @@ impl<D: Driver> EventLoop<D> {
     }
 
     /// The checks every connection passes before it is relayed: `allow` (against the real
-    /// client address), then the per-mapping cap. Then the upstream socket. The caller
-    /// holds a place in the relay-wide cap for it; a refusal gives that place back.
+    /// client address), then the per-mapping cap. Then the upstream socket. `permit` is its
+    /// place in the relay-wide cap, given back with a refusal.
     #[allow(clippy::result_large_err)]
     fn admit(
         &mut self,
@@ -570,35 +570,31 @@ impl<D: Driver> EventLoop<D> {
         addr: ClientAddr,
         via: Via,
         codec: Codec,
+        permit: Permit,
     ) -> Result<Connection, (Side, Arc<Route>, Rejection)> {
         if !route.mapping.allows(addr.0.ip()) {
-            self.shared.release();
             return Err((client, route, Rejection::Acl));
         }
-        if !route.mapping.try_acquire() {
-            self.shared.release();
+        let Some(mapping_permit) = MappingPermit::acquire(&route.mapping) else {
             return Err((client, route, Rejection::Limit));
-        }
+        };
         let upstream = match self.upstream_socket(&route.upstream.0) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(client = %addr, port = route.port, error = %e, "cannot create upstream socket");
-                route.mapping.release();
-                self.shared.release();
                 return Err((client, route, Rejection::Limit));
             }
         };
         // TCP_NODELAY and keepalive came with the socket: it inherits the listener's.
         route.metrics.accepted(via);
-        Ok(Connection::new(
-            client,
-            upstream.into(),
+        let admitted = Admitted {
             route,
-            addr,
+            client_addr: addr,
             via,
             codec,
-            self.now,
-        ))
+            caps: (permit, mapping_permit),
+        };
+        Ok(Connection::new(client, upstream.into(), admitted, self.now))
     }
 
     fn start_connect(&mut self, key: Key) {
@@ -707,18 +703,17 @@ impl<D: Driver> EventLoop<D> {
         let Some(entry) = self.entries.remove(key.slot(), key.generation()) else {
             return;
         };
-        let Entry::Relay(c) = entry else {
+        let Entry::Relay(mut c) = entry else {
             return;
         };
         self.driver
             .unwatch(key.with_tag(Tag::Client), c.client.fd.as_raw_fd());
         self.driver
             .unwatch(key.with_tag(Tag::Upstream), c.upstream.fd.as_raw_fd());
-        let r = &c.route;
         // Free the connection's place in the caps first: whoever learns of the close (the
         // log, the client) may connect again at once.
-        r.mapping.release();
-        self.shared.release();
+        c.caps = None;
+        let r = &c.route;
         r.metrics.active.decrement(1.0);
         tracing::info!(
             client = %c.client_addr,

@@ -96,52 +96,6 @@ pub struct Shared {
     max_pending: AtomicU32,
 }
 
-impl Shared {
-    /// A place for a connection that must pass admission first: one among the pending
-    /// admissions, and one in the relay-wide cap.
-    fn try_acquire_pending(&self) -> bool {
-        let max = self.max_pending.load(Ordering::Relaxed);
-        if self
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return false;
-        }
-        if !self.try_acquire() {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    /// Admission is over: the connection keeps its place in the relay-wide cap.
-    fn admitted(&self) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// A pending connection is refused: both its places are free again.
-    fn release_pending(&self) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-        self.release();
-    }
-
-    fn try_acquire(&self) -> bool {
-        let max = self.max_connections.load(Ordering::Relaxed);
-        self.active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn release(&self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// What a listener leads to: one mapped host port, or a TLS entry routing by SNI.
 #[derive(Clone)]
 pub enum Entrance {
