@@ -2,8 +2,7 @@
 //! one thread and never takes a lock on the data path (the mailbox lock is taken only when
 //! the control thread has woken the loop).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -17,9 +16,11 @@ use super::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, S
 use super::backend::driver::{Driver, Event, Key, Tag};
 use super::codec::Codec;
 use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
+use super::listeners::Listeners;
 use super::pipe::PipePool;
-use super::route::{tune, Listener, Route};
+use super::route::{tune, Route};
 use super::slab::Slab;
+use super::timers::{Timer, Timers};
 use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
 use crate::control::{RelaySettings, RemovedMapping};
@@ -30,11 +31,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a client at a TLS entry has to send its ClientHello and finish the handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct LoopListener {
-    listener: Arc<Listener>,
-    entrance: Entrance,
-}
-
 /// A slot of the loop's table: a client socket being admitted, or a relayed connection.
 enum Entry {
     Pending(Pending),
@@ -43,28 +39,20 @@ enum Entry {
     Moving,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
-    IdleSweep,
-    Admission(u64),
-    ResumeAccept(u64),
-}
-
 pub struct EventLoop<D: Driver> {
     driver: D,
     shared: Arc<Shared>,
     settings: Arc<RelaySettings>,
     mailbox: Arc<Mailbox>,
     entries: Slab<Entry>,
-    listeners: Slab<LoopListener>,
-    listener_keys: HashMap<SocketAddr, (u32, u32)>,
+    listeners: Listeners,
     tls_routes: Arc<TlsRoutes>,
     /// The route of each mapped host port in force (for connections finishing admission).
     routes: Arc<HashMap<u16, Arc<Route>>>,
     /// Rejection counters of TLS entry ports (mapped ports count through their route).
     tls_rejected: HashMap<u16, metrics::RejectedCounters>,
     pool: PipePool,
-    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    timers: Timers,
     /// Connections that used up their turn with work left.
     pending: Vec<Key>,
     events: Vec<Event>,
@@ -73,7 +61,6 @@ pub struct EventLoop<D: Driver> {
     drain_until: Option<Instant>,
     /// This loop's pipe counts as last added to the relay-wide gauges.
     published_pipes: (usize, usize),
-    idle_sweep_armed: bool,
     /// Debug builds only: a fault to inject once a connection is in the loop.
     #[cfg(debug_assertions)]
     fault: Option<String>,
@@ -94,19 +81,17 @@ impl<D: Driver> EventLoop<D> {
             settings,
             mailbox,
             entries: Slab::new(),
-            listeners: Slab::new(),
-            listener_keys: HashMap::new(),
+            listeners: Listeners::default(),
             tls_routes: Arc::default(),
             routes: Arc::default(),
             tls_rejected: HashMap::new(),
             pool: PipePool::new(max_pipes, pipe_size),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             pending: Vec::new(),
             events: Vec::with_capacity(1024),
             now: Instant::now(),
             drain_until: None,
             published_pipes: (0, 0),
-            idle_sweep_armed: false,
             #[cfg(debug_assertions)]
             fault: std::env::var("PORTRELAY_TEST_FAULT").ok(),
         }
@@ -189,7 +174,7 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let timer = self.timers.next();
         let next = match (timer, self.drain_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -202,12 +187,10 @@ impl<D: Driver> EventLoop<D> {
             Event::Wake => self.take_commands(),
             Event::Accepted(key, fd) => self.accepted(key, fd),
             Event::AcceptFailed(key, e) => {
-                if let Some(l) = self.listeners.get(key.slot(), key.generation()) {
+                if let Some(l) = self.listeners.get(key) {
                     tracing::warn!(listen = %l.listener.addr, error = %e, "accept failed; backing off");
-                    self.timers.push(Reverse((
-                        self.now + ACCEPT_BACKOFF,
-                        Timer::ResumeAccept(key.0),
-                    )));
+                    self.timers
+                        .add(self.now, ACCEPT_BACKOFF, Timer::ResumeAccept(key));
                 }
             }
             Event::Connected(key, result) => self.connected(key, result),
@@ -274,26 +257,15 @@ impl<D: Driver> EventLoop<D> {
                             .entry(addr.port())
                             .or_insert_with(|| metrics::rejected_counters(addr.port()));
                     }
-                    let slot = self.listeners.insert(LoopListener {
-                        listener: listener.clone(),
-                        entrance,
-                    });
-                    let key = Key::new(Tag::Listener, slot.0, slot.1);
-                    if let Err(e) = self.driver.accept(key, listener.fd()) {
+                    if let Err(e) = self
+                        .listeners
+                        .add(&mut self.driver, listener.clone(), entrance)
+                    {
                         tracing::error!(listen = %listener.addr, error = %e, "cannot accept");
-                        self.listeners.remove(slot.0, slot.1);
-                    } else {
-                        self.listener_keys.insert(addr, slot);
                     }
                 }
-                Command::Enter(addr, entrance) => {
-                    if let Some(&(slot, generation)) = self.listener_keys.get(&addr) {
-                        if let Some(l) = self.listeners.get_mut(slot, generation) {
-                            l.entrance = entrance;
-                        }
-                    }
-                }
-                Command::Unlisten(addr) => self.unlisten(addr),
+                Command::Enter(addr, entrance) => self.listeners.enter(addr, entrance),
+                Command::Unlisten(addr) => self.listeners.remove(&mut self.driver, addr),
                 Command::CloseConnections(doomed) => {
                     let keys: Vec<_> = self.entries.keys().collect();
                     for (slot, generation) in keys {
@@ -332,9 +304,8 @@ impl<D: Driver> EventLoop<D> {
                     let _ = ack.send(());
                 }
                 Command::Shutdown { grace } => {
-                    let addrs: Vec<_> = self.listener_keys.keys().copied().collect();
-                    for addr in addrs {
-                        self.unlisten(addr);
+                    for addr in self.listeners.addrs() {
+                        self.listeners.remove(&mut self.driver, addr);
                     }
                     self.drain_until = Some(super::deadline(self.now, grace));
                     // No connection still in admission opens an upstream connection now.
@@ -347,17 +318,8 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn unlisten(&mut self, addr: SocketAddr) {
-        if let Some((slot, generation)) = self.listener_keys.remove(&addr) {
-            if let Some(l) = self.listeners.remove(slot, generation) {
-                let key = Key::new(Tag::Listener, slot, generation);
-                self.driver.stop_accept(key, l.listener.fd());
-            }
-        }
-    }
-
     fn accepted(&mut self, key: Key, fd: OwnedFd) {
-        let Some(l) = self.listeners.get(key.slot(), key.generation()) else {
+        let Some(l) = self.listeners.get(key) else {
             return;
         };
         let port = l.listener.port;
@@ -420,10 +382,7 @@ impl<D: Driver> EventLoop<D> {
         metrics::pending_admission().increment(1.0);
         let key = Key::new(Tag::Client, slot, generation);
         self.watch_client(key);
-        self.timers.push(Reverse((
-            super::deadline(self.now, timeout),
-            Timer::Admission(key.0),
-        )));
+        self.timers.add(self.now, timeout, Timer::Admission(key));
     }
 
     fn trusted(&self, peer: ClientAddr) -> bool {
@@ -615,17 +574,14 @@ impl<D: Driver> EventLoop<D> {
     /// With `idle_timeout` set, one sweep timer per loop (not one timer per connection,
     /// which would pile up in the heap for connections long closed).
     fn arm_idle_sweep(&mut self) {
-        if let (Some(idle), false) = (self.settings.idle_timeout, self.idle_sweep_armed) {
+        if let Some(idle) = self.settings.idle_timeout {
             let every = (idle / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            self.timers
-                .push(Reverse((self.now + every, Timer::IdleSweep)));
-            self.idle_sweep_armed = true;
+            self.timers.arm_sweep(self.now, every);
         }
     }
 
     /// Closes connections idle for `idle_timeout` (late by at most an eighth of it, ≤ 5 s).
     fn sweep_idle(&mut self) {
-        self.idle_sweep_armed = false;
         let Some(idle) = self.settings.idle_timeout else {
             return;
         };
@@ -793,22 +749,17 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn run_timers(&mut self) {
-        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
-            if at > self.now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(timer) = self.timers.pop_due(self.now) {
             match timer {
                 Timer::IdleSweep => self.sweep_idle(),
-                Timer::Admission(k) => self.expire_pending(Key(k)),
-                Timer::ResumeAccept(k) => {
-                    let key = Key(k);
-                    if let Some(l) = self.listeners.get(key.slot(), key.generation()) {
+                Timer::Admission(key) => self.expire_pending(key),
+                Timer::ResumeAccept(key) => {
+                    if let Some(l) = self.listeners.get(key) {
                         let fd = l.listener.fd();
                         if let Err(e) = self.driver.accept(key, fd) {
                             tracing::warn!(error = %e, "cannot resume accepting");
                             self.timers
-                                .push(Reverse((self.now + ACCEPT_BACKOFF, Timer::ResumeAccept(k))));
+                                .add(self.now, ACCEPT_BACKOFF, Timer::ResumeAccept(key));
                         }
                     }
                 }

@@ -2,7 +2,11 @@
 //! connections, pipe pool and timers, fed by the control thread through a mailbox.
 //!
 //! - `backend`: the readiness interface (`driver`); `uring` and `epoll` implement it.
-//! - `event_loop`: accept, connect, dispatch readiness, timers, shutdown drain.
+//! - `event_loop`: wait, dispatch, the connection lifecycle, shutdown drain.
+//! - `listeners`, `timers`: a loop's listeners, and its deadlines.
+//! - `admission`: what a connection passes before it is relayed (one file per entrance),
+//!   and the caps as permits.
+//! - `codec`: the client end of a connection (plain, TLS).
 //! - `connection`: one connection's two directions and the splice/copy data path.
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
@@ -28,9 +32,11 @@ mod backend;
 mod codec;
 mod connection;
 mod event_loop;
+mod listeners;
 mod pipe;
 mod route;
 mod slab;
+mod timers;
 
 use crate::sys;
 use backend::{epoll, uring};
