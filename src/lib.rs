@@ -6,6 +6,7 @@
 //! - [`metrics`]: metric names, handles, the `/metrics` endpoint.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
 //! - [`tls`]: the TLS entry: certificates, SNI routing.
+//! - [`websocket`]: SSH over WebSocket: the upgrade handshake, frames, token files (pure).
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
 #![deny(unsafe_code)]
 
@@ -16,3 +17,4 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod tls;
+pub mod websocket;
