@@ -7,6 +7,7 @@
 //!   `/metrics` endpoint.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
 //! - [`tls`]: the TLS entry: certificates, SNI routing.
+//! - [`websocket`]: SSH over WebSocket: the upgrade handshake, frames, token files (pure).
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
 //! - [`sys`]: the syscall wrappers the standard library lacks (splice, pipes, eventfd, peek).
 #![deny(unsafe_code)]
@@ -19,3 +20,4 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod sys;
 pub mod tls;
+pub mod websocket;
