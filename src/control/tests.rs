@@ -37,6 +37,7 @@ fn tls_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tls.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
     std::fs::write(dir.path().join("tls.key"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    std::fs::write(dir.path().join("ws.tokens"), "C.123456 s3cret\n").unwrap();
     dir
 }
 
@@ -86,6 +87,15 @@ listen = "0.0.0.0:443"
 cert = "tls.crt"
 key = "{}"
 sni_suffix = ".ssh.example.net"
+
+[[ws]]
+listen = "0.0.0.0:8080"
+path = "/user/{{name}}/sshd/"
+tokens = "ws.tokens"
+ping_interval = "0s"
+
+[[ws]]
+listen = "127.0.0.1:8081"
 "#,
         abs_key.display()
     );
@@ -140,6 +150,20 @@ sni_suffix = ".ssh.example.net"
             key: abs_key,
             sni_suffix: "ssh.example.net".into(),
         }],
+        ws: vec![
+            WsEntry {
+                listen: sock("0.0.0.0:8080"),
+                path: "/user/{name}/sshd/".into(),
+                tokens: Some(dir.path().join("ws.tokens")),
+                ping_interval: None,
+            },
+            WsEntry {
+                listen: sock("127.0.0.1:8081"),
+                path: "/ssh/{name}".into(),
+                tokens: None,
+                ping_interval: Some(Duration::from_secs(30)),
+            },
+        ],
     };
     assert_eq!(config, expected);
 }
@@ -494,6 +518,31 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         r#"t.toml:3:6: "to" must be a string "IP:PORT", "[IPv6]:PORT" or "HOST:PORT""#,
     ),
     ("zero-byte file", "", "t.toml:1:1: control file is empty"),
+    (
+        "ws without listen",
+        "[[ws]]\npath = \"/ssh/{name}\"\n",
+        r#"t.toml:1:1: [[ws]] needs "listen""#,
+    ),
+    (
+        "ws path without {name}",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\npath = \"/ssh/\"\n",
+        r#"t.toml:3:8: invalid "path" "/ssh/": path template "/ssh/" must hold {name} exactly once, found 0"#,
+    ),
+    (
+        "ws unknown key",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\ntoken = \"x\"\n",
+        r#"t.toml:3:1: unknown key "token" in [[ws]]"#,
+    ),
+    (
+        "ws and tls on one address",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\n[[ws]]\nlisten = \"127.0.0.1:8080\"\n",
+        "t.toml:4:10: address 127.0.0.1:8080 is already used by [[ws]] at line 2",
+    ),
+    (
+        "ws tokens file missing",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\ntokens = \"/nonexistent/tokens\"\n",
+        r#"t.toml:3:10: cannot read tokens file "/nonexistent/tokens": No such file or directory (os error 2)"#,
+    ),
     (
         "whitespace-only file",
         "\n  \t\n\n",
