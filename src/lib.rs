@@ -3,10 +3,13 @@
 //! - [`cli`]: command line (clap).
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`addr`]: address newtypes, so a signature says which end it means.
-//! - [`metrics`]: metric names, handles, the `/metrics` endpoint.
+//! - [`metrics`]: metric names, handles, the registry (series follow the mappings), the
+//!   `/metrics` endpoint.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
 //! - [`tls`]: the TLS entry: certificates, SNI routing.
+//! - [`websocket`]: SSH over WebSocket: the upgrade handshake, frames, token files (pure).
 //! - [`relay`]: event loops, the connection state machine, the io backends (uring, epoll), pipes.
+//! - [`sys`]: the syscall wrappers the standard library lacks (splice, pipes, eventfd, peek).
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -15,4 +18,6 @@ pub mod control;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod sys;
 pub mod tls;
+pub mod websocket;

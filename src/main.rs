@@ -48,6 +48,7 @@ enum CheckLine<'a> {
         mappings: usize,
         ports: usize,
         tls: usize,
+        ws: usize,
     },
 }
 
@@ -73,6 +74,7 @@ fn check(config: &Path, format: CheckFormat) -> ExitCode {
                     mappings: c.mappings.len(),
                     ports,
                     tls: c.tls.len(),
+                    ws: c.ws.len(),
                 }),
             }
             return ExitCode::SUCCESS;
@@ -144,7 +146,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let watch = Arc::new(AtomicBool::new(config.relay.watch));
     let mappings = config.mappings.len();
     let wanted_listeners = config.mappings.len() + config.tls.len();
+    let live = portrelay::metrics::live(&config);
     let mut relay = Relay::start(config, backend, threads)?;
+    portrelay::metrics::set_live(live);
     if wanted_listeners > 0 && relay.listener_count() == 0 {
         // Some ports failing is reported and retried at each reload; none at all is a relay
         // that serves nothing, which a supervisor should see as a failed start.
@@ -246,6 +250,7 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
             let loaded_ms = started.elapsed().as_secs_f64() * 1000.0;
             let mappings = config.mappings.len();
             watch.store(config.relay.watch, Ordering::Relaxed);
+            let live = portrelay::metrics::live(&config);
             let applied = match relay.apply(config) {
                 Ok(a) => a,
                 Err(e) => {
@@ -256,6 +261,7 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
                 }
             };
             *generation += 1;
+            portrelay::metrics::set_live(live);
             portrelay::metrics::reload(true);
             portrelay::metrics::set_generation(*generation, mappings);
             tracing::info!(

@@ -115,13 +115,13 @@ pub struct FdIo(pub std::os::fd::RawFd);
 
 impl io::Read for FdIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        crate::relay::sys::recv(self.0, buf)
+        crate::sys::recv(self.0, buf)
     }
 }
 
 impl io::Write for FdIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        crate::relay::sys::send(self.0, buf)
+        crate::sys::send(self.0, buf)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())

@@ -28,6 +28,8 @@ mod control;
 mod hardening;
 #[path = "cases/harness.rs"]
 mod harness;
+#[path = "cases/metrics.rs"]
+mod metrics;
 #[path = "cases/ops.rs"]
 mod ops;
 #[path = "cases/package.rs"]

@@ -10,15 +10,16 @@ pub const EMPTY_FILE: &str = "empty_file";
 pub const SYNTAX: &str = "syntax";
 /// A key the relay does not know, or one in the wrong table.
 pub const UNKNOWN_KEY: &str = "unknown_key";
-/// A table or array of tables other than `[relay]`, `[[map]]`, `[[tls]]`.
+/// A table or array of tables other than `[relay]`, `[[map]]`, `[[tls]]`, `[[ws]]`.
 pub const UNKNOWN_TABLE: &str = "unknown_table";
-/// A `[[map]]` or `[[tls]]` without a key it needs.
+/// A `[[map]]`, `[[tls]]` or `[[ws]]` without a key it needs.
 pub const MISSING_KEY: &str = "missing_key";
 /// A value of the wrong TOML type (a number for a string, a table for an array…).
 pub const WRONG_TYPE: &str = "wrong_type";
 /// An empty string where one is needed (`name`, `sni_suffix`, `cert`, `key`).
 pub const EMPTY_VALUE: &str = "empty_value";
-/// A string that is none of the words the key accepts (`removed_mapping`).
+/// A string that is not one of the forms its key accepts (`removed_mapping`, a `[[ws]]`
+/// `path` without `{name}`).
 pub const BAD_VALUE: &str = "bad_value";
 /// A duration string that does not parse.
 pub const BAD_DURATION: &str = "bad_duration";
@@ -39,12 +40,14 @@ pub const BAD_UPSTREAM: &str = "bad_upstream";
 pub const UNRESOLVABLE_UPSTREAM: &str = "unresolvable_upstream";
 /// A malformed IP address or `IP:PORT` (`bind`, `metrics`, `listen`).
 pub const BAD_ADDRESS: &str = "bad_address";
-/// An address given twice (`bind`, `[[tls]]` listen).
+/// An address given twice (`bind`, the `listen` of `[[tls]]` and `[[ws]]`).
 pub const DUPLICATE_ADDRESS: &str = "duplicate_address";
 /// A malformed CIDR (`allow`, `trusted_proxies`).
 pub const BAD_CIDR: &str = "bad_cidr";
-/// A `[[tls]]` `cert` or `key` file that cannot be read.
-pub const UNREADABLE_TLS_FILE: &str = "unreadable_tls_file";
+/// A file the control file names (`cert`, `key`, `tokens`) that cannot be read.
+pub const UNREADABLE_PATH: &str = "unreadable_path";
+/// A `[[ws]]` tokens file with a malformed line.
+pub const BAD_TOKENS_FILE: &str = "bad_tokens_file";
 
 /// Every code above.
 pub const ALL: &[&str] = &[
@@ -68,5 +71,6 @@ pub const ALL: &[&str] = &[
     BAD_ADDRESS,
     DUPLICATE_ADDRESS,
     BAD_CIDR,
-    UNREADABLE_TLS_FILE,
+    UNREADABLE_PATH,
+    BAD_TOKENS_FILE,
 ];

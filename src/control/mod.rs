@@ -37,6 +37,25 @@ pub struct Config {
     pub mappings: Vec<Mapping>,
     /// `[[tls]]` listeners, in file order; no two share a `listen` address.
     pub tls: Vec<TlsEntry>,
+    /// `[[ws]]` listeners (SSH over WebSocket), in file order; no two listeners of any kind
+    /// share an address.
+    pub ws: Vec<WsEntry>,
+}
+
+/// One `[[ws]]` entry: `ws://` on `listen`, routed by the request path to the mapping that
+/// `path`'s `{name}` names. The first entry's `path`, `tokens` and `ping_interval` also
+/// serve `wss://` on the `[[tls]]` entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WsEntry {
+    pub listen: SocketAddr,
+    /// A request path template with one `{name}`. Default `/ssh/{name}`.
+    pub path: String,
+    /// A token file (`<mapping name> <token>` lines): then every request must carry its
+    /// mapping's token. Known readable and well-formed when the file was loaded; relative
+    /// to the control file's directory.
+    pub tokens: Option<PathBuf>,
+    /// `None` when "0s". Default 30s.
+    pub ping_interval: Option<Duration>,
 }
 
 /// One `[[tls]]` entry: SSH wrapped in TLS on one port for all mappings, routed by SNI
@@ -146,15 +165,6 @@ impl Mapping {
         let mut addr = self.upstream.0;
         addr.set_port(self.upstream.0.port() + (port - self.ports.start()));
         UpstreamAddr(addr)
-    }
-
-    /// Whether `ip` (IPv4-mapped IPv6 counts as IPv4) is allowed by `allow`.
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.allow.iter().any(|net| net.contains(&ip))
     }
 }
 

@@ -37,6 +37,7 @@ fn tls_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("tls.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
     std::fs::write(dir.path().join("tls.key"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+    std::fs::write(dir.path().join("ws.tokens"), "C.123456 s3cret\n").unwrap();
     dir
 }
 
@@ -86,6 +87,15 @@ listen = "0.0.0.0:443"
 cert = "tls.crt"
 key = "{}"
 sni_suffix = ".ssh.example.net"
+
+[[ws]]
+listen = "0.0.0.0:8080"
+path = "/user/{{name}}/sshd/"
+tokens = "ws.tokens"
+ping_interval = "0s"
+
+[[ws]]
+listen = "127.0.0.1:8081"
 "#,
         abs_key.display()
     );
@@ -140,6 +150,20 @@ sni_suffix = ".ssh.example.net"
             key: abs_key,
             sni_suffix: "ssh.example.net".into(),
         }],
+        ws: vec![
+            WsEntry {
+                listen: sock("0.0.0.0:8080"),
+                path: "/user/{name}/sshd/".into(),
+                tokens: Some(dir.path().join("ws.tokens")),
+                ping_interval: None,
+            },
+            WsEntry {
+                listen: sock("127.0.0.1:8081"),
+                path: "/ssh/{name}".into(),
+                tokens: None,
+                ping_interval: Some(Duration::from_secs(30)),
+            },
+        ],
     };
     assert_eq!(config, expected);
 }
@@ -495,6 +519,31 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
     ),
     ("zero-byte file", "", "t.toml:1:1: control file is empty"),
     (
+        "ws without listen",
+        "[[ws]]\npath = \"/ssh/{name}\"\n",
+        r#"t.toml:1:1: [[ws]] needs "listen""#,
+    ),
+    (
+        "ws path without {name}",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\npath = \"/ssh/\"\n",
+        r#"t.toml:3:8: invalid "path" "/ssh/": path template "/ssh/" must hold {name} exactly once, found 0"#,
+    ),
+    (
+        "ws unknown key",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\ntoken = \"x\"\n",
+        r#"t.toml:3:1: unknown key "token" in [[ws]]"#,
+    ),
+    (
+        "ws and tls on one address",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\n[[ws]]\nlisten = \"127.0.0.1:8080\"\n",
+        "t.toml:4:10: address 127.0.0.1:8080 is already used by [[ws]] at line 2",
+    ),
+    (
+        "ws tokens file missing",
+        "[[ws]]\nlisten = \"127.0.0.1:8080\"\ntokens = \"/nonexistent/tokens\"\n",
+        r#"t.toml:3:10: cannot read tokens file "/nonexistent/tokens": No such file or directory (os error 2)"#,
+    ),
+    (
         "whitespace-only file",
         "\n  \t\n\n",
         "t.toml:1:1: control file is empty",
@@ -590,6 +639,11 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("duration past 10 years", &[code::OUT_OF_RANGE]),
     ("duration just past 10 years", &[code::OUT_OF_RANGE]),
     ("empty name", &[code::EMPTY_VALUE]),
+    ("ws without listen", &[code::MISSING_KEY]),
+    ("ws path without {name}", &[code::BAD_VALUE]),
+    ("ws unknown key", &[code::UNKNOWN_KEY]),
+    ("ws and tls on one address", &[code::DUPLICATE_ADDRESS]),
+    ("ws tokens file missing", &[code::UNREADABLE_PATH]),
 ];
 
 fn codes(file: &str, text: &str) -> Vec<&'static str> {
@@ -628,7 +682,7 @@ fn each_error_kind_has_its_code() {
     assert_eq!(
         codes(&control_file(dir.path()), tls),
         [
-            code::UNREADABLE_TLS_FILE,
+            code::UNREADABLE_PATH,
             code::EMPTY_VALUE,
             code::DUPLICATE_ADDRESS
         ]
@@ -637,6 +691,12 @@ fn each_error_kind_has_its_code() {
     assert_eq!(
         codes(&control_file(dir.path()), tls),
         [code::DUPLICATE_PORT]
+    );
+    std::fs::write(dir.path().join("bad.tokens"), "C.123456\n").unwrap();
+    let ws = "[[ws]]\nlisten = \"127.0.0.1:8080\"\ntokens = \"bad.tokens\"\n";
+    assert_eq!(
+        codes(&control_file(dir.path()), ws),
+        [code::BAD_TOKENS_FILE]
     );
     let missing = dir.path().join("nope.toml");
     let err = load(&missing).unwrap_err();
@@ -649,9 +709,10 @@ fn each_error_kind_has_its_code() {
         .flat_map(|(_, codes)| codes.iter().copied())
         .chain([
             code::UNRESOLVABLE_UPSTREAM,
-            code::UNREADABLE_TLS_FILE,
+            code::UNREADABLE_PATH,
             code::DUPLICATE_ADDRESS,
             code::UNREADABLE_FILE,
+            code::BAD_TOKENS_FILE,
         ])
         .collect();
     let untested: Vec<_> = code::ALL.iter().filter(|c| !tested.contains(c)).collect();
@@ -910,7 +971,8 @@ fn man_page_names_every_key() {
     let keys = validate::RELAY_KEYS
         .iter()
         .chain(validate::MAP_KEYS)
-        .chain(validate::TLS_KEYS);
+        .chain(validate::TLS_KEYS)
+        .chain(validate::WS_KEYS);
     let missing: Vec<_> = keys
         .filter(|k| !page.contains(&format!("\\fB{k}\\fR =")))
         .collect();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::spanned::{Item, Key, LineIndex, Table, Value};
-use super::{code, Config, Mapping, RelaySettings, RemovedMapping, TlsEntry};
+use super::{code, Config, Mapping, RelaySettings, RemovedMapping, TlsEntry, WsEntry};
 use crate::addr::UpstreamAddr;
 
 /// One problem, at a byte offset of the text.
@@ -45,6 +45,7 @@ pub(super) const RELAY_KEYS: &[&str] = &[
 ];
 pub(super) const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
 pub(super) const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
+pub(super) const WS_KEYS: &[&str] = &["listen", "path", "tokens", "ping_interval"];
 
 const PORT_TYPE: &str = "\"port\" must be an integer or a \"FIRST-LAST\" string";
 const TO_FORMS: &str = "\"IP:PORT\", \"[IPv6]:PORT\" or \"HOST:PORT\"";
@@ -69,6 +70,7 @@ pub(super) fn validate(
     let mut relay = RelaySettings::default();
     let mut maps = Vec::new();
     let mut tls = Vec::new();
+    let mut ws = Vec::new();
     for (key, item) in root {
         let key_at = key.start(0);
         let at = item.start(key_at);
@@ -91,20 +93,32 @@ pub(super) fn validate(
                     tls.push(v.tls(table, at));
                 }
             }
+            "ws" => {
+                for (table, at) in v.array_of_tables(item, at, "ws") {
+                    ws.push(v.ws(table, at));
+                }
+            }
             _ => v.unknown_top_level(key, item, key_at),
         }
     }
     v.check_overlaps(&maps);
-    v.check_tls_listeners(&tls, &maps, &relay.bind);
+    let listeners: Vec<(&str, Option<(SocketAddr, usize)>)> = tls
+        .iter()
+        .map(|t| ("[[tls]]", t.listen))
+        .chain(ws.iter().map(|w| ("[[ws]]", w.listen)))
+        .collect();
+    v.check_listeners(&listeners, &maps, &relay.bind);
     if !v.problems.is_empty() {
         return Err(v.problems);
     }
     let mappings = maps.into_iter().filter_map(MapDraft::build).collect();
     let tls = tls.into_iter().filter_map(TlsDraft::build).collect();
+    let ws = ws.into_iter().filter_map(WsDraft::build).collect();
     Ok(Config {
         relay,
         mappings,
         tls,
+        ws,
     })
 }
 
@@ -175,6 +189,26 @@ impl TlsDraft {
     }
 }
 
+/// A `[[ws]]` entry as far as it is valid.
+struct WsDraft {
+    /// With the offset of the `listen` value.
+    listen: Option<(SocketAddr, usize)>,
+    path: Option<String>,
+    tokens: Option<Option<PathBuf>>,
+    ping_interval: Option<Option<Duration>>,
+}
+
+impl WsDraft {
+    fn build(self) -> Option<WsEntry> {
+        Some(WsEntry {
+            listen: self.listen?.0,
+            path: self.path.unwrap_or_else(|| "/ssh/{name}".to_owned()),
+            tokens: self.tokens.unwrap_or(None),
+            ping_interval: self.ping_interval.unwrap_or(Some(Duration::from_secs(30))),
+        })
+    }
+}
+
 impl Validator<'_> {
     fn err(&mut self, offset: usize, code: &'static str, message: impl Into<String>) {
         self.problems.push(Problem {
@@ -214,6 +248,8 @@ impl Validator<'_> {
                     " (it belongs in a [[map]])"
                 } else if TLS_KEYS.contains(&name) {
                     " (it belongs in a [[tls]])"
+                } else if WS_KEYS.contains(&name) {
+                    " (it belongs in a [[ws]])"
                 } else {
                     ""
                 };
@@ -633,7 +669,95 @@ impl Validator<'_> {
         d
     }
 
-    /// `cert`/`key`: a path, relative to the control file's directory, to a readable file.
+    fn ws(&mut self, table: &Table, at: usize) -> WsDraft {
+        let mut d = WsDraft {
+            listen: None,
+            path: None,
+            tokens: None,
+            ping_interval: None,
+        };
+        for (key, item) in table {
+            let key_at = key.start(at);
+            let value_at = item.start(key_at);
+            let name = key.name.as_str();
+            match name {
+                "listen" => match &item.value {
+                    Value::String(s) => {
+                        d.listen = self.socket_addr(s, value_at, name).map(|a| (a, value_at))
+                    }
+                    _ => self.err(
+                        value_at,
+                        code::WRONG_TYPE,
+                        "\"listen\" must be a string \"IP:PORT\"",
+                    ),
+                },
+                "path" => match &item.value {
+                    Value::String(s) => match crate::websocket::handshake::validate_template(s) {
+                        Ok(()) => d.path = Some(s.clone()),
+                        Err(e) => self.err(
+                            value_at,
+                            code::BAD_VALUE,
+                            format!("invalid \"path\" {s:?}: {e}"),
+                        ),
+                    },
+                    _ => self.err(
+                        value_at,
+                        code::WRONG_TYPE,
+                        "\"path\" must be a string such as \"/ssh/{name}\"",
+                    ),
+                },
+                "tokens" => {
+                    d.tokens = match &item.value {
+                        Value::String(s) if s.is_empty() => Some(None),
+                        _ => self.token_file(item, value_at).map(Some),
+                    }
+                }
+                "ping_interval" => {
+                    if let Some(t) = self.duration(item, value_at, name) {
+                        d.ping_interval = Some((!t.is_zero()).then_some(t));
+                    }
+                }
+                _ => self.err(
+                    key_at,
+                    code::UNKNOWN_KEY,
+                    format!("unknown key {name:?} in [[ws]]"),
+                ),
+            }
+        }
+        if d.listen.is_none() && !table.iter().any(|(k, _)| k.name == "listen") {
+            self.err(at, code::MISSING_KEY, "[[ws]] needs \"listen\"");
+        }
+        d
+    }
+
+    /// `tokens`: a readable token file whose every line is `<mapping name> <token>`.
+    fn token_file(&mut self, item: &Item, at: usize) -> Option<PathBuf> {
+        let path = self.readable_file(item, at, "tokens")?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.err(
+                    at,
+                    code::UNREADABLE_PATH,
+                    format!("cannot read tokens file {path:?}: {e}"),
+                );
+                return None;
+            }
+        };
+        match crate::websocket::tokens::parse(&text) {
+            Ok(_) => Some(path),
+            Err(e) => {
+                self.err(
+                    at,
+                    code::BAD_TOKENS_FILE,
+                    format!("tokens file {path:?}: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// `cert`/`key`/`tokens`: a path, relative to the control file's directory, to a readable file.
     fn readable_file(&mut self, item: &Item, at: usize, name: &str) -> Option<PathBuf> {
         let given = self.non_empty_string(item, at, name)?;
         let path = self.base_dir.join(given);
@@ -648,7 +772,7 @@ impl Validator<'_> {
         };
         self.err(
             at,
-            code::UNREADABLE_TLS_FILE,
+            code::UNREADABLE_PATH,
             format!("cannot read {name} file {path:?}: {why}"),
         );
         None
@@ -699,24 +823,29 @@ impl Validator<'_> {
         }
     }
 
-    /// No two `[[tls]]` on one address, and none on a port that a mapping opens on an
-    /// address that would clash.
-    fn check_tls_listeners(&mut self, tls: &[TlsDraft], maps: &[MapDraft], bind: &[IpAddr]) {
-        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
-        for t in tls {
-            let Some((listen, at)) = t.listen else {
+    /// No two `[[tls]]`/`[[ws]]` listeners on one address, and none on a port that a
+    /// mapping opens on an address that would clash.
+    fn check_listeners(
+        &mut self,
+        listeners: &[(&str, Option<(SocketAddr, usize)>)],
+        maps: &[MapDraft],
+        bind: &[IpAddr],
+    ) {
+        let mut seen: HashMap<SocketAddr, (&str, usize)> = HashMap::new();
+        for &(kind, listen) in listeners {
+            let Some((listen, at)) = listen else {
                 continue;
             };
-            if let Some(&first_at) = seen.get(&listen) {
+            if let Some(&(first, first_at)) = seen.get(&listen) {
                 let line = self.lines.line(first_at);
                 self.err(
                     at,
                     code::DUPLICATE_ADDRESS,
-                    format!("address {listen} is already used by [[tls]] at line {line}"),
+                    format!("address {listen} is already used by {first} at line {line}"),
                 );
                 continue;
             }
-            seen.insert(listen, at);
+            seen.insert(listen, (kind, at));
             let clashes = listen.ip().is_unspecified()
                 || bind.iter().any(|b| b.is_unspecified() || *b == listen.ip());
             if !clashes {

@@ -10,17 +10,68 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use rustls::ServerConnection;
-
+use super::admission::{MappingPermit, Permit};
+use super::codec::Codec;
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
-use super::sys;
-use super::tls_path;
 use crate::addr::ClientAddr;
 use crate::metrics::Via;
+use crate::sys;
+
+/// Why a connection ended: the `reason` of its close line, as the text says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent FIN first (and then both directions ended cleanly).
+    ClientEof,
+    /// The upstream sent FIN first.
+    UpstreamEof,
+    /// A peer reset its side (or a write to it failed as a reset does).
+    Reset,
+    /// No byte moved for `idle_timeout`.
+    Idle,
+    /// A reload removed or retargeted its port (`removed_mapping = "close"`).
+    Reload,
+    /// `shutdown_grace` ran out after SIGTERM.
+    Shutdown,
+    /// Anything else, with what failed: `error: connect: timed out`, `error: …`.
+    Error(String),
+}
+
+impl CloseReason {
+    /// The reason of an ended connection whose socket call failed with `e`.
+    pub fn of(e: &io::Error) -> CloseReason {
+        match e.raw_os_error() {
+            Some(libc::ECONNRESET) | Some(libc::EPIPE) => CloseReason::Reset,
+            _ => CloseReason::Error(e.to_string()),
+        }
+    }
+
+    /// The reason of a failed upstream connect.
+    pub fn connect(e: &io::Error) -> CloseReason {
+        if e.kind() == io::ErrorKind::TimedOut {
+            CloseReason::Error("connect: timed out".into())
+        } else {
+            CloseReason::Error(format!("connect: {e}"))
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::ClientEof => "client_eof",
+            CloseReason::UpstreamEof => "upstream_eof",
+            CloseReason::Reset => "reset",
+            CloseReason::Idle => "idle",
+            CloseReason::Reload => "reload",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error(what) => return write!(f, "error: {what}"),
+        })
+    }
+}
 
 /// A spliced read smaller than this sends a direction back to the copy path.
-const STREAMING_READ: usize = 16 * 1024;
+pub(super) const STREAMING_READ: usize = 16 * 1024;
 
 /// Reads a direction may make in one turn before the loop serves other connections.
 pub(super) const ROUNDS_PER_TURN: usize = 16;
@@ -74,7 +125,7 @@ pub struct Direction {
     /// Reads fill whole buffers: splice (zero-copy) pays off. Small reads (keystrokes, a
     /// request/response) go through a buffer instead, where a short read proves the socket
     /// empty and saves the `EAGAIN` read a splice would need.
-    streaming: bool,
+    pub(super) streaming: bool,
 }
 
 impl Direction {
@@ -134,27 +185,36 @@ pub struct Connection {
     pub route: Arc<Route>,
     pub client_addr: ClientAddr,
     pub via: Via,
-    /// The TLS session of a connection that came through a TLS entry: its client side is
-    /// encrypted, so both directions take the copy path through rustls.
-    pub tls: Option<Box<ServerConnection>>,
+    /// How the client end carries its bytes.
+    pub codec: Codec,
+    /// Its places in the relay-wide and the mapping's cap, until it ends.
+    pub caps: Option<(Permit, MappingPermit)>,
     pub started: Instant,
     pub last_active: Instant,
     /// Which side sent FIN first: the reason of a clean end.
-    first_eof: Option<&'static str>,
-    /// The reason of an unclean end (`reset`, `error: …`), first one wins.
-    failure: Option<String>,
+    first_eof: Option<CloseReason>,
+    /// The reason of an unclean end (reset, error), first one wins.
+    failure: Option<CloseReason>,
+}
+
+/// What admission decided about a connection: where it goes, who it is, how it came.
+pub struct Admitted {
+    pub route: Arc<Route>,
+    pub client_addr: ClientAddr,
+    pub via: Via,
+    pub codec: Codec,
+    pub caps: (Permit, MappingPermit),
 }
 
 impl Connection {
-    pub fn new(
-        client: Side,
-        upstream: OwnedFd,
-        route: Arc<Route>,
-        client_addr: ClientAddr,
-        via: Via,
-        tls: Option<Box<ServerConnection>>,
-        now: Instant,
-    ) -> Connection {
+    pub fn new(client: Side, upstream: OwnedFd, admitted: Admitted, now: Instant) -> Connection {
+        let Admitted {
+            route,
+            client_addr,
+            via,
+            codec,
+            caps,
+        } = admitted;
         Connection {
             client,
             upstream: Side::new(upstream),
@@ -164,7 +224,8 @@ impl Connection {
             route,
             client_addr,
             via,
-            tls,
+            codec,
+            caps: Some(caps),
             started: now,
             last_active: now,
             first_eof: None,
@@ -177,11 +238,11 @@ impl Connection {
     }
 
     /// Why the connection ended (meaningful once `is_done`).
-    pub fn reason(&self) -> &str {
+    pub fn reason(&self) -> CloseReason {
         self.failure
-            .as_deref()
-            .or(self.first_eof)
-            .unwrap_or("error: ended without cause")
+            .clone()
+            .or_else(|| self.first_eof.clone())
+            .unwrap_or_else(|| CloseReason::Error("ended without cause".into()))
     }
 
     pub fn duration(&self, now: Instant) -> Duration {
@@ -216,14 +277,10 @@ impl Connection {
             ),
         };
         let last = reverse.ended();
-        let result = match (&mut self.tls, d) {
-            (None, _) => move_bytes(src, dst, dir, last, pool),
-            (Some(tls), Dir::ToUpstream) => tls_path::decrypt(src, dst, dir, last, tls, pool),
-            (Some(tls), Dir::ToClient) => tls_path::encrypt(src, dst, dir, last, tls),
-        };
+        let result = self.codec.pump(d, src, dst, dir, last, pool);
         let eof_name = match d {
-            Dir::ToUpstream => "client_eof",
-            Dir::ToClient => "upstream_eof",
+            Dir::ToUpstream => CloseReason::ClientEof,
+            Dir::ToClient => CloseReason::UpstreamEof,
         };
         match result {
             Ok(turn) => {
@@ -279,16 +336,11 @@ impl Connection {
     }
 
     fn fail(&mut self, e: &io::Error) {
-        if self.failure.is_none() {
-            self.failure = Some(match e.raw_os_error() {
-                Some(libc::ECONNRESET) | Some(libc::EPIPE) => "reset".to_string(),
-                _ => format!("error: {e}"),
-            });
-        }
+        self.failure.get_or_insert_with(|| CloseReason::of(e));
     }
 
     /// Ends the connection now, for `reason` (idle, shutdown, reload, connect errors).
-    pub fn abort(&mut self, reason: String, pool: &mut PipePool) {
+    pub fn abort(&mut self, reason: CloseReason, pool: &mut PipePool) {
         self.failure.get_or_insert(reason);
         self.to_upstream.abort(pool);
         self.to_client.abort(pool);
@@ -417,66 +469,6 @@ pub(super) fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// The data path of one direction: drain what is held into `dst`, pass on EOF, refill from
-/// `src`; repeat until a socket blocks or the turn is used up. A hold is filled only when
-/// empty, so `EAGAIN` on a read always means "socket empty", never "pipe full".
-fn move_bytes(
-    src: &mut Side,
-    dst: &mut Side,
-    dir: &mut Direction,
-    last: bool,
-    pool: &mut PipePool,
-) -> Result<Turn, Failure> {
-    for _ in 0..ROUNDS_PER_TURN {
-        if dir.ended() {
-            return Ok(Turn::Wait);
-        }
-        if let Drained::Blocked = drain(dst, dir, pool)? {
-            return Ok(Turn::Wait);
-        }
-        if dir.state == HalfState::Eof {
-            // Everything is delivered: pass the half-close on, keep the other direction.
-            pass_eof(dst, dir, last);
-            return Ok(Turn::Wait);
-        }
-        if !src.readable {
-            return Ok(Turn::Wait);
-        }
-        let mut hold = if dir.streaming {
-            pool.take()
-        } else {
-            pool.take_buffer()
-        };
-        match hold.fill_from(src.fd.as_raw_fd()) {
-            Ok(0) => {
-                pool.give_back(hold);
-                end_of_stream(src, dir)?;
-            }
-            Ok(n) => {
-                match &hold {
-                    Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
-                    // recv stopped short: the socket is empty (unless a FIN waits behind).
-                    Hold::Buffer(_) => src.readable = src.hup,
-                    Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
-                    Hold::Pipe(_) => {}
-                }
-                dir.in_flight = n;
-                dir.hold = Some(hold);
-            }
-            Err(e) if would_block(&e) => {
-                pool.give_back(hold);
-                src.readable = false;
-                return Ok(Turn::Wait);
-            }
-            Err(e) => {
-                pool.give_back(hold);
-                return Err(Failure::Read(e));
-            }
-        }
-    }
-    Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -485,6 +477,33 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn close_reasons_read_as_the_log_contract_says() {
+        let cases = [
+            (CloseReason::ClientEof, "client_eof"),
+            (CloseReason::UpstreamEof, "upstream_eof"),
+            (CloseReason::Reset, "reset"),
+            (CloseReason::Idle, "idle"),
+            (CloseReason::Reload, "reload"),
+            (CloseReason::Shutdown, "shutdown"),
+            (
+                CloseReason::of(&io::Error::from_raw_os_error(libc::EPIPE)),
+                "reset",
+            ),
+            (
+                CloseReason::connect(&io::Error::from(io::ErrorKind::TimedOut)),
+                "error: connect: timed out",
+            ),
+            (
+                CloseReason::connect(&io::Error::from_raw_os_error(libc::ECONNREFUSED)),
+                "error: connect: Connection refused (os error 111)",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+        }
+    }
 
     /// Closing a socket that still has unread bytes sends a reset, which throws away what
     /// is still queued towards that peer: before a graceful close every unread byte is

@@ -2,25 +2,25 @@
 //! one thread and never takes a lock on the data path (the mailbox lock is taken only when
 //! the control thread has woken the loop).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::metrics::Counter;
 use rustls::server::Acceptor;
-use rustls::ServerConnection;
 use socket2::{Domain, SockRef, Socket, Type};
 
-use super::admission::{Pending, Stage, Step, TlsRoutes};
-use super::connection::{Connection, Side, Turn};
-use super::driver::{Driver, Event, Key, Tag};
+use super::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes};
+use super::backend::driver::{Driver, Event, Key, Tag};
+use super::codec::Codec;
+use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
+use super::listeners::Listeners;
 use super::pipe::PipePool;
-use super::route::{tune, Listener, Route};
+use super::route::{tune, Route};
 use super::slab::Slab;
+use super::timers::{Timer, Timers};
 use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
 use crate::control::{RelaySettings, RemovedMapping};
@@ -31,11 +31,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a client at a TLS entry has to send its ClientHello and finish the handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-struct LoopListener {
-    listener: Arc<Listener>,
-    entrance: Entrance,
-}
-
 /// A slot of the loop's table: a client socket being admitted, or a relayed connection.
 enum Entry {
     Pending(Pending),
@@ -44,28 +39,20 @@ enum Entry {
     Moving,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
-    IdleSweep,
-    Admission(u64),
-    ResumeAccept(u64),
-}
-
 pub struct EventLoop<D: Driver> {
     driver: D,
     shared: Arc<Shared>,
     settings: Arc<RelaySettings>,
     mailbox: Arc<Mailbox>,
     entries: Slab<Entry>,
-    listeners: Slab<LoopListener>,
-    listener_keys: HashMap<SocketAddr, (u32, u32)>,
+    listeners: Listeners,
     tls_routes: Arc<TlsRoutes>,
     /// The route of each mapped host port in force (for connections finishing admission).
     routes: Arc<HashMap<u16, Arc<Route>>>,
     /// Rejection counters of TLS entry ports (mapped ports count through their route).
-    tls_rejected: HashMap<u16, [Counter; 6]>,
+    tls_rejected: HashMap<u16, metrics::RejectedCounters>,
     pool: PipePool,
-    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    timers: Timers,
     /// Connections that used up their turn with work left.
     pending: Vec<Key>,
     events: Vec<Event>,
@@ -74,7 +61,6 @@ pub struct EventLoop<D: Driver> {
     drain_until: Option<Instant>,
     /// This loop's pipe counts as last added to the relay-wide gauges.
     published_pipes: (usize, usize),
-    idle_sweep_armed: bool,
     /// Debug builds only: a fault to inject once a connection is in the loop.
     #[cfg(debug_assertions)]
     fault: Option<String>,
@@ -95,19 +81,17 @@ impl<D: Driver> EventLoop<D> {
             settings,
             mailbox,
             entries: Slab::new(),
-            listeners: Slab::new(),
-            listener_keys: HashMap::new(),
+            listeners: Listeners::default(),
             tls_routes: Arc::default(),
             routes: Arc::default(),
             tls_rejected: HashMap::new(),
             pool: PipePool::new(max_pipes, pipe_size),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             pending: Vec::new(),
             events: Vec::with_capacity(1024),
             now: Instant::now(),
             drain_until: None,
             published_pipes: (0, 0),
-            idle_sweep_armed: false,
             #[cfg(debug_assertions)]
             fault: std::env::var("PORTRELAY_TEST_FAULT").ok(),
         }
@@ -138,6 +122,7 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn serve(&mut self) -> io::Result<()> {
+        let health = metrics::loop_health();
         self.take_commands();
         loop {
             if let Some(until) = self.drain_until {
@@ -145,7 +130,7 @@ impl<D: Driver> EventLoop<D> {
                     return Ok(());
                 }
                 if self.now >= until {
-                    self.close_all("shutdown");
+                    self.close_all(CloseReason::Shutdown);
                     return Ok(());
                 }
             }
@@ -154,9 +139,12 @@ impl<D: Driver> EventLoop<D> {
             } else {
                 Some(Duration::ZERO)
             };
+            let timeout =
+                Some(timeout.map_or(metrics::LOOP_TURN_MAX, |t| t.min(metrics::LOOP_TURN_MAX)));
             let mut events = std::mem::take(&mut self.events);
             self.driver.wait(timeout, &mut events)?;
             self.now = Instant::now();
+            health.turned();
             for ev in events.drain(..) {
                 self.handle(ev);
             }
@@ -186,7 +174,7 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn next_timeout(&self) -> Option<Duration> {
-        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        let timer = self.timers.next();
         let next = match (timer, self.drain_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -199,12 +187,10 @@ impl<D: Driver> EventLoop<D> {
             Event::Wake => self.take_commands(),
             Event::Accepted(key, fd) => self.accepted(key, fd),
             Event::AcceptFailed(key, e) => {
-                if let Some(l) = self.listeners.get(key.slot(), key.generation()) {
+                if let Some(l) = self.listeners.get(key) {
                     tracing::warn!(listen = %l.listener.addr, error = %e, "accept failed; backing off");
-                    self.timers.push(Reverse((
-                        self.now + ACCEPT_BACKOFF,
-                        Timer::ResumeAccept(key.0),
-                    )));
+                    self.timers
+                        .add(self.now, ACCEPT_BACKOFF, Timer::ResumeAccept(key));
                 }
             }
             Event::Connected(key, result) => self.connected(key, result),
@@ -271,26 +257,15 @@ impl<D: Driver> EventLoop<D> {
                             .entry(addr.port())
                             .or_insert_with(|| metrics::rejected_counters(addr.port()));
                     }
-                    let slot = self.listeners.insert(LoopListener {
-                        listener: listener.clone(),
-                        entrance,
-                    });
-                    let key = Key::new(Tag::Listener, slot.0, slot.1);
-                    if let Err(e) = self.driver.accept(key, listener.fd()) {
+                    if let Err(e) = self
+                        .listeners
+                        .add(&mut self.driver, listener.clone(), entrance)
+                    {
                         tracing::error!(listen = %listener.addr, error = %e, "cannot accept");
-                        self.listeners.remove(slot.0, slot.1);
-                    } else {
-                        self.listener_keys.insert(addr, slot);
                     }
                 }
-                Command::Enter(addr, entrance) => {
-                    if let Some(&(slot, generation)) = self.listener_keys.get(&addr) {
-                        if let Some(l) = self.listeners.get_mut(slot, generation) {
-                            l.entrance = entrance;
-                        }
-                    }
-                }
-                Command::Unlisten(addr) => self.unlisten(addr),
+                Command::Enter(addr, entrance) => self.listeners.enter(addr, entrance),
+                Command::Unlisten(addr) => self.listeners.remove(&mut self.driver, addr),
                 Command::CloseConnections(doomed) => {
                     let keys: Vec<_> = self.entries.keys().collect();
                     for (slot, generation) in keys {
@@ -319,7 +294,7 @@ impl<D: Driver> EventLoop<D> {
                             None => false,
                         };
                         if close {
-                            c.abort("reload".to_string(), &mut self.pool);
+                            c.abort(CloseReason::Reload, &mut self.pool);
                             self.finish(Key::new(Tag::Client, slot, generation));
                         }
                     }
@@ -329,9 +304,8 @@ impl<D: Driver> EventLoop<D> {
                     let _ = ack.send(());
                 }
                 Command::Shutdown { grace } => {
-                    let addrs: Vec<_> = self.listener_keys.keys().copied().collect();
-                    for addr in addrs {
-                        self.unlisten(addr);
+                    for addr in self.listeners.addrs() {
+                        self.listeners.remove(&mut self.driver, addr);
                     }
                     self.drain_until = Some(super::deadline(self.now, grace));
                     // No connection still in admission opens an upstream connection now.
@@ -344,17 +318,8 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn unlisten(&mut self, addr: SocketAddr) {
-        if let Some((slot, generation)) = self.listener_keys.remove(&addr) {
-            if let Some(l) = self.listeners.remove(slot, generation) {
-                let key = Key::new(Tag::Listener, slot, generation);
-                self.driver.stop_accept(key, l.listener.fd());
-            }
-        }
-    }
-
     fn accepted(&mut self, key: Key, fd: OwnedFd) {
-        let Some(l) = self.listeners.get(key.slot(), key.generation()) else {
+        let Some(l) = self.listeners.get(key) else {
             return;
         };
         let port = l.listener.port;
@@ -393,7 +358,7 @@ impl<D: Driver> EventLoop<D> {
         // Before any admission work: a place among the pending admissions and in the
         // relay-wide cap, so that a flood of silent connections holds a bounded number of
         // fds and direct ports keep serving.
-        if !self.shared.try_acquire_pending() {
+        let Some(permit) = AdmissionPermit::acquire(&self.shared) else {
             let route = match &stage {
                 Stage::ProxyHeader { route } => Some(route.clone()),
                 _ => None,
@@ -406,19 +371,18 @@ impl<D: Driver> EventLoop<D> {
                 Rejection::Limit,
                 "too many connections in admission",
             );
-        }
+        };
         let (slot, generation) = self.entries.insert(Entry::Pending(Pending {
             client,
             peer,
             port,
             stage,
+            permit,
         }));
+        metrics::pending_admission().increment(1.0);
         let key = Key::new(Tag::Client, slot, generation);
         self.watch_client(key);
-        self.timers.push(Reverse((
-            super::deadline(self.now, timeout),
-            Timer::Admission(key.0),
-        )));
+        self.timers.add(self.now, timeout, Timer::Admission(key));
     }
 
     fn trusted(&self, peer: ClientAddr) -> bool {
@@ -439,11 +403,11 @@ impl<D: Driver> EventLoop<D> {
 
     /// Admits a direct connection at once.
     fn admit_new(&mut self, client: Side, route: Arc<Route>, addr: ClientAddr, via: Via) {
-        if !self.shared.try_acquire() {
+        let Some(permit) = Permit::acquire(&self.shared) else {
             let port = route.port;
             return self.reject(client, addr, port, Some(route), Rejection::Limit, "");
-        }
-        match self.admit(client, route, addr, via, None) {
+        };
+        match self.admit(client, route, addr, via, Codec::Plain, permit) {
             Ok(conn) => {
                 let (slot, generation) = self.entries.insert(Entry::Relay(conn));
                 let key = Key::new(Tag::Client, slot, generation);
@@ -472,7 +436,7 @@ impl<D: Driver> EventLoop<D> {
                 route,
                 client_addr,
                 via,
-                tls,
+                codec,
                 tls_name,
             } => {
                 // The mapping in force now decides, not the one when admission began.
@@ -485,8 +449,8 @@ impl<D: Driver> EventLoop<D> {
                 };
                 let p = self.take_pending(key);
                 // Its place in the relay-wide cap passes to the connection.
-                self.shared.admitted();
-                match self.admit(p.client, route, client_addr, via, tls) {
+                let permit = p.permit.admitted();
+                match self.admit(p.client, route, client_addr, via, codec, permit) {
                     Ok(conn) => {
                         *self
                             .entries
@@ -513,6 +477,7 @@ impl<D: Driver> EventLoop<D> {
             .entries
             .get_mut(key.slot(), key.generation())
             .expect("pending entry");
+        metrics::pending_admission().decrement(1.0);
         match std::mem::replace(entry, Entry::Moving) {
             Entry::Pending(p) => p,
             _ => unreachable!("take_pending on a pending entry"),
@@ -525,7 +490,6 @@ impl<D: Driver> EventLoop<D> {
         let p = self.take_pending(key);
         self.entries.remove(key.slot(), key.generation());
         self.driver.unwatch(key, p.client.fd.as_raw_fd());
-        self.shared.release_pending();
         p
     }
 
@@ -555,8 +519,8 @@ impl<D: Driver> EventLoop<D> {
     }
 
     /// The checks every connection passes before it is relayed: `allow` (against the real
-    /// client address), then the per-mapping cap. Then the upstream socket. The caller
-    /// holds a place in the relay-wide cap for it; a refusal gives that place back.
+    /// client address), then the per-mapping cap. Then the upstream socket. `permit` is its
+    /// place in the relay-wide cap, given back with a refusal.
     #[allow(clippy::result_large_err)]
     fn admit(
         &mut self,
@@ -564,36 +528,32 @@ impl<D: Driver> EventLoop<D> {
         route: Arc<Route>,
         addr: ClientAddr,
         via: Via,
-        tls: Option<Box<ServerConnection>>,
+        codec: Codec,
+        permit: Permit,
     ) -> Result<Connection, (Side, Arc<Route>, Rejection)> {
         if !route.mapping.allows(addr.0.ip()) {
-            self.shared.release();
             return Err((client, route, Rejection::Acl));
         }
-        if !route.mapping.try_acquire() {
-            self.shared.release();
+        let Some(mapping_permit) = MappingPermit::acquire(&route.mapping) else {
             return Err((client, route, Rejection::Limit));
-        }
+        };
         let upstream = match self.upstream_socket(&route.upstream.0) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(client = %addr, port = route.port, error = %e, "cannot create upstream socket");
-                route.mapping.release();
-                self.shared.release();
                 return Err((client, route, Rejection::Limit));
             }
         };
         // TCP_NODELAY and keepalive came with the socket: it inherits the listener's.
         route.metrics.accepted(via);
-        Ok(Connection::new(
-            client,
-            upstream.into(),
+        let admitted = Admitted {
             route,
-            addr,
+            client_addr: addr,
             via,
-            tls,
-            self.now,
-        ))
+            codec,
+            caps: (permit, mapping_permit),
+        };
+        Ok(Connection::new(client, upstream.into(), admitted, self.now))
     }
 
     fn start_connect(&mut self, key: Key) {
@@ -614,17 +574,14 @@ impl<D: Driver> EventLoop<D> {
     /// With `idle_timeout` set, one sweep timer per loop (not one timer per connection,
     /// which would pile up in the heap for connections long closed).
     fn arm_idle_sweep(&mut self) {
-        if let (Some(idle), false) = (self.settings.idle_timeout, self.idle_sweep_armed) {
+        if let Some(idle) = self.settings.idle_timeout {
             let every = (idle / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            self.timers
-                .push(Reverse((self.now + every, Timer::IdleSweep)));
-            self.idle_sweep_armed = true;
+            self.timers.arm_sweep(self.now, every);
         }
     }
 
     /// Closes connections idle for `idle_timeout` (late by at most an eighth of it, ≤ 5 s).
     fn sweep_idle(&mut self) {
-        self.idle_sweep_armed = false;
         let Some(idle) = self.settings.idle_timeout else {
             return;
         };
@@ -634,7 +591,7 @@ impl<D: Driver> EventLoop<D> {
             if let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) {
                 any = true;
                 if self.now.saturating_duration_since(c.last_active) >= idle {
-                    c.abort("idle".to_string(), &mut self.pool);
+                    c.abort(CloseReason::Idle, &mut self.pool);
                     self.finish(Key::new(Tag::Client, slot, generation));
                 }
             }
@@ -669,12 +626,7 @@ impl<D: Driver> EventLoop<D> {
             }
             Err(e) => {
                 c.route.metrics.connect_failed(ConnectFailure::of(&e));
-                let reason = if e.kind() == io::ErrorKind::TimedOut {
-                    "error: connect: timed out".to_string()
-                } else {
-                    format!("error: connect: {e}")
-                };
-                c.abort(reason, &mut self.pool);
+                c.abort(CloseReason::connect(&e), &mut self.pool);
                 self.finish(key);
             }
         }
@@ -707,18 +659,17 @@ impl<D: Driver> EventLoop<D> {
         let Some(entry) = self.entries.remove(key.slot(), key.generation()) else {
             return;
         };
-        let Entry::Relay(c) = entry else {
+        let Entry::Relay(mut c) = entry else {
             return;
         };
         self.driver
             .unwatch(key.with_tag(Tag::Client), c.client.fd.as_raw_fd());
         self.driver
             .unwatch(key.with_tag(Tag::Upstream), c.upstream.fd.as_raw_fd());
-        let r = &c.route;
         // Free the connection's place in the caps first: whoever learns of the close (the
         // log, the client) may connect again at once.
-        r.mapping.release();
-        self.shared.release();
+        c.caps = None;
+        let r = &c.route;
         r.metrics.active.decrement(1.0);
         tracing::info!(
             client = %c.client_addr,
@@ -729,7 +680,7 @@ impl<D: Driver> EventLoop<D> {
             bytes_client_to_upstream = c.to_upstream.bytes,
             bytes_upstream_to_client = c.to_client.bytes,
             duration_ms = c.duration(self.now).as_millis() as u64,
-            reason = c.reason(),
+            reason = %c.reason(),
             "connection closed"
         );
         r.metrics.session.record(c.duration(self.now).as_secs_f64());
@@ -798,22 +749,17 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn run_timers(&mut self) {
-        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
-            if at > self.now {
-                break;
-            }
-            self.timers.pop();
+        while let Some(timer) = self.timers.pop_due(self.now) {
             match timer {
                 Timer::IdleSweep => self.sweep_idle(),
-                Timer::Admission(k) => self.expire_pending(Key(k)),
-                Timer::ResumeAccept(k) => {
-                    let key = Key(k);
-                    if let Some(l) = self.listeners.get(key.slot(), key.generation()) {
+                Timer::Admission(key) => self.expire_pending(key),
+                Timer::ResumeAccept(key) => {
+                    if let Some(l) = self.listeners.get(key) {
                         let fd = l.listener.fd();
                         if let Err(e) = self.driver.accept(key, fd) {
                             tracing::warn!(error = %e, "cannot resume accepting");
                             self.timers
-                                .push(Reverse((self.now + ACCEPT_BACKOFF, Timer::ResumeAccept(k))));
+                                .add(self.now, ACCEPT_BACKOFF, Timer::ResumeAccept(key));
                         }
                     }
                 }
@@ -821,13 +767,13 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn close_all(&mut self, reason: &str) {
+    fn close_all(&mut self, reason: CloseReason) {
         let keys: Vec<_> = self.entries.keys().collect();
         for (slot, generation) in keys {
             let key = Key::new(Tag::Client, slot, generation);
             match self.entries.get_mut(slot, generation) {
                 Some(Entry::Relay(c)) => {
-                    c.abort(reason.to_string(), &mut self.pool);
+                    c.abort(reason.clone(), &mut self.pool);
                     self.finish(key);
                 }
                 Some(Entry::Pending(_)) => self.expire_pending(key),

@@ -1,8 +1,12 @@
 //! The data plane: N event loops (one per core by default), each with its own io backend,
 //! connections, pipe pool and timers, fed by the control thread through a mailbox.
 //!
-//! - `driver`: the readiness interface; `uring` and `epoll` implement it.
-//! - `event_loop`: accept, connect, dispatch readiness, timers, shutdown drain.
+//! - `backend`: the readiness interface (`driver`); `uring` and `epoll` implement it.
+//! - `event_loop`: wait, dispatch, the connection lifecycle, shutdown drain.
+//! - `listeners`, `timers`: a loop's listeners, and its deadlines.
+//! - `admission`: what a connection passes before it is relayed (one file per entrance),
+//!   and the caps as permits.
+//! - `codec`: the client end of a connection (plain, TLS).
 //! - `connection`: one connection's two directions and the splice/copy data path.
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
@@ -24,16 +28,18 @@ use crate::control::{Config, RelaySettings, RemovedMapping};
 use crate::tls::{self, TlsEndpoint};
 
 mod admission;
+mod backend;
+mod codec;
 mod connection;
-mod driver;
-mod epoll;
 mod event_loop;
+mod listeners;
 mod pipe;
 mod route;
 mod slab;
-pub(crate) mod sys;
-mod tls_path;
-mod uring;
+mod timers;
+
+use crate::sys;
+use backend::{epoll, uring};
 
 pub use route::{Listener, MappingState, Route};
 
@@ -94,52 +100,6 @@ pub struct Shared {
     max_connections: AtomicU32,
     pending: AtomicU32,
     max_pending: AtomicU32,
-}
-
-impl Shared {
-    /// A place for a connection that must pass admission first: one among the pending
-    /// admissions, and one in the relay-wide cap.
-    fn try_acquire_pending(&self) -> bool {
-        let max = self.max_pending.load(Ordering::Relaxed);
-        if self
-            .pending
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return false;
-        }
-        if !self.try_acquire() {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    /// Admission is over: the connection keeps its place in the relay-wide cap.
-    fn admitted(&self) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// A pending connection is refused: both its places are free again.
-    fn release_pending(&self) {
-        self.pending.fetch_sub(1, Ordering::Relaxed);
-        self.release();
-    }
-
-    fn try_acquire(&self) -> bool {
-        let max = self.max_connections.load(Ordering::Relaxed);
-        self.active
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
-    }
-
-    fn release(&self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// What a listener leads to: one mapped host port, or a TLS entry routing by SNI.

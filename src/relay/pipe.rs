@@ -6,7 +6,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use super::sys;
+use crate::sys;
 
 /// Size of a copy-path buffer.
 const BUFFER_SIZE: usize = 64 * 1024;

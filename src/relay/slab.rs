@@ -7,6 +7,12 @@ pub struct Slab<T> {
     len: usize,
 }
 
+impl<T> Default for Slab<T> {
+    fn default() -> Slab<T> {
+        Slab::new()
+    }
+}
+
 impl<T> Slab<T> {
     pub fn new() -> Slab<T> {
         Slab {

@@ -131,6 +131,7 @@ fn check_json_summary_of_a_valid_file() {
     assert_eq!(summary["mappings"], 2);
     assert_eq!(summary["ports"], 11);
     assert_eq!(summary["tls"], 0);
+    assert_eq!(summary["ws"], 0);
 }
 
 /// `git ARGS…` in the source tree, when git and the repository are there.

@@ -10,7 +10,7 @@ use socket2::SockAddr;
 
 /// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
 /// event for a reused slot is recognised as stale) and which operation or socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key(pub u64);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -140,7 +140,7 @@ impl Driver for Epoll {
         if ret == 0 {
             self.ready.push(Event::Connected(key, Ok(())));
         } else {
-            let at = super::deadline(Instant::now(), timeout);
+            let at = crate::relay::deadline(Instant::now(), timeout);
             self.connecting.insert(key, (at, fd));
             self.deadlines.push(Reverse((at, key.0)));
         }

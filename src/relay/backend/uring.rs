@@ -395,7 +395,7 @@ mod tests {
         let new = TcpListener::bind("127.0.0.1:0").unwrap();
         old.set_nonblocking(true).unwrap();
         let addr = |l: &TcpListener| SockAddr::from(l.local_addr().unwrap());
-        let wake = crate::relay::sys::eventfd().unwrap();
+        let wake = crate::sys::eventfd().unwrap();
         let mut ring = Uring::new(wake.as_raw_fd()).unwrap();
         let timeout = Duration::from_secs(5);
 

@@ -1,4 +1,4 @@
-//! The data path of a connection that came through a TLS entry. Its client side carries
+//! The TLS codec: the client end of a connection that came through a TLS entry. Its client side carries
 //! TLS records, so neither direction can splice: client→upstream decrypts through rustls
 //! into a buffer and sends it; upstream→client reads plaintext and encrypts it into rustls,
 //! which writes records to the client. Same states, counting and half-close as the splice
@@ -9,12 +9,12 @@ use std::os::fd::AsRawFd;
 
 use rustls::ServerConnection;
 
-use super::connection::{
+use crate::relay::connection::{
     drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
     Turn, ROUNDS_PER_TURN,
 };
-use super::pipe::PipePool;
-use super::sys;
+use crate::relay::pipe::PipePool;
+use crate::sys;
 use crate::tls::FdIo;
 
 /// Plaintext read from the upstream per record (the TLS maximum record payload).

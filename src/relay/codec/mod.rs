@@ -1,0 +1,43 @@
+//! The client end of a connection, as a codec: how the bytes of each direction are framed
+//! on the client's socket. The connection state machine (directions, half-close, resets,
+//! counting) is the same for every codec; it asks its codec to move a direction's bytes.
+//!
+//! - `plain`: bytes as they are (direct and PROXY entrances): both directions splice.
+//! - `tls`: records through rustls (the TLS entrance): both directions copy.
+
+mod plain;
+mod tls;
+
+use rustls::ServerConnection;
+
+use super::connection::{Dir, Direction, Failure, Side, Turn};
+use super::pipe::PipePool;
+
+/// How the client end of a connection carries its bytes.
+pub enum Codec {
+    Plain,
+    /// SSH wrapped in TLS: the session decrypts what the client sends and encrypts what it
+    /// is sent.
+    Tls(Box<ServerConnection>),
+}
+
+impl Codec {
+    /// Moves the bytes of direction `d` from `src` to `dst` until a socket blocks, the
+    /// direction ends or its turn is used up. `last`: the other direction has ended, so the
+    /// close that follows sends the FIN.
+    pub(super) fn pump(
+        &mut self,
+        d: Dir,
+        src: &mut Side,
+        dst: &mut Side,
+        dir: &mut Direction,
+        last: bool,
+        pool: &mut PipePool,
+    ) -> Result<Turn, Failure> {
+        match (self, d) {
+            (Codec::Plain, _) => plain::move_bytes(src, dst, dir, last, pool),
+            (Codec::Tls(tls), Dir::ToUpstream) => tls::decrypt(src, dst, dir, last, tls, pool),
+            (Codec::Tls(tls), Dir::ToClient) => tls::encrypt(src, dst, dir, last, tls),
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! A loop's deadlines: one heap of (when, what). Connections have no timer of their own
+//! (`idle_timeout` is one sweep per loop); admissions and accept back-offs have one each.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use super::backend::driver::Key;
+
+/// What a deadline is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timer {
+    /// Close the connections idle for `idle_timeout`.
+    IdleSweep,
+    /// The admission of the entry with this key has run out of time.
+    Admission(Key),
+    /// Accept again on the listener with this key, after an accept error.
+    ResumeAccept(Key),
+}
+
+#[derive(Default)]
+pub struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// An `IdleSweep` is in the heap.
+    sweep_armed: bool,
+}
+
+impl Timers {
+    /// `timer` fires once `after` has passed from `now` (saturating: never a panic).
+    pub fn add(&mut self, now: Instant, after: Duration, timer: Timer) {
+        self.heap
+            .push(Reverse((super::deadline(now, after), timer)));
+    }
+
+    /// Arms the idle sweep `every` from `now`, unless it is armed already.
+    pub fn arm_sweep(&mut self, now: Instant, every: Duration) {
+        if !self.sweep_armed {
+            self.add(now, every, Timer::IdleSweep);
+            self.sweep_armed = true;
+        }
+    }
+
+    /// When the next timer fires.
+    pub fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// The next timer due at `now`, taken out.
+    pub fn pop_due(&mut self, now: Instant) -> Option<Timer> {
+        match self.heap.peek() {
+            Some(Reverse((at, _))) if *at <= now => {}
+            _ => return None,
+        }
+        let Reverse((_, timer)) = self.heap.pop()?;
+        if timer == Timer::IdleSweep {
+            self.sweep_armed = false;
+        }
+        Some(timer)
+    }
+}
