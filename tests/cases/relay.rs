@@ -27,7 +27,7 @@ fn free_ports<const N: usize>() -> [u16; N] {
 /// `[relay]`.
 fn relay_one(to: SocketAddr, name: &str, relay_extra: &str, backend: Backend) -> (Relay, u16) {
     let port = free_port();
-    let toml = relay_section(relay_extra) + &map_section(&port.to_string(), to, name, "");
+    let toml = relay_section(None, relay_extra) + &map_section(port, to, name, "");
     (Relay::start(&toml, backend), port)
 }
 
@@ -259,9 +259,9 @@ fn upstream_refused(backend: Backend) {
     let [dead_host, live_host, closed] = free_ports::<3>();
     let dead_upstream = SocketAddr::from((LOCALHOST, closed));
     let echo = Upstream::echo();
-    let toml = relay_section("")
-        + &map_section(&dead_host.to_string(), dead_upstream, "dead", "")
-        + &map_section(&live_host.to_string(), echo.addr(), "live", "");
+    let toml = relay_section(None, "")
+        + &map_section(dead_host, dead_upstream, "dead", "")
+        + &map_section(live_host, echo.addr(), "live", "");
     let relay = Relay::start(&toml, backend);
 
     let (_, took) = connect_expect_closed(LOCALHOST, dead_host, b"", Duration::from_secs(5));
@@ -304,13 +304,8 @@ data_path_test!(allow_denies_source);
 fn allow_denies_source(backend: Backend) {
     let echo = Upstream::echo();
     let port = free_port();
-    let toml = relay_section("")
-        + &map_section(
-            &port.to_string(),
-            echo.addr(),
-            "acl",
-            "allow = [\"127.0.0.2/32\"]",
-        );
+    let toml = relay_section(None, "")
+        + &map_section(port, echo.addr(), "acl", "allow = [\"127.0.0.2/32\"]");
     let relay = Relay::start(&toml, backend);
 
     connect_expect_closed(
@@ -347,7 +342,7 @@ fn port_range_offsets(backend: Backend) {
         .collect();
     let host = free_ports_in_a_row(3);
     let range = format!("\"{}-{}\"", host, host + 2);
-    let toml = relay_section("") + &map_section(&range, upstreams[0].addr(), "range", "");
+    let toml = relay_section(None, "") + &map_section(&range, upstreams[0].addr(), "range", "");
     let relay = Relay::start(&toml, backend);
     for (i, upstream) in upstreams.iter().enumerate() {
         let port = host + i as u16;
@@ -444,14 +439,9 @@ data_path_test!(limits_refuse_at_once);
 fn limits_refuse_at_once(backend: Backend) {
     let echo = Upstream::echo();
     let [capped, other] = free_ports::<2>();
-    let toml = relay_section("max_connections = 3")
-        + &map_section(
-            &capped.to_string(),
-            echo.addr(),
-            "capped",
-            "max_connections = 2",
-        )
-        + &map_section(&other.to_string(), echo.addr(), "other", "");
+    let toml = relay_section(None, "max_connections = 3")
+        + &map_section(capped, echo.addr(), "capped", "max_connections = 2")
+        + &map_section(other, echo.addr(), "other", "");
     let relay = Relay::start(&toml, backend);
 
     let mut first = connect(capped);
@@ -754,13 +744,8 @@ fn keepalive_on_both_sides(backend: Backend) {
 fn start_without_any_listener_fails() {
     let held = listeners_in_a_row(1);
     let port = held[0].local_addr().unwrap().port();
-    let toml = relay_section("")
-        + &map_section(
-            &port.to_string(),
-            SocketAddr::from((LOCALHOST, 22)),
-            "busy",
-            "",
-        );
+    let toml =
+        relay_section(None, "") + &map_section(port, SocketAddr::from((LOCALHOST, 22)), "busy", "");
     let file = crate::util::ControlFile::new(&toml);
     let (status, stderr) = file.run_expecting_exit(&["--io-backend", "epoll"]);
     assert_eq!(status.code(), Some(1), "{stderr}");

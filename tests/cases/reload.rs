@@ -28,12 +28,14 @@ use std::time::{Duration, Instant};
 
 use crate::util::files::{assert_same_file, random_file};
 use crate::util::log::LogLine;
+use crate::util::metrics::Scrape;
 use crate::util::net::echo_until_eof;
 use crate::util::net::{
-    connect, expect_closed, free_ports_in_a_row, listen, read_some, roundtrip, Upstream, LOCALHOST,
+    assert_refused, connect, expect_closed, free_ports_in_a_row, listen, read_some, roundtrip,
+    Upstream, LOCALHOST,
 };
 use crate::util::process;
-use crate::util::relay::{data_path_test, run_on, BIN};
+use crate::util::relay::{data_path_test, map_section, relay_section, run_on, BIN};
 use crate::util::{poll, Backend, Relay, Sshd};
 
 /// How long a reload may take to be applied and logged (the watch waits 50 ms first).
@@ -44,20 +46,6 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------
 // Control files, upstreams, clients
-
-/// The `[relay]` section: listen on 127.0.0.1 only, metrics on 127.0.0.1:`metrics` (or
-/// off), 1 s upstream connect timeout; `extra` adds lines (`key = value\n`).
-fn head(metrics: Option<u16>, extra: &str) -> String {
-    let metrics = metrics.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
-    format!(
-        "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"{metrics}\"\nconnect_timeout = \"1s\"\n{extra}\n"
-    )
-}
-
-/// A `[[map]]` section: host `port` → `to`, named `name`; `extra` adds lines.
-fn map(port: u16, to: SocketAddr, name: &str, extra: &str) -> String {
-    format!("[[map]]\nport = {port}\nto = \"{to}\"\nname = \"{name}\"\n{extra}\n")
-}
 
 /// An upstream that sends `NAME\n` as soon as it accepts, then echoes every byte; at end
 /// of stream it shuts down its write side.
@@ -98,44 +86,6 @@ fn assert_serves(port: u16, name: &str) {
     let (mut conn, reached) = connect_named(port);
     assert_eq!(reached, name, "upstream reached through port {port}");
     roundtrip(&mut conn, format!("through {port} to {name}").as_bytes());
-}
-
-/// A connect to 127.0.0.1:`port` is refused (nothing listens there).
-fn assert_refused(port: u16) {
-    let addr = SocketAddr::from((LOCALHOST, port));
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
-        Err(e) => panic!("connect to the removed port {port}: {e}, expected refused"),
-        Ok(mut conn) => {
-            // Say what answered: the relay would close it (no route) or relay it.
-            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut buf = [0u8; 64];
-            let got = conn.read(&mut buf);
-            panic!("port {port} still accepts connections after the reload (then read {got:?})");
-        }
-    }
-}
-
-/// `conn` must end (EOF or reset, no byte) within [`CLOSE_WITHIN`]; `what` says why.
-fn assert_ends(conn: &mut TcpStream, what: &str) {
-    let deadline = Instant::now() + CLOSE_WITHIN;
-    let mut buf = [0u8; 256];
-    // Bounded: each pass returns, panics, or was interrupted by a signal.
-    for _ in 0..100 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        conn.set_read_timeout(Some(left)).unwrap();
-        match conn.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => panic!("{what}: expected the connection to end, got {n} bytes"),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
-            Err(_) => return, // reset
-        }
-    }
-    panic!("{what}: the connection is still open {CLOSE_WITHIN:?} after the reload");
 }
 
 /// Every `control file error` line so far: its `error` field.
@@ -179,36 +129,6 @@ fn line_number(text: &str, after: usize, pred: impl Fn(&str) -> bool) -> u64 {
         .find(|(_, l)| pred(l))
         .map(|(i, _)| i as u64 + 1)
         .unwrap_or_else(|| panic!("no such line in:\n{text}"))
-}
-
-/// `GET /metrics` from 127.0.0.1:`port` over plain TCP: the body of the response.
-fn scrape(port: u16) -> String {
-    let mut conn = connect(port);
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send the scrape request");
-    let mut response = Vec::new();
-    conn.read_to_end(&mut response).expect("read /metrics");
-    let response = String::from_utf8(response).expect("a UTF-8 exposition");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {response:?}"));
-    assert!(head.starts_with("HTTP/1.1 200 "), "status: {head}");
-    body.to_string()
-}
-
-/// The value of the sample `series` (name with its labels, exactly as exposed, say
-/// `portrelay_reloads_total{result="failure"}`), or `None` when it is not exposed.
-fn sample(exposition: &str, series: &str) -> Option<f64> {
-    exposition.lines().find_map(|l| {
-        let value = l.strip_prefix(series)?.strip_prefix(' ')?;
-        Some(
-            value
-                .split_whitespace()
-                .next()?
-                .parse::<f64>()
-                .unwrap_or_else(|e| panic!("value of {series}: {e}: {l}")),
-        )
-    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -260,15 +180,15 @@ fn scp_256mib_through_50_reloads(backend: Backend) {
                 (format!("A.{s}"), allows[s % 3], s % 2 == 1, open)
             }
         };
-        let mut toml = head(None, &format!("watch = {watch}"));
-        toml += &map(
+        let mut toml = relay_section(None, &format!("watch = {watch}"));
+        toml += &map_section(
             port_a,
             sshd.addr(),
             &name,
             &format!("allow = {allow}\nmax_connections = 8"),
         );
         for p in &open {
-            toml += &map(*p, echo.addr(), &format!("other-{p}"), "");
+            toml += &map_section(*p, echo.addr(), &format!("other-{p}"), "");
         }
         (toml, 1 + open.len() as u64, open)
     };
@@ -419,10 +339,10 @@ fn remove_one(policy: &str, backend: Backend) -> (Relay, TcpStream, u16, Upstrea
     let stays = named_echo("stays");
     let base = free_ports_in_a_row(2);
     let (p_gone, p_stays) = (base, base + 1);
-    let h = head(None, &format!("removed_mapping = \"{policy}\""));
+    let h = relay_section(None, &format!("removed_mapping = \"{policy}\""));
     let both = h.clone()
-        + &map(p_gone, gone.addr(), "gone", "")
-        + &map(p_stays, stays.addr(), "stays", "");
+        + &map_section(p_gone, gone.addr(), "gone", "")
+        + &map_section(p_stays, stays.addr(), "stays", "");
     let relay = Relay::start(&both, backend);
     let (mut live, name) = connect_named(p_gone);
     assert_eq!(name, "gone");
@@ -431,7 +351,7 @@ fn remove_one(policy: &str, backend: Backend) -> (Relay, TcpStream, u16, Upstrea
     assert_eq!(name, "stays");
     roundtrip(&mut other, b"before the reload");
 
-    relay.rewrite(&(h + &map(p_stays, stays.addr(), "stays", "")));
+    relay.rewrite(&(h + &map_section(p_stays, stays.addr(), "stays", "")));
     let line = relay.wait_reloaded(2, RELOAD_TIMEOUT);
     assert_eq!(line.num("mappings"), 1, "{line}");
     assert_eq!(line.num("changed_ports"), 1, "{line}");
@@ -515,22 +435,22 @@ fn close_after_rename(backend: Backend, retarget: bool) {
     let stays = named_echo("stays");
     let base = free_ports_in_a_row(2);
     let (port, p_stays) = (base, base + 1);
-    let h = head(None, "removed_mapping = \"close\"");
-    let keep = map(p_stays, stays.addr(), "stays", "");
+    let h = relay_section(None, "removed_mapping = \"close\"");
+    let keep = map_section(p_stays, stays.addr(), "stays", "");
     let relay = Relay::start(
-        &(h.clone() + &map(port, upstream.addr(), "before", "") + &keep),
+        &(h.clone() + &map_section(port, upstream.addr(), "before", "") + &keep),
         backend,
     );
     let (mut live, _) = connect_named(port);
     roundtrip(&mut live, b"before the rename");
 
-    relay.rewrite(&(h.clone() + &map(port, upstream.addr(), "after", "") + &keep));
+    relay.rewrite(&(h.clone() + &map_section(port, upstream.addr(), "after", "") + &keep));
     relay.wait_reloaded(2, RELOAD_TIMEOUT);
     roundtrip(&mut live, b"a rename leaves the live connection alone");
     assert_serves(port, "first");
 
     if retarget {
-        relay.rewrite(&(h + &map(port, second.addr(), "after", "") + &keep));
+        relay.rewrite(&(h + &map_section(port, second.addr(), "after", "") + &keep));
         relay.wait_reloaded(3, RELOAD_TIMEOUT);
         assert_serves(port, "second");
     } else {
@@ -538,14 +458,9 @@ fn close_after_rename(backend: Backend, retarget: bool) {
         relay.wait_reloaded(3, RELOAD_TIMEOUT);
         assert_refused(port);
     }
-    assert_ends(
-        &mut live,
-        &format!(
-            "removed_mapping = \"close\", a connection accepted before a rename, then the \
-             port {}",
-            if retarget { "retargeted" } else { "removed" }
-        ),
-    );
+    // removed_mapping = "close", a connection accepted before a rename, then the port
+    // retargeted or removed: it ends.
+    expect_closed(&mut live, CLOSE_WITHIN);
     let line = relay.wait_log(
         |l| l.is_closed_on(port) && l.reason() == "reload",
         CLOSE_WITHIN,
@@ -588,8 +503,11 @@ fn retarget(policy: &str, backend: Backend) {
     let old = named_echo("old");
     let new = named_echo("new");
     let port = free_ports_in_a_row(1);
-    let h = head(None, &format!("removed_mapping = \"{policy}\""));
-    let relay = Relay::start(&(h.clone() + &map(port, old.addr(), "C.1", "")), backend);
+    let h = relay_section(None, &format!("removed_mapping = \"{policy}\""));
+    let relay = Relay::start(
+        &(h.clone() + &map_section(port, old.addr(), "C.1", "")),
+        backend,
+    );
     let (mut live, name) = connect_named(port);
     assert_eq!(name, "old");
     const BEFORE: &[u8] = b"before the reload";
@@ -616,7 +534,7 @@ fn retarget(policy: &str, backend: Backend) {
     });
     assert!(warmed.is_some(), "the probe connections do not get through");
 
-    relay.rewrite(&(h + &map(port, new.addr(), "C.1", "")));
+    relay.rewrite(&(h + &map_section(port, new.addr(), "C.1", "")));
     let line = relay.wait_reloaded(2, RELOAD_TIMEOUT);
     let reloaded = Instant::now();
     assert_eq!(line.num("changed_ports"), 1, "{line}");
@@ -747,7 +665,7 @@ fn broken_rewrite(
     let two = named_echo("two");
     let base = free_ports_in_a_row(3);
     let (port, port_two, metrics) = (base, base + 1, base + 2);
-    let good = head(Some(metrics), "") + &map(port, one.addr(), "one", "");
+    let good = relay_section(Some(metrics), "") + &map_section(port, one.addr(), "one", "");
     let mut relay = Relay::start(&good, backend);
     let (mut live, _) = connect_named(port);
     roundtrip(&mut live, b"before the broken rewrite");
@@ -780,40 +698,55 @@ fn broken_rewrite(
 
     roundtrip(&mut live, b"the live connection is untouched");
     assert_serves(port, "one");
-    let m = scrape(metrics);
+    let s = Scrape::take(metrics);
     assert_eq!(
-        sample(&m, "portrelay_reloads_total{result=\"failure\"}"),
+        s.get("portrelay_reloads_total", &[("result", "failure")]),
         Some(failures as f64),
-        "{m}"
+        "{}",
+        s.text
     );
     assert_eq!(
-        sample(&m, "portrelay_reloads_total{result=\"success\"}").unwrap_or(0.0),
+        s.get("portrelay_reloads_total", &[("result", "success")])
+            .unwrap_or(0.0),
         0.0,
-        "{m}"
+        "{}",
+        s.text
     );
-    assert_eq!(sample(&m, "portrelay_config_generation"), Some(1.0), "{m}");
-    assert_eq!(sample(&m, "portrelay_mappings"), Some(1.0), "{m}");
+    assert_eq!(
+        s.get("portrelay_config_generation", &[]),
+        Some(1.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(s.get("portrelay_mappings", &[]), Some(1.0), "{}", s.text);
 
     // A good file next: the next generation, applied.
-    relay.rewrite(&(good + &map(port_two, two.addr(), "two", "")));
+    relay.rewrite(&(good + &map_section(port_two, two.addr(), "two", "")));
     let line = relay.wait_reloaded(2, RELOAD_TIMEOUT);
     assert_eq!(line.num("mappings"), 2, "{line}");
     assert_serves(port_two, "two");
     assert_serves(port, "one");
     roundtrip(&mut live, b"still untouched");
-    let m = scrape(metrics);
+    let s = Scrape::take(metrics);
     assert_eq!(
-        sample(&m, "portrelay_reloads_total{result=\"success\"}"),
+        s.get("portrelay_reloads_total", &[("result", "success")]),
         Some(1.0),
-        "{m}"
+        "{}",
+        s.text
     );
     assert_eq!(
-        sample(&m, "portrelay_reloads_total{result=\"failure\"}"),
+        s.get("portrelay_reloads_total", &[("result", "failure")]),
         Some(failures as f64),
-        "{m}"
+        "{}",
+        s.text
     );
-    assert_eq!(sample(&m, "portrelay_config_generation"), Some(2.0), "{m}");
-    assert_eq!(sample(&m, "portrelay_mappings"), Some(2.0), "{m}");
+    assert_eq!(
+        s.get("portrelay_config_generation", &[]),
+        Some(2.0),
+        "{}",
+        s.text
+    );
+    assert_eq!(s.get("portrelay_mappings", &[]), Some(2.0), "{}", s.text);
 }
 
 data_path_test!(broken_rewrite_syntax);
@@ -839,7 +772,10 @@ fn broken_rewrite_duplicate_port(backend: Backend) {
         backend,
         |relay, good, port| {
             let other = named_echo("duplicate");
-            let broken = format!("{good}{}", map(port, other.addr(), "duplicate", ""));
+            let broken = format!(
+                "{good} {}",
+                map_section(port, other.addr(), "duplicate", "")
+            );
             relay.rewrite_in_place(&broken);
             relay.wait_logs(is_reload_failed, 1, RELOAD_TIMEOUT);
             relay.sighup();
@@ -866,8 +802,8 @@ fn watch_rename_and_in_place(backend: Backend) {
         .collect();
     let base = free_ports_in_a_row(3);
     let p: Vec<u16> = (0..3).map(|i| base + i).collect();
-    let h = head(None, "");
-    let m = |i: usize, name: &str| map(p[i], ups[i].addr(), name, "");
+    let h = relay_section(None, "");
+    let m = |i: usize, name: &str| map_section(p[i], ups[i].addr(), name, "");
     let relay = Relay::start(&(h.clone() + &m(0, "one")), backend);
     assert_serves(p[0], "one");
 
@@ -924,16 +860,16 @@ fn port_in_use_reported(backend: Backend) {
     let base = free_ports_in_a_row(3);
     let (p_old, p_busy, p_new) = (base, base + 1, base + 2);
     let holder = TcpListener::bind((LOCALHOST, p_busy)).expect("bind the port to hold");
-    let h = head(None, "");
+    let h = relay_section(None, "");
     let mut relay = Relay::start(
-        &(h.clone() + &map(p_old, ups[0].addr(), "old", "")),
+        &(h.clone() + &map_section(p_old, ups[0].addr(), "old", "")),
         backend,
     );
 
     relay.rewrite(
-        &(h + &map(p_old, ups[0].addr(), "old", "")
-            + &map(p_busy, ups[1].addr(), "busy", "")
-            + &map(p_new, ups[2].addr(), "new", "")),
+        &(h + &map_section(p_old, ups[0].addr(), "old", "")
+            + &map_section(p_busy, ups[1].addr(), "busy", "")
+            + &map_section(p_new, ups[2].addr(), "new", "")),
     );
     let line = relay.wait_reloaded(2, RELOAD_TIMEOUT);
     assert_eq!(line.num("listen_failures"), 1, "{line}");
@@ -1013,7 +949,7 @@ fn measure_10k(backend: Backend) {
         });
     let changed = TEN_K_BASE + TEN_K / 2;
     let file = |name: &str, to: SocketAddr| {
-        let mut toml = head(None, "watch = false");
+        let mut toml = relay_section(None, "watch = false");
         toml.reserve(TEN_K as usize * 80);
         for i in 0..TEN_K {
             let port = TEN_K_BASE + i;
@@ -1022,9 +958,9 @@ fn measure_10k(backend: Backend) {
             } else {
                 (format!("m{i}"), target.addr())
             };
-            toml += &map(port, to, &name, "");
+            toml += &map_section(port, to, &name, "");
         }
-        toml + &map(echo_port, echo.addr(), "echo", "")
+        toml + &map_section(echo_port, echo.addr(), "echo", "")
     };
     let start = Instant::now();
     let mut relay = Relay::start_program(

@@ -15,21 +15,26 @@ use crate::util::{poll, Backend, Relay, Sshd};
 /// A relay with one mapping, host port → the sshd.
 pub(crate) fn relay_to(sshd: &Sshd, backend: Backend) -> (Relay, u16) {
     let port = free_port();
-    let toml = relay_section("") + &map_section(&port.to_string(), sshd.addr(), "C.ssh", "");
+    let toml = relay_section(None, "") + &map_section(port, sshd.addr(), "C.ssh", "");
     (Relay::start(&toml, backend), port)
 }
 
-/// `ssh -p PORT root@127.0.0.1 'echo hello; exit 3'` prints `hello` and exits 3.
-pub(crate) fn check_command(sshd: &Sshd, port: u16) {
+/// `ssh -p PORT OPTIONS… root@127.0.0.1 'echo hello; exit 3'` prints `hello` and exits 3.
+/// The one such check of the suite.
+pub(crate) fn check_command(sshd: &Sshd, port: u16, options: &[&str]) {
     let out = process::run(
-        sshd.ssh(port).arg("echo hello; exit 3"),
+        sshd.ssh_with(port, options).arg("echo hello; exit 3"),
         Duration::from_secs(60),
     );
-    assert_eq!(out.stdout, "hello\n", "ssh stdout (stderr: {})", out.stderr);
+    assert_eq!(
+        out.stdout, "hello\n",
+        "ssh {options:?} stdout (stderr: {})",
+        out.stderr
+    );
     assert_eq!(
         out.status.code(),
         Some(3),
-        "ssh exit (stderr: {})",
+        "ssh {options:?} exit (stderr: {})",
         out.stderr
     );
 }
@@ -157,7 +162,7 @@ data_path_test!(ssh_runs_command);
 fn ssh_runs_command(backend: Backend) {
     let sshd = Sshd::start();
     let (relay, port) = relay_to(&sshd, backend);
-    check_command(&sshd, port);
+    check_command(&sshd, port, &[]);
     let line = relay.wait_log(|l| l.is_closed_on(port), Duration::from_secs(10));
     line.assert_closed_fields(port, "C.ssh", sshd.addr());
     assert!(

@@ -118,16 +118,34 @@ macro_rules! data_path_test {
 }
 pub(crate) use data_path_test;
 
-/// The `[relay]` section every test starts from: listen on 127.0.0.1 only, no metrics
-/// endpoint, 1 s upstream connect timeout; `extra` adds lines (`key = value\n`).
-pub fn relay_section(extra: &str) -> String {
-    format!("[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"\"\nconnect_timeout = \"1s\"\n{extra}\n")
+/// The `[relay]` section every test starts from: listen on 127.0.0.1 only, metrics on
+/// 127.0.0.1:`metrics` (or off), 1 s upstream connect timeout; `extra` adds lines
+/// (`key = value\n`). The one `[relay]` builder of the suite.
+pub fn relay_section(metrics: Option<u16>, extra: &str) -> String {
+    let metrics = metrics.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
+    format!(
+        "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"{metrics}\"\nconnect_timeout = \"1s\"\n{extra}\n"
+    )
 }
 
-/// A `[[map]]` section for one host port (or range `"A-B"`, given quoted in `port`);
-/// `extra` adds lines.
-pub fn map_section(port: &str, to: SocketAddr, name: &str, extra: &str) -> String {
+/// A `[[map]]` section for one host port (a number), or a range (`"\"A-B\""`, quoted);
+/// `extra` adds lines. The one `[[map]]` builder of the suite.
+pub fn map_section(
+    port: impl std::fmt::Display,
+    to: SocketAddr,
+    name: &str,
+    extra: &str,
+) -> String {
     format!("[[map]]\nport = {port}\nto = \"{to}\"\nname = \"{name}\"\n{extra}\n")
+}
+
+/// An `allow = [...]` line for `map_section`'s `extra` (empty: no line, the default).
+pub fn allow_line(cidrs: &[&str]) -> String {
+    if cidrs.is_empty() {
+        return String::new();
+    }
+    let cidrs: Vec<String> = cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+    format!("allow = [{}]\n", cidrs.join(", "))
 }
 
 /// A control file in its own tempdir.
