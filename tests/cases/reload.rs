@@ -35,7 +35,7 @@ use crate::util::net::{
     Upstream, LOCALHOST,
 };
 use crate::util::process;
-use crate::util::relay::{data_path_test, map_section, relay_section, run_on, BIN};
+use crate::util::relay::{data_path_test, map_section, relay_section, run_on, Start, BIN};
 use crate::util::{poll, Backend, Relay, Sshd};
 
 /// How long a reload may take to be applied and logged (the watch waits 50 ms first).
@@ -963,11 +963,13 @@ fn measure_10k(backend: Backend) {
         toml + &map_section(echo_port, echo.addr(), "echo", "")
     };
     let start = Instant::now();
-    let mut relay = Relay::start_program(
-        &program,
+    let mut relay = Relay::start_with(
         &file(&format!("m{}", TEN_K / 2), target.addr()),
         backend,
-        &[],
+        Start {
+            program: program.clone(),
+            ..Start::default()
+        },
     );
     let ready = relay.wait_log(|l| l.msg() == "ready", Duration::from_secs(1));
     assert_eq!(
