@@ -400,6 +400,24 @@ pub fn connect_expect_closed(
     (closed, start.elapsed())
 }
 
+/// How soon a refusal must arrive to count as "at once": an RST for a connection the relay
+/// refuses, ECONNREFUSED for a listener it closed. Loose enough for a loaded 2-core
+/// machine, far below any timeout of the relay's.
+pub const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// A connection from `src` to 127.0.0.1:`port` that the relay must refuse at once: it
+/// writes `send`, then must get an RST (ECONNRESET, not a FIN, not a timeout) within
+/// [`AT_ONCE`] of the connect, with no byte before. Returns how long that took.
+pub fn connect_expect_reset(src: Ipv4Addr, port: u16, send: &[u8]) -> Duration {
+    let (closed, took) = connect_expect_closed(src, port, send, AT_ONCE);
+    assert_eq!(
+        closed,
+        Closed::Reset,
+        "a refused connection from {src} to port {port} ended with a FIN after {took:?}, not an RST"
+    );
+    took
+}
+
 fn is_reset(e: &io::Error) -> bool {
     e.kind() == ErrorKind::ConnectionReset
 }
@@ -536,4 +554,37 @@ pub fn http_get(port: u16) -> Vec<u8> {
         .unwrap_or_else(|| panic!("no Content-Length in {head}"));
     assert_eq!(body.len(), length, "body length vs Content-Length");
     body
+}
+
+/// Accepts one connection on `listener` within `within` (polling a non-blocking accept
+/// every 5 ms), with [`IO_TIMEOUT`] on its reads and writes. Panics when none comes.
+pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let accepted = super::poll(within, Duration::from_millis(5), || {
+        match listener.accept() {
+            Ok((conn, _)) => Some(conn),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => panic!("accept on {:?}: {e}", listener.local_addr()),
+        }
+    });
+    let conn = accepted.unwrap_or_else(|| {
+        panic!(
+            "no connection to {:?} within {within:?}",
+            listener.local_addr()
+        )
+    });
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    conn.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    conn
+}
+
+/// Closes `conn` with an RST (SO_LINGER 0), as a crashed or killed peer's kernel does.
+pub fn reset(conn: TcpStream) {
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(conn);
 }
