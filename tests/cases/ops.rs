@@ -38,6 +38,8 @@ struct Manager {
     socket: UnixDatagram,
     /// Every message received so far, in order; each is a list of `KEY=VALUE` lines.
     seen: Vec<Vec<String>>,
+    /// When each message of `seen` arrived.
+    seen_at: Vec<Instant>,
 }
 
 impl Manager {
@@ -47,6 +49,7 @@ impl Manager {
         Manager {
             socket,
             seen: Vec::new(),
+            seen_at: Vec::new(),
         }
     }
 
@@ -72,6 +75,7 @@ impl Manager {
                     let text = String::from_utf8_lossy(&buf[..n]).to_string();
                     let lines: Vec<String> = text.lines().map(str::to_string).collect();
                     self.seen.push(lines.clone());
+                    self.seen_at.push(Instant::now());
                     if lines.iter().any(|l| l == want) && also(&lines) {
                         return lines;
                     }
@@ -85,6 +89,16 @@ impl Manager {
             "no notify message with {want:?} within {timeout:?}; received: {:?}",
             self.seen
         )
+    }
+
+    /// When each message holding exactly the line `line` (and nothing else) arrived.
+    fn times_of(&self, line: &str) -> Vec<Instant> {
+        self.seen
+            .iter()
+            .zip(&self.seen_at)
+            .filter(|(m, _)| m.iter().all(|l| l == line))
+            .map(|(_, at)| *at)
+            .collect()
     }
 
     /// How many messages seen so far hold the line `line`.
@@ -116,8 +130,8 @@ fn signal(relay: &Relay, sig: libc::c_int) {
 }
 
 data_path_test!(sd_notify);
-/// With `NOTIFY_SOCKET` and `WATCHDOG_USEC=200000` (no `WATCHDOG_PID`, so the watchdog is
-/// meant for the relay): `READY=1` once its listener accepts, `WATCHDOG=1` every 100 ms,
+/// With `NOTIFY_SOCKET` and `WATCHDOG_USEC=400000` (no `WATCHDOG_PID`, so the watchdog is
+/// meant for the relay): `READY=1` once its listener accepts, `WATCHDOG=1` every 200 ms,
 /// on SIGHUP `RELOADING=1` with a current `MONOTONIC_USEC` then `READY=1`, and on SIGTERM
 /// `STOPPING=1` before it exits 0.
 fn sd_notify(backend: Backend) {
@@ -134,7 +148,7 @@ fn sd_notify(backend: Backend) {
     let mut relay = Relay::start_with_env(
         &toml,
         backend,
-        &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "200000")],
+        &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "400000")],
     );
 
     // READY=1, and by then the listener accepts and forwards.
@@ -149,17 +163,33 @@ fn sd_notify(backend: Backend) {
         manager.seen
     );
 
-    // Watchdog pings: every WATCHDOG_USEC/2 = 100 ms while the loops answer.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while manager.count("WATCHDOG=1") < 2 {
+    // Watchdog pings: every WATCHDOG_USEC/2 = 200 ms while the loops answer. Over 8 gaps
+    // the median is about 200 ms, and no gap reaches WATCHDOG_USEC (systemd would kill it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while manager.count("WATCHDOG=1") < 9 {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
-            "fewer than 2 WATCHDOG=1 in 5 s: {:?}",
+            "fewer than 9 WATCHDOG=1 in 10 s: {:?}",
             manager.seen
         );
         manager.wait_for("WATCHDOG=1", left, |_| true);
     }
+    let pings = manager.times_of("WATCHDOG=1");
+    let mut gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    let longest = *gaps.last().unwrap();
+    eprintln!("watchdog gaps: median {median:?}, longest {longest:?}: {gaps:?}");
+    assert!(
+        (Duration::from_millis(150)..=Duration::from_millis(280)).contains(&median),
+        "median gap between WATCHDOG=1 pings is {median:?}, expected about WATCHDOG_USEC/2 \
+         (200 ms): {gaps:?}"
+    );
+    assert!(
+        longest < Duration::from_millis(400),
+        "a gap of {longest:?} between WATCHDOG=1 pings reaches WATCHDOG_USEC (400 ms): {gaps:?}"
+    );
 
     // SIGHUP: RELOADING=1 with MONOTONIC_USEC taken during the reload, then READY=1.
     let before = monotonic_usec();

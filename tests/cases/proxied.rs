@@ -22,8 +22,8 @@ use crate::util::haproxy::{Haproxy, SendProxy, PROXY_SOURCE};
 use crate::util::log::LogLine;
 use crate::util::metrics::wait_metric;
 use crate::util::net::{
-    connect_expect_closed, connect_from, free_ports_in_a_row, read_to_end, read_until_closed,
-    Upstream, LOCALHOST,
+    connect_expect_closed, connect_expect_reset, connect_from, free_ports_in_a_row, read_to_end,
+    read_until_closed, Closed, Upstream, AT_ONCE, LOCALHOST,
 };
 use crate::util::process;
 use crate::util::relay::{allow_line, data_path_test, map_section, relay_section};
@@ -235,15 +235,15 @@ fn send_and_read_back(src: Ipv4Addr, port: u16, bytes: &[u8]) -> Vec<u8> {
 }
 
 data_path_test!(trusted_proxy_without_valid_header_is_refused);
-/// From the trusted address (proxy_header_timeout 500 ms): silence, plain SSH bytes, a
-/// malformed v1 header and a v2 LOCAL header are each closed, logged (`proxy_header`, with
-/// the proxy's address) and counted; nothing reaches the upstream. Silence is closed after
-/// the timeout; the others at once, for another reason than the timeout.
+/// From the trusted address (proxy_header_timeout 2 s): plain SSH bytes, a malformed v1
+/// header and a v2 LOCAL header are each refused at once (an RST within 1 s), and
+/// silence once the timeout has passed; each is logged (`proxy_header`, with the proxy's
+/// address) and counted; nothing reaches the upstream.
 fn trusted_proxy_without_valid_header_is_refused(backend: Backend) {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(2);
     let metrics = port + 1;
-    let toml = relay_section(Some(metrics), &trusted("proxy_header_timeout = \"500ms\""))
+    let toml = relay_section(Some(metrics), &trusted("proxy_header_timeout = \"2s\""))
         + &map_section(port, echo.addr(), "C.raw", "");
     let relay = Relay::start(&toml, backend);
     let wait_rejected = |count: usize| {
@@ -254,27 +254,29 @@ fn trusted_proxy_without_valid_header_is_refused(backend: Backend) {
         line
     };
 
-    // Silent: closed once proxy_header_timeout has passed, not long after.
-    let (_, elapsed) = connect_expect_closed(PROXY_SOURCE, port, b"", Duration::from_secs(3));
-    assert!(
-        elapsed >= Duration::from_millis(400),
-        "a silent trusted connection was closed after {elapsed:?}, before proxy_header_timeout (500ms)"
-    );
-    let timed_out = wait_rejected(1);
-    let timeout_detail = timed_out.str("detail").unwrap_or("").to_string();
-
     let cases: [(&str, Vec<u8>); 3] = [
         ("no header (SSH bytes)", b"SSH-2.0-x\r\n".to_vec()),
         ("malformed v1 header", b"PROXY TCP4 1.2.3.4\r\n".to_vec()),
         ("v2 LOCAL header", v2_local()),
     ];
     for (i, (what, bytes)) in cases.iter().enumerate() {
-        let (_, elapsed) = connect_expect_closed(PROXY_SOURCE, port, bytes, Duration::from_secs(3));
-        let line = wait_rejected(i + 2);
+        let took = connect_expect_reset(PROXY_SOURCE, port, bytes);
+        let line = wait_rejected(i + 1);
+        eprintln!("{what}: refused after {took:?}: {line}");
+    }
+
+    // Silent: closed once proxy_header_timeout has passed, not long after.
+    let (_, elapsed) = connect_expect_closed(PROXY_SOURCE, port, b"", Duration::from_secs(4));
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "a silent trusted connection was closed after {elapsed:?}, before proxy_header_timeout (2s)"
+    );
+    let timed_out = wait_rejected(4);
+    for line in &relay.wait_logs(|l| l.is_rejected_on(port), 3, LOG_TIMEOUT) {
         assert_ne!(
-            line.str("detail").unwrap_or(""),
-            timeout_detail,
-            "{what}: refused for its bytes, not for the timeout (closed after {elapsed:?}): {line}"
+            line.str("detail"),
+            timed_out.str("detail"),
+            "refused for its bytes, not for the timeout: {line}"
         );
     }
 
@@ -511,11 +513,11 @@ fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
     let line = relay.wait_logs(|l| l.is_rejected_on(tls_port), 2, LOG_TIMEOUT)[1].clone();
     assert_rejected(&line, LOCALHOST.into(), tls_port, "no_route");
 
-    // Plain SSH: closed promptly; at most a TLS alert comes back, never an SSH banner.
+    // Plain SSH: closed at once (within AT_ONCE); at most a TLS alert comes back, never an
+    // SSH banner.
     let mut conn = connect_from(LOCALHOST, tls_port);
     let _ = conn.write_all(b"SSH-2.0-OpenSSH_9\r\n");
-    let start = Instant::now();
-    let (got, _, _) = read_until_closed(&mut conn, Duration::from_secs(3));
+    let (got, _, took) = read_until_closed(&mut conn, AT_ONCE);
     assert!(
         got.is_empty() || got[0] == 0x15,
         "plain SSH at the TLS port got {} bytes back that are no TLS alert: {:?}",
@@ -524,10 +526,7 @@ fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
     );
     let line = relay.wait_logs(|l| l.is_rejected_on(tls_port), 3, LOG_TIMEOUT)[2].clone();
     assert_rejected(&line, LOCALHOST.into(), tls_port, "tls");
-    eprintln!(
-        "plain SSH at the TLS port: closed after {:?}",
-        start.elapsed()
-    );
+    eprintln!("plain SSH at the TLS port: closed after {took:?}");
 
     let tls_port_label = tls_port.to_string();
     wait_metric(
@@ -548,4 +547,50 @@ fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
         .filter(|l| l.msg() == "connection closed")
         .collect();
     assert!(closed.is_empty(), "nothing was relayed: {closed:#?}");
+}
+
+/// The time a TLS client has to finish its handshake (README: 10 s).
+const TLS_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+data_path_test!(tls_handshake_limit);
+/// At the TLS entry, a client that never sends its ClientHello and one that sends half a
+/// record are each closed (an RST) once the 10 s handshake limit has passed, not long
+/// after, and refused as `tls`. Both run at once.
+fn tls_handshake_limit(backend: Backend) {
+    let sshd = Sshd::start();
+    let (relay, _ca, _dir, _port, tls_port) = tls_relay(&sshd, backend, "C.123", false);
+    // A TLS handshake record header announcing 512 bytes, and 5 of them.
+    let half_record = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
+    let cases: [(&str, &[u8]); 2] = [("silent", b""), ("half a ClientHello", &half_record)];
+    let started = Instant::now();
+    let ends: Vec<(&str, Closed, Duration)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = cases
+            .iter()
+            .map(|(what, bytes)| {
+                scope.spawn(move || {
+                    let (closed, took) = connect_expect_closed(
+                        LOCALHOST,
+                        tls_port,
+                        bytes,
+                        TLS_HANDSHAKE_LIMIT + Duration::from_secs(3),
+                    );
+                    (*what, closed, took)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for (what, closed, took) in ends {
+        assert!(
+            took >= TLS_HANDSHAKE_LIMIT - Duration::from_millis(200),
+            "{what}: closed after {took:?}, before the handshake limit ({TLS_HANDSHAKE_LIMIT:?})"
+        );
+        assert_eq!(closed, Closed::Reset, "{what}: closed after {took:?}");
+        eprintln!("{what}: reset after {took:?}");
+    }
+    let lines = relay.wait_logs(|l| l.is_rejected_on(tls_port), 2, LOG_TIMEOUT);
+    for line in &lines {
+        assert_rejected(line, LOCALHOST.into(), tls_port, "tls");
+    }
+    assert!(started.elapsed() < TLS_HANDSHAKE_LIMIT + Duration::from_secs(4));
 }
