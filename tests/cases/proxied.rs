@@ -1,7 +1,8 @@
 //! Proxied SSH (issue 5), with real peers on both backends:
 //!
 //! - a real HAProxy (`send-proxy` and `send-proxy-v2`, connecting from 127.0.0.2, the trusted
-//!   proxy) in front of a mapped port: ssh and a 64 MiB scp each way work through it, and the
+//!   proxy) in front of a mapped port: ssh and a 64 MiB scp each way (and a 16 MiB `scp -O`)
+//!   work through it, and the
 //!   relay's log and `allow` see the real client (127.0.0.3, the address the ssh client
 //!   binds), not HAProxy's address; a direct client on the same port is untouched;
 //! - raw connections from the trusted address without a header, with a malformed one, with
@@ -78,7 +79,44 @@ fn scp_lines(relay: &Relay, port: u16, via: &str) -> (LogLine, LogLine) {
         },
         LOG_TIMEOUT,
     );
+    for line in [&up, &down] {
+        assert!(
+            ["client_eof", "upstream_eof"].contains(&line.reason()),
+            "an scp that ended normally: {line}"
+        );
+    }
     (up, down)
+}
+
+/// Size of the legacy-protocol scp file, each way.
+const SCP_LEGACY_SIZE: usize = 16 << 20;
+
+/// `scp -O` (the legacy scp protocol) of [`SCP_LEGACY_SIZE`] up and down through
+/// `connect_port` (OPTIONS… added), after `before` connections closed on the relay's
+/// `port`: intact both ways, two more connections closed, each cleanly (EOF).
+fn check_legacy_scp(
+    relay: &Relay,
+    sshd: &Sshd,
+    connect_port: u16,
+    port: u16,
+    options: &[&str],
+    before: usize,
+) {
+    let mut args = vec!["-O"];
+    args.extend_from_slice(options);
+    check_scp(sshd, connect_port, &args, SCP_LEGACY_SIZE);
+    let lines = relay.wait_logs(|l| l.is_closed_on(port), before + 2, LOG_TIMEOUT);
+    for line in &lines[before..] {
+        assert!(
+            line.num("bytes_client_to_upstream") >= SCP_LEGACY_SIZE as u64
+                || line.num("bytes_upstream_to_client") >= SCP_LEGACY_SIZE as u64,
+            "an scp -O connection moved the file: {line}"
+        );
+        assert!(
+            ["client_eof", "upstream_eof"].contains(&line.reason()),
+            "an scp -O that ended normally: {line}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -114,6 +152,19 @@ fn through_haproxy(backend: Backend, send_proxy: SendProxy) {
     let (up, down) = scp_lines(&relay, port, "proxy");
     up.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
     down.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
+    check_legacy_scp(
+        &relay,
+        &sshd,
+        haproxy.port(),
+        port,
+        &["-o", &bind_option],
+        3,
+    );
+    for line in &relay.log_lines()[..] {
+        if line.is_closed_on(port) {
+            line.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
+        }
+    }
 
     // The same port, straight from the client: nothing parsed, nothing changed.
     check_command(&sshd, port, &["-b", &bind]);
@@ -127,8 +178,8 @@ fn through_haproxy(backend: Backend, send_proxy: SendProxy) {
     let closed: Vec<&LogLine> = lines.iter().filter(|l| l.is_closed_on(port)).collect();
     assert_eq!(
         closed.len(),
-        4,
-        "ssh, scp up, scp down, direct ssh: {closed:#?}"
+        6,
+        "ssh, scp up, scp down, scp -O up and down, direct ssh: {closed:#?}"
     );
     for line in closed {
         assert_eq!(client_of(line).ip(), IpAddr::from(CLIENT), "{line}");
@@ -453,6 +504,12 @@ fn tls_entry_ssh_and_scp(backend: Backend) {
     let (up, down) = scp_lines(&relay, port, "tls");
     up.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
     down.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
+    check_legacy_scp(&relay, &sshd, port, port, &["-o", &option], 3);
+    for line in &relay.log_lines()[..] {
+        if line.is_closed_on(port) {
+            line.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
+        }
+    }
 
     let rejected: Vec<LogLine> = relay
         .log_lines()
