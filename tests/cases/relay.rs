@@ -311,15 +311,17 @@ fn allow_denies_source(backend: Backend) {
         + &map_section(port, echo.addr(), "acl", "allow = [\"127.0.0.2/32\"]");
     let relay = Relay::start(&toml, backend);
 
-    let took = connect_expect_reset(
-        Ipv4Addr::new(127, 0, 0, 1),
-        port,
-        b"must not reach the upstream",
-    );
-    eprintln!("refused (acl) after {took:?}");
-    let line = relay.wait_log(|l| l.is_rejected_on(port), Duration::from_secs(5));
-    assert_eq!(line.text("reason"), "acl", "{line}");
-    assert!(line.text("client").starts_with("127.0.0.1:"), "{line}");
+    // One silent, one with bytes: each reset at once (a silent one too, which a plain
+    // close would end with a FIN).
+    for send in [&b""[..], b"must not reach the upstream"] {
+        let took = connect_expect_reset(Ipv4Addr::new(127, 0, 0, 1), port, send);
+        eprintln!("refused (acl) after {took:?}");
+    }
+    let lines = relay.wait_logs(|l| l.is_rejected_on(port), 2, Duration::from_secs(5));
+    for line in &lines {
+        assert_eq!(line.text("reason"), "acl", "{line}");
+        assert!(line.text("client").starts_with("127.0.0.1:"), "{line}");
+    }
 
     let allowed_bytes = b"allowed";
     let mut allowed = connect_from(Ipv4Addr::new(127, 0, 0, 2), port);
@@ -443,8 +445,10 @@ fn limits_refuse_at_once(backend: Backend) {
     roundtrip(&mut first, b"one");
     let mut second = connect(capped);
     roundtrip(&mut second, b"two");
-    let took = connect_expect_reset(LOCALHOST, capped, b"three");
-    eprintln!("refused (limit) after {took:?}");
+    for send in [&b""[..], b"three"] {
+        let took = connect_expect_reset(LOCALHOST, capped, send);
+        eprintln!("refused (limit) after {took:?}");
+    }
     let line = relay.wait_log(|l| l.is_rejected_on(capped), Duration::from_secs(5));
     assert_eq!(line.text("reason"), "limit", "{line}");
 

@@ -675,21 +675,21 @@ fn rejections(relay: &Relay, port: u16) -> Vec<LogLine> {
         .collect()
 }
 
-/// A connection from `src` must be refused at once (an RST), logged with `reason`, and
-/// none of its bytes may reach `upstream`.
+/// Connections from `src` must be refused at once (an RST), one silent and one that sends
+/// bytes, each logged with `reason`; none of the bytes may reach `upstream`.
 fn assert_refused_now(relay: &Relay, port: u16, src: Ipv4Addr, reason: &str, upstream: &Upstream) {
     let (accepted, bytes) = (upstream.accepted(), upstream.bytes_in());
     let before = rejections(relay, port).len();
+    connect_expect_reset(src, port, b"");
     connect_expect_reset(src, port, b"must not reach the upstream");
-    let line = relay
-        .wait_logs(|l| l.is_rejected_on(port), before + 1, RELOAD_TIMEOUT)
-        .pop()
-        .unwrap();
-    assert_eq!(line.reason(), reason, "{line}");
-    assert!(
-        line.text("client").starts_with(&format!("{src}:")),
-        "{line}"
-    );
+    let lines = relay.wait_logs(|l| l.is_rejected_on(port), before + 2, RELOAD_TIMEOUT);
+    for line in &lines[before..] {
+        assert_eq!(line.reason(), reason, "{line}");
+        assert!(
+            line.text("client").starts_with(&format!("{src}:")),
+            "{line}"
+        );
+    }
     assert_eq!(
         upstream.accepted(),
         accepted,
@@ -1051,7 +1051,11 @@ fn ten_k_free_ports() -> Vec<u16> {
             ports.push(port);
         }
     }
-    assert_eq!(ports.len(), usize::from(TEN_K) + 1, "free ports from {TEN_K_BASE}");
+    assert_eq!(
+        ports.len(),
+        usize::from(TEN_K) + 1,
+        "free ports from {TEN_K_BASE}"
+    );
     ports
 }
 
