@@ -33,11 +33,7 @@ fn start(backend: Backend, relay_extra: &str, maps: &str) -> (Relay, u16) {
 }
 
 fn metrics_file(metrics_port: u16, relay_extra: &str, maps: &str) -> String {
-    relay_section(&format!(
-        "metrics = \"127.0.0.1:{metrics_port}\"\n{relay_extra}"
-    ))
-    .replacen("metrics = \"\"\n", "", 1)
-        + maps
+    relay_section(Some(metrics_port), relay_extra) + maps
 }
 
 /// An HTTP response: status code, head (without the blank line) and body.
