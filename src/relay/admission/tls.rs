@@ -146,7 +146,7 @@ pub(super) fn first_bytes(
             Ok(bytes) if bytes.len() >= GET.len() || !GET.starts_with(bytes) => {
                 return Ok(Some(bytes.starts_with(GET)));
             }
-            Ok(bytes) if bytes.is_empty() => return Err("closed after the handshake".into()),
+            Ok([]) => return Err("closed after the handshake".into()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(format!("after the handshake: {e}")),

@@ -45,8 +45,10 @@ impl Codec {
             (Codec::Plain, _) => plain::move_bytes(src, dst, dir, last, pool),
             (Codec::Tls(tls), Dir::ToUpstream) => tls::decrypt(src, dst, dir, last, tls, pool),
             (Codec::Tls(tls), Dir::ToClient) => tls::encrypt(src, dst, dir, last, tls),
-            (Codec::WebSocket(ws), Dir::ToUpstream) => ws.to_upstream(src, dst, dir, last, pool),
-            (Codec::WebSocket(ws), Dir::ToClient) => ws.to_client(src, dst, dir, last, pool),
+            (Codec::WebSocket(ws), Dir::ToUpstream) => {
+                ws.pump_to_upstream(src, dst, dir, last, pool)
+            }
+            (Codec::WebSocket(ws), Dir::ToClient) => ws.pump_to_client(src, dst, dir, last, pool),
         }
     }
 }

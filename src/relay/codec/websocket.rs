@@ -65,7 +65,7 @@ impl WsCodec {
     }
 
     /// client → upstream.
-    pub(super) fn to_upstream(
+    pub(super) fn pump_to_upstream(
         &mut self,
         client: &mut Side,
         upstream: &mut Side,
@@ -223,7 +223,7 @@ impl WsCodec {
     }
 
     /// upstream → client.
-    pub(super) fn to_client(
+    pub(super) fn pump_to_client(
         &mut self,
         upstream: &mut Side,
         client: &mut Side,
@@ -232,7 +232,7 @@ impl WsCodec {
         pool: &mut PipePool,
     ) -> Result<Turn, Failure> {
         if self.tls.is_some() {
-            return self.to_client_tls(upstream, client, dir, last);
+            return self.pump_to_client_tls(upstream, client, dir, last);
         }
         for _ in 0..ROUNDS_PER_TURN {
             if dir.ended() {
@@ -355,7 +355,7 @@ impl WsCodec {
     }
 
     /// upstream → client on `wss://`: each read becomes one frame in the TLS session.
-    fn to_client_tls(
+    fn pump_to_client_tls(
         &mut self,
         upstream: &mut Side,
         client: &mut Side,
