@@ -248,12 +248,7 @@ data_path_test!(pending_takes_narrower_allow);
 fn pending_takes_narrower_allow(backend: Backend) {
     let mut s = pending_setup(backend, "", "");
     let toml = head(s.metrics, "proxy_header_timeout = \"20s\"\n")
-        + &map_section(
-            &s.port.to_string(),
-            s.one.addr(),
-            "one",
-            "allow = [\"127.0.0.9/32\"]",
-        );
+        + &map_section(s.port, s.one.addr(), "one", "allow = [\"127.0.0.9/32\"]");
     s.relay.rewrite(&toml);
     s.relay.wait_reloaded(2, RELOAD_TIMEOUT);
     let client = Ipv4Addr::new(127, 0, 0, 3);
