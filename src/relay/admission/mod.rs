@@ -133,7 +133,7 @@ impl Pending {
                         self.peer,
                         acceptor,
                         endpoint,
-                        ws.take(),
+                        ws.clone(),
                         tls_routes,
                     ) {
                         Ok(Some(next)) => next,
