@@ -86,6 +86,8 @@ label_set! {
         NoRoute => "no_route",
         Tls => "tls",
         Shutdown => "shutdown",
+        Ws => "ws",
+        Auth => "auth",
     }
 }
 
@@ -95,6 +97,7 @@ label_set! {
         Direct => "direct",
         Proxy => "proxy",
         Tls => "tls",
+        Ws => "ws",
     }
 }
 

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use rustls::server::Acceptor;
 use socket2::{Domain, SockRef, Socket, Type};
 
-use super::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes};
+use super::admission::{
+    AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes, WsRequest,
+};
 use super::backend::driver::{Driver, Event, Key, Tag};
 use super::codec::Codec;
 use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
@@ -252,7 +254,7 @@ impl<D: Driver> EventLoop<D> {
                 Command::Routes(routes) => self.routes = routes,
                 Command::Listen(listener, entrance) => {
                     let addr = listener.addr.0;
-                    if let Entrance::Tls(_) = entrance {
+                    if let Entrance::Tls(..) | Entrance::Ws(_) = entrance {
                         self.tls_rejected
                             .entry(addr.port())
                             .or_insert_with(|| metrics::rejected_counters(addr.port()));
@@ -333,7 +335,7 @@ impl<D: Driver> EventLoop<D> {
         if self.drain_until.is_some() {
             let route = match &entrance {
                 Entrance::Mapped(r) => Some(r.clone()),
-                Entrance::Tls(_) => None,
+                Entrance::Tls(..) | Entrance::Ws(_) => None,
             };
             return self.reject(client, peer, port, route, Rejection::Shutdown, "");
         }
@@ -347,11 +349,21 @@ impl<D: Driver> EventLoop<D> {
                     self.settings.proxy_header_timeout,
                 )
             }
-            Entrance::Tls(endpoint) => (
+            Entrance::Tls(endpoint, ws) => (
                 Stage::TlsHello {
                     acceptor: Box::<Acceptor>::default(),
                     endpoint,
+                    ws,
                 },
+                TLS_HANDSHAKE_TIMEOUT,
+            ),
+            Entrance::Ws(endpoint) => (
+                Stage::WsRequest(WsRequest {
+                    endpoint,
+                    head: Vec::new(),
+                    tls: None,
+                    sni_route: None,
+                }),
                 TLS_HANDSHAKE_TIMEOUT,
             ),
         };
@@ -428,9 +440,14 @@ impl<D: Driver> EventLoop<D> {
         };
         match p.advance(&self.tls_routes) {
             Step::Wait => {}
-            Step::Reject { why, route, detail } => {
+            Step::Reject {
+                why,
+                route,
+                detail,
+                graceful,
+            } => {
                 let p = self.remove_pending(key);
-                self.reject(p.client, p.peer, p.port, route, why, &detail);
+                self.refuse(p.client, p.peer, p.port, route, why, &detail, graceful);
             }
             Step::Admit {
                 route,
@@ -497,7 +514,8 @@ impl<D: Driver> EventLoop<D> {
     fn refuse_pending(&mut self, key: Key, why: Rejection, detail: &str) {
         let p = self.remove_pending(key);
         let route = match p.stage {
-            Stage::ProxyHeader { route } | Stage::TlsHandshake { route, .. } => Some(route),
+            Stage::ProxyHeader { route } => Some(route),
+            Stage::TlsHandshake { route, .. } | Stage::TlsFirstBytes { route, .. } => route,
             _ => None,
         };
         self.reject(p.client, p.peer, p.port, route, why, detail);
@@ -700,7 +718,25 @@ impl<D: Driver> EventLoop<D> {
         why: Rejection,
         detail: &str,
     ) {
-        let _ = SockRef::from(&client.fd).set_linger(Some(Duration::ZERO));
+        self.refuse(client, addr, port, route, why, detail, false)
+    }
+
+    /// [`Self::reject`]; `graceful`: an answer was sent, so close without a reset (which
+    /// could throw it away before it is delivered).
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &mut self,
+        client: Side,
+        addr: ClientAddr,
+        port: u16,
+        route: Option<Arc<Route>>,
+        why: Rejection,
+        detail: &str,
+        graceful: bool,
+    ) {
+        if !graceful {
+            let _ = SockRef::from(&client.fd).set_linger(Some(Duration::ZERO));
+        }
         self.driver.retire(client.fd);
         match &route {
             Some(r) => r.metrics.rejected(why),
@@ -735,9 +771,10 @@ impl<D: Driver> EventLoop<D> {
                 Some(route),
                 "no PROXY header in time",
             ),
-            Stage::TlsHandshake { route, .. } => {
-                (Rejection::Tls, Some(route), "TLS handshake timed out")
+            Stage::TlsHandshake { route, .. } | Stage::TlsFirstBytes { route, .. } => {
+                (Rejection::Tls, route, "TLS handshake timed out")
             }
+            Stage::WsRequest(_) => (Rejection::Ws, None, "no WebSocket request in time"),
             _ => (Rejection::Tls, None, "TLS handshake timed out"),
         };
         let why = if self.drain_until.is_some() {

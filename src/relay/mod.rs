@@ -102,11 +102,14 @@ pub struct Shared {
     max_pending: AtomicU32,
 }
 
-/// What a listener leads to: one mapped host port, or a TLS entry routing by SNI.
+/// What a listener leads to: one mapped host port, a TLS entry routing by SNI (and, with
+/// a `[[ws]]` entry, serving WebSocket requests inside TLS), or a WebSocket entry routing
+/// by path.
 #[derive(Clone)]
 pub enum Entrance {
     Mapped(Arc<Route>),
-    Tls(Arc<TlsEndpoint>),
+    Tls(Arc<TlsEndpoint>, Option<Arc<admission::WsEndpoint>>),
+    Ws(Arc<admission::WsEndpoint>),
 }
 
 /// A change the control thread asks of a loop.
@@ -258,6 +261,14 @@ impl Relay {
     /// connections, are not touched. Returns once every loop has applied it.
     pub fn apply(&mut self, new: Config) -> anyhow::Result<Applied> {
         // Everything that can fail on the file's account fails here, before any change.
+        let mut ws_endpoints = Vec::new();
+        for entry in &new.ws {
+            let endpoint = admission::WsEndpoint::load(entry)
+                .with_context(|| format!("[[ws]] listen = \"{}\"", entry.listen))?;
+            ws_endpoints.push((entry.listen, Arc::new(endpoint)));
+        }
+        // `wss://` on the TLS entries is served as the first `[[ws]]` says.
+        let wss = ws_endpoints.first().map(|(_, e)| e.clone());
         let mut endpoints = Vec::new();
         for entry in &new.tls {
             let endpoint = TlsEndpoint::load(entry)
@@ -334,7 +345,10 @@ impl Relay {
             .map(|a| (*a, Entrance::Mapped(routes[&a.port()].clone())))
             .collect();
         for (listen, endpoint) in &endpoints {
-            entrances.insert(*listen, Entrance::Tls(endpoint.clone()));
+            entrances.insert(*listen, Entrance::Tls(endpoint.clone(), wss.clone()));
+        }
+        for (listen, endpoint) in &ws_endpoints {
+            entrances.insert(*listen, Entrance::Ws(endpoint.clone()));
         }
         // Changed ports keep their listeners and take the new route; TLS entries take their
         // reloaded certificates.
@@ -344,7 +358,7 @@ impl Relay {
                     changes.get(&addr.port()),
                     Some(PortChange::Retarget | PortChange::Update)
                 ),
-                Entrance::Tls(_) => true,
+                Entrance::Tls(..) | Entrance::Ws(_) => true,
             };
             if changed && self.listeners.contains_key(addr) {
                 cmds.push(Command::Enter(*addr, entrance.clone()));
@@ -381,14 +395,17 @@ impl Relay {
                     metrics::counter!(crate::metrics::LISTEN_FAILURES).increment(1);
                     let what = match &entrance {
                         Entrance::Mapped(r) => r.mapping.name.clone(),
-                        Entrance::Tls(_) => "[[tls]]".to_string(),
+                        Entrance::Tls(..) => "[[tls]]".to_string(),
+                        Entrance::Ws(_) => "[[ws]]".to_string(),
                     };
                     tracing::error!(listen = %addr, map = %what, error = %e, "cannot listen; will retry at the next reload");
                     applied.failed.push((addr, e));
                 }
             }
         }
-        if !new.tls.is_empty() || self.config.as_ref().is_some_and(|c| !c.tls.is_empty()) {
+        // The name table serves SNI (TLS) and path (WebSocket) routing.
+        let by_name = |c: &Config| !c.tls.is_empty() || !c.ws.is_empty();
+        if by_name(&new) || self.config.as_ref().is_some_and(by_name) {
             cmds.push(Command::TlsRoutes(Arc::new(tls_routes(&new, &routes))));
         }
         let gone: Vec<SocketAddr> = self

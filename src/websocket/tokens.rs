@@ -5,7 +5,7 @@
 //! line is part of the token. Neither the name nor the token may hold whitespace. Every
 //! problem is reported, each with its line number.
 //!
-//! Tokens are compared with [`matches`], in time that does not depend on where they differ,
+//! Tokens are compared with [`matches()`], in time that does not depend on where they differ,
 //! and never appear in `Debug` output.
 
 use std::collections::HashMap;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::haproxy::PROXY_SOURCE;
 use crate::util::log::LogLine;
+use crate::util::metrics::Scrape;
 use crate::util::net::{
     connect, connect_from, expect_closed, free_ports_in_a_row, listen, read_to_end, roundtrip,
     try_connect_from, Closed, Upstream, LOCALHOST,
@@ -36,23 +37,10 @@ const AT_ONCE: Duration = Duration::from_secs(2);
 
 /// `[relay]` with metrics on `metrics`, 127.0.0.2 as the trusted proxy; `extra` adds lines.
 fn head(metrics: u16, extra: &str) -> String {
-    relay_section(&format!(
-        "metrics = \"127.0.0.1:{metrics}\"\ntrusted_proxies = [\"{PROXY_SOURCE}/32\"]\n{extra}"
-    ))
-    .replacen("metrics = \"\"\n", "", 1)
-}
-
-/// `GET /metrics`: the value of the sample named exactly `series` (name and labels as
-/// printed), or `None` when there is no such sample.
-fn sample(metrics: u16, series: &str) -> Option<f64> {
-    let mut conn = connect(metrics);
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send request");
-    let text = String::from_utf8_lossy(&read_to_end(&mut conn)).into_owned();
-    text.lines().find_map(|l| {
-        let (s, v) = l.rsplit_once(' ')?;
-        (s == series).then(|| v.parse().expect("sample value"))
-    })
+    relay_section(
+        Some(metrics),
+        &format!("trusted_proxies = [\"{PROXY_SOURCE}/32\"]\n{extra}"),
+    )
 }
 
 /// Waits until 127.0.0.1:`port`'s accept queue is empty: every connection made to it so
@@ -95,7 +83,7 @@ fn empty_file_keeps_mappings(backend: Backend) {
     let echo = Upstream::echo();
     let base = free_ports_in_a_row(2);
     let (port, metrics) = (base, base + 1);
-    let good = head(metrics, "") + &map_section(&port.to_string(), echo.addr(), "one", "");
+    let good = head(metrics, "") + &map_section(port, echo.addr(), "one", "");
     let mut relay = Relay::start(&good, backend);
     let mut live = connect(port);
     roundtrip(&mut live, b"before");
@@ -122,10 +110,13 @@ fn empty_file_keeps_mappings(backend: Backend) {
     let mut fresh = connect(port);
     roundtrip(&mut fresh, b"the mapping stays");
     assert_eq!(
-        sample(metrics, "portrelay_reloads_total{result=\"failure\"}"),
+        Scrape::take(metrics).get("portrelay_reloads_total", &[("result", "failure")]),
         Some(2.0)
     );
-    assert_eq!(sample(metrics, "portrelay_mappings"), Some(1.0));
+    assert_eq!(
+        Scrape::take(metrics).get("portrelay_mappings", &[]),
+        Some(1.0)
+    );
     assert_eq!(relay.generation(), 1);
 }
 
@@ -139,8 +130,8 @@ fn watch_waits_for_the_writer(backend: Backend) {
     let base = free_ports_in_a_row(3);
     let (p1, p2, metrics) = (base, base + 1, base + 2);
     let h = head(metrics, "");
-    let m1 = map_section(&p1.to_string(), one.addr(), "one", "");
-    let m2 = map_section(&p2.to_string(), two.addr(), "two", "");
+    let m1 = map_section(p1, one.addr(), "one", "");
+    let m2 = map_section(p2, two.addr(), "two", "");
     let relay = Relay::start(&(h.clone() + &m1 + &m2), backend);
     let mut live = connect(p2);
     roundtrip(&mut live, b"before");
@@ -176,7 +167,7 @@ fn watch_waits_for_the_writer(backend: Backend) {
 fn loop_failure_exits(backend: Backend, fault: &str) {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
-    let toml = relay_section("") + &map_section(&port.to_string(), echo.addr(), "one", "");
+    let toml = relay_section(None, "") + &map_section(port, echo.addr(), "one", "");
     let mut relay = Relay::start_with_env(&toml, backend, &[("PORTRELAY_TEST_FAULT", fault)]);
     let _conn = connect(port);
     let started = Instant::now();
@@ -220,7 +211,7 @@ fn pending_setup(backend: Backend, relay_extra: &str, map_extra: &str) -> Pendin
     let toml = head(
         metrics,
         &format!("proxy_header_timeout = \"20s\"\n{relay_extra}"),
-    ) + &map_section(&port.to_string(), one.addr(), "one", map_extra);
+    ) + &map_section(port, one.addr(), "one", map_extra);
     let relay = Relay::start(&toml, backend);
     let pending = connect_from(PROXY_SOURCE, port);
     wait_accepted(port);
@@ -240,7 +231,7 @@ fn pending_takes_retarget(backend: Backend) {
     let mut s = pending_setup(backend, "", "");
     let two = Upstream::reply(b"two\n".to_vec());
     let toml = head(s.metrics, "proxy_header_timeout = \"20s\"\n")
-        + &map_section(&s.port.to_string(), two.addr(), "two", "");
+        + &map_section(s.port, two.addr(), "two", "");
     s.relay.rewrite(&toml);
     s.relay.wait_reloaded(2, RELOAD_TIMEOUT);
     s.pending
@@ -257,12 +248,7 @@ data_path_test!(pending_takes_narrower_allow);
 fn pending_takes_narrower_allow(backend: Backend) {
     let mut s = pending_setup(backend, "", "");
     let toml = head(s.metrics, "proxy_header_timeout = \"20s\"\n")
-        + &map_section(
-            &s.port.to_string(),
-            s.one.addr(),
-            "one",
-            "allow = [\"127.0.0.9/32\"]",
-        );
+        + &map_section(s.port, s.one.addr(), "one", "allow = [\"127.0.0.9/32\"]");
     s.relay.rewrite(&toml);
     s.relay.wait_reloaded(2, RELOAD_TIMEOUT);
     let client = Ipv4Addr::new(127, 0, 0, 3);
@@ -286,7 +272,7 @@ fn pending_of_removed_port_closed(backend: Backend) {
     let mut s = pending_setup(backend, "", "");
     let other = free_ports_in_a_row(1);
     let toml = head(s.metrics, "proxy_header_timeout = \"20s\"\n")
-        + &map_section(&other.to_string(), s.one.addr(), "elsewhere", "");
+        + &map_section(other, s.one.addr(), "elsewhere", "");
     s.relay.rewrite(&toml);
     s.relay.wait_reloaded(2, RELOAD_TIMEOUT);
     let (closed, took) = expect_closed(&mut s.pending, AT_ONCE);
@@ -317,8 +303,8 @@ fn pending_refused_at_shutdown(backend: Backend) {
 }
 
 fn tls_toml(map_port: u16, to: SocketAddr, tls_port: u16, ca: &TestCa) -> String {
-    relay_section("")
-        + &map_section(&map_port.to_string(), to, "C.1", "")
+    relay_section(None, "")
+        + &map_section(map_port, to, "C.1", "")
         + &format!(
             "[[tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\nsni_suffix = \"{SNI_SUFFIX}\"\n",
             ca.chain.display(),
@@ -462,12 +448,9 @@ fn pending_admissions_capped(backend: Backend) {
         assert_eq!(read_to_end(conn), b"one\n", "a held connection");
     }
     assert_eq!(
-        sample(
-            s.metrics,
-            &format!(
-                "portrelay_connections_rejected_total{{port=\"{}\",reason=\"limit\"}}",
-                s.port
-            )
+        Scrape::take(s.metrics).get(
+            "portrelay_connections_rejected_total",
+            &[("port", &s.port.to_string()), ("reason", "limit")]
         ),
         Some(1.0)
     );
@@ -501,8 +484,8 @@ fn tls_allow_before_handshake(backend: Backend) {
     let echo = Upstream::echo();
     let base = free_ports_in_a_row(2);
     let (port, tls_port) = (base, base + 1);
-    let toml = relay_section("")
-        + &map_section(&port.to_string(), echo.addr(), "C.1", "allow = [\"127.0.0.9/32\"]")
+    let toml = relay_section(None, "")
+        + &map_section(port, echo.addr(), "C.1", "allow = [\"127.0.0.9/32\"]")
         + &format!(
             "[[tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\nsni_suffix = \"{SNI_SUFFIX}\"\n",
             ca.chain.display(),
@@ -555,7 +538,7 @@ fn reset_seen_by_a_write_resets_the_client(backend: Backend) {
         Ok(())
     });
     let port = free_ports_in_a_row(1);
-    let toml = relay_section("") + &map_section(&port.to_string(), upstream.addr(), "one", "");
+    let toml = relay_section(None, "") + &map_section(port, upstream.addr(), "one", "");
     let relay = Relay::start(&toml, backend);
     for round in 0..5 {
         let ended = stream_until_it_ends(connect(port));
@@ -629,8 +612,8 @@ fn reset_on_a_half_closed_source_ends_the_connection(backend: Backend) {
         },
     );
     let port = free_ports_in_a_row(1);
-    let toml = relay_section("max_connections = 1\n")
-        + &map_section(&port.to_string(), upstream.addr(), "one", "");
+    let toml = relay_section(None, "max_connections = 1\n")
+        + &map_section(port, upstream.addr(), "one", "");
     let relay = Relay::start(&toml, backend);
     let conn = connect(port);
     conn.shutdown(Shutdown::Write).unwrap();
@@ -672,8 +655,8 @@ data_path_test!(user_timeout_on_both_sides);
 fn user_timeout_on_both_sides(backend: Backend) {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
-    let toml = relay_section("tcp_keepalive = \"7s\"\n")
-        + &map_section(&port.to_string(), echo.addr(), "one", "");
+    let toml = relay_section(None, "tcp_keepalive = \"7s\"\n")
+        + &map_section(port, echo.addr(), "one", "");
     let relay = Relay::start(&toml, backend);
     let mut conn = connect(port);
     roundtrip(&mut conn, b"up");
@@ -727,9 +710,9 @@ fn user_timeout_on_both_sides(backend: Backend) {
 fn pipe_settings_at_reload_are_logged() {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
-    let map = map_section(&port.to_string(), echo.addr(), "one", "");
-    let relay = Relay::start(&(relay_section("") + &map), Backend::Epoll);
-    relay.rewrite(&(relay_section("pipe_size = 65536\nmax_pipes = 8\n") + &map));
+    let map = map_section(port, echo.addr(), "one", "");
+    let relay = Relay::start(&(relay_section(None, "") + &map), Backend::Epoll);
+    relay.rewrite(&(relay_section(None, "pipe_size = 65536\nmax_pipes = 8\n") + &map));
     relay.wait_reloaded(2, RELOAD_TIMEOUT);
     let line = relay.wait_log(
         |l| {

@@ -19,7 +19,7 @@ use crate::util::{poll, Sshd};
 #[test]
 fn sshd_runs_command() {
     let sshd = Sshd::start();
-    check_command(&sshd, sshd.port());
+    check_command(&sshd, sshd.port(), &[]);
 }
 
 #[test]

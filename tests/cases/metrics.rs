@@ -33,11 +33,7 @@ fn start(backend: Backend, relay_extra: &str, maps: &str) -> (Relay, u16) {
 }
 
 fn metrics_file(metrics_port: u16, relay_extra: &str, maps: &str) -> String {
-    relay_section(&format!(
-        "metrics = \"127.0.0.1:{metrics_port}\"\n{relay_extra}"
-    ))
-    .replacen("metrics = \"\"\n", "", 1)
-        + maps
+    relay_section(Some(metrics_port), relay_extra) + maps
 }
 
 /// An HTTP response: status code, head (without the blank line) and body.
@@ -317,7 +313,7 @@ fn removed_and_renamed_mappings_keep_series_while_connections_run(backend: Backe
     let base = free_ports_in_a_row(2);
     let (p_gone, p_old) = (base, base + 1);
     let relay_extra = "removed_mapping = \"keep\"\n";
-    let map = |port: u16, name: &str| map_section(&port.to_string(), echo.addr(), name, "");
+    let map = |port: u16, name: &str| map_section(port, echo.addr(), name, "");
     let (relay, metrics) = start(
         backend,
         relay_extra,
@@ -375,7 +371,7 @@ fn mapping_churn_leaves_no_series(backend: Backend) {
     let (p_base, p_long) = (first, first + 1);
     let block = |round: usize| first + 2 + (round % 2) as u16 * PER_ROUND;
     let relay_extra = "removed_mapping = \"keep\"\n";
-    let map = |port: u16, name: &str| map_section(&port.to_string(), echo.addr(), name, "");
+    let map = |port: u16, name: &str| map_section(port, echo.addr(), name, "");
     let (relay, metrics) = start(backend, relay_extra, &map(p_base, "base"));
     let before = scrape(metrics);
     let before_series: Vec<String> = samples(&before).into_keys().collect();
@@ -443,7 +439,7 @@ fn pending_admission_gauge(backend: Backend) {
     let (_relay, metrics) = start(
         backend,
         "trusted_proxies = [\"127.0.0.1/32\"]\nproxy_header_timeout = \"20s\"\n",
-        &map_section(&port.to_string(), echo.addr(), "proxied", ""),
+        &map_section(port, echo.addr(), "proxied", ""),
     );
     const PENDING: &str = "portrelay_connections_pending";
     assert_eq!(value(&scrape(metrics), PENDING), 0.0);

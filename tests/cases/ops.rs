@@ -4,19 +4,19 @@
 //! The Prometheus server, `promtool`, the dashboard and the unit file are checked by
 //! `scripts/check-ops`.
 
-use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::util::files::random_bytes;
+use crate::util::metrics::{scrape, Scrape};
 use crate::util::net::{
     connect, connect_expect_closed, free_ports_in_a_row, read_to_end, roundtrip, Upstream,
     LOCALHOST,
 };
-use crate::util::relay::{data_path_test, map_section};
+use crate::util::relay::{data_path_test, map_section, relay_section};
 use crate::util::{poll, Backend, Relay};
 
 /// `map`/`port` labels plus `extra`.
@@ -38,6 +38,8 @@ struct Manager {
     socket: UnixDatagram,
     /// Every message received so far, in order; each is a list of `KEY=VALUE` lines.
     seen: Vec<Vec<String>>,
+    /// When each message of `seen` arrived.
+    seen_at: Vec<Instant>,
 }
 
 impl Manager {
@@ -47,6 +49,7 @@ impl Manager {
         Manager {
             socket,
             seen: Vec::new(),
+            seen_at: Vec::new(),
         }
     }
 
@@ -72,6 +75,7 @@ impl Manager {
                     let text = String::from_utf8_lossy(&buf[..n]).to_string();
                     let lines: Vec<String> = text.lines().map(str::to_string).collect();
                     self.seen.push(lines.clone());
+                    self.seen_at.push(Instant::now());
                     if lines.iter().any(|l| l == want) && also(&lines) {
                         return lines;
                     }
@@ -85,6 +89,16 @@ impl Manager {
             "no notify message with {want:?} within {timeout:?}; received: {:?}",
             self.seen
         )
+    }
+
+    /// When each message holding exactly the line `line` (and nothing else) arrived.
+    fn times_of(&self, line: &str) -> Vec<Instant> {
+        self.seen
+            .iter()
+            .zip(&self.seen_at)
+            .filter(|(m, _)| m.iter().all(|l| l == line))
+            .map(|(_, at)| *at)
+            .collect()
     }
 
     /// How many messages seen so far hold the line `line`.
@@ -116,8 +130,8 @@ fn signal(relay: &Relay, sig: libc::c_int) {
 }
 
 data_path_test!(sd_notify);
-/// With `NOTIFY_SOCKET` and `WATCHDOG_USEC=200000` (no `WATCHDOG_PID`, so the watchdog is
-/// meant for the relay): `READY=1` once its listener accepts, `WATCHDOG=1` every 100 ms,
+/// With `NOTIFY_SOCKET` and `WATCHDOG_USEC=400000` (no `WATCHDOG_PID`, so the watchdog is
+/// meant for the relay): `READY=1` once its listener accepts, `WATCHDOG=1` every 200 ms,
 /// on SIGHUP `RELOADING=1` with a current `MONOTONIC_USEC` then `READY=1`, and on SIGTERM
 /// `STOPPING=1` before it exits 0.
 fn sd_notify(backend: Backend) {
@@ -129,13 +143,12 @@ fn sd_notify(backend: Backend) {
     let mut manager = Manager::bind(&path);
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
-    let toml = "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"\"\nwatch = false\n".to_string()
-        + &map_section(&port.to_string(), echo.addr(), "notify", "");
+    let toml = relay_section(None, "watch = false") + &map_section(port, echo.addr(), "notify", "");
     let socket = path.to_str().expect("a UTF-8 tempdir path");
     let mut relay = Relay::start_with_env(
         &toml,
         backend,
-        &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "200000")],
+        &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "400000")],
     );
 
     // READY=1, and by then the listener accepts and forwards.
@@ -150,17 +163,33 @@ fn sd_notify(backend: Backend) {
         manager.seen
     );
 
-    // Watchdog pings: every WATCHDOG_USEC/2 = 100 ms while the loops answer.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while manager.count("WATCHDOG=1") < 2 {
+    // Watchdog pings: every WATCHDOG_USEC/2 = 200 ms while the loops answer. Over 8 gaps
+    // the median is about 200 ms, and no gap reaches WATCHDOG_USEC (systemd would kill it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while manager.count("WATCHDOG=1") < 9 {
         let left = deadline.saturating_duration_since(Instant::now());
         assert!(
             !left.is_zero(),
-            "fewer than 2 WATCHDOG=1 in 5 s: {:?}",
+            "fewer than 9 WATCHDOG=1 in 10 s: {:?}",
             manager.seen
         );
         manager.wait_for("WATCHDOG=1", left, |_| true);
     }
+    let pings = manager.times_of("WATCHDOG=1");
+    let mut gaps: Vec<Duration> = pings.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    let longest = *gaps.last().unwrap();
+    eprintln!("watchdog gaps: median {median:?}, longest {longest:?}: {gaps:?}");
+    assert!(
+        (Duration::from_millis(150)..=Duration::from_millis(280)).contains(&median),
+        "median gap between WATCHDOG=1 pings is {median:?}, expected about WATCHDOG_USEC/2 \
+         (200 ms): {gaps:?}"
+    );
+    assert!(
+        longest < Duration::from_millis(400),
+        "a gap of {longest:?} between WATCHDOG=1 pings reaches WATCHDOG_USEC (400 ms): {gaps:?}"
+    );
 
     // SIGHUP: RELOADING=1 with MONOTONIC_USEC taken during the reload, then READY=1.
     let before = monotonic_usec();
@@ -212,139 +241,6 @@ fn sd_notify(backend: Backend) {
 
 // ---------------------------------------------------------------------------------------
 // /metrics
-
-/// One sample: metric name and its labels (sorted), as exposed.
-type Series = (String, BTreeMap<String, String>);
-
-/// `GET /metrics` from 127.0.0.1:`port` over plain TCP: the body of a `200 OK`.
-fn scrape(port: u16) -> String {
-    let mut conn = TcpStream::connect((LOCALHOST, port))
-        .unwrap_or_else(|e| panic!("connect to the metrics endpoint :{port}: {e}"));
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send the scrape request");
-    let response = String::from_utf8(read_to_end(&mut conn)).expect("a UTF-8 exposition");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {response:?}"));
-    assert!(head.starts_with("HTTP/1.1 200 "), "status: {head}");
-    assert!(
-        head.lines().any(|l| l
-            .to_ascii_lowercase()
-            .starts_with("content-type: text/plain")),
-        "content type of /metrics: {head}"
-    );
-    body.to_string()
-}
-
-fn bad(line: &str) -> ! {
-    panic!("cannot read exposition line {line:?}")
-}
-
-/// The samples of a text exposition. Panics on a line it cannot read.
-fn parse_exposition(text: &str) -> BTreeMap<Series, f64> {
-    let mut out = BTreeMap::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad(line));
-        let name = line[..name_end].to_string();
-        let mut labels = BTreeMap::new();
-        let mut rest = &line[name_end..];
-        if let Some(inner) = rest.strip_prefix('{') {
-            let mut chars = inner.char_indices();
-            let mut key = String::new();
-            let end = loop {
-                let Some((i, c)) = chars.next() else {
-                    bad(line)
-                };
-                match c {
-                    '}' => break i,
-                    ',' | ' ' => {}
-                    '=' => {
-                        if chars.next().map(|(_, c)| c) != Some('"') {
-                            bad(line);
-                        }
-                        let mut value = String::new();
-                        loop {
-                            match chars.next() {
-                                Some((_, '"')) => break,
-                                Some((_, '\\')) => match chars.next() {
-                                    Some((_, 'n')) => value.push('\n'),
-                                    Some((_, c)) => value.push(c),
-                                    None => bad(line),
-                                },
-                                Some((_, c)) => value.push(c),
-                                None => bad(line),
-                            }
-                        }
-                        labels.insert(std::mem::take(&mut key), value);
-                    }
-                    c => key.push(c),
-                }
-            };
-            rest = &inner[end + 1..];
-        }
-        let value: f64 = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| bad(line));
-        out.insert((name, labels), value);
-    }
-    out
-}
-
-/// A scrape, parsed, with lookups by name and labels.
-struct Scrape {
-    samples: BTreeMap<Series, f64>,
-    text: String,
-}
-
-impl Scrape {
-    fn take(port: u16) -> Scrape {
-        let text = scrape(port);
-        Scrape {
-            samples: parse_exposition(&text),
-            text,
-        }
-    }
-
-    /// The value of the series `name{labels}` (exactly those labels), if exposed.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let labels: BTreeMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self.samples.get(&(name.to_string(), labels)).copied()
-    }
-
-    /// Like [`Scrape::get`]; panics with the exposition when the series is missing.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels).unwrap_or_else(|| {
-            panic!(
-                "no series {name}{labels:?} in the exposition:\n{}",
-                self.text
-            )
-        })
-    }
-
-    /// The sum over every series of `name` whose labels include `labels`.
-    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|((n, l), _)| {
-                n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|(_, v)| v)
-            .sum()
-    }
-}
 
 /// An upstream that reads exactly as many bytes as the client announced in an 8-byte
 /// big-endian header (header included), then sends the reply size asked for in the header's
@@ -409,20 +305,19 @@ fn check_exact_counters(backend: Backend, extra: &str) {
     // Four free ports in a row: the two mappings, metrics, and one where nothing listens.
     let base = free_ports_in_a_row(4);
     let (data_port, refused_port, metrics_port, closed_port) = (base, base + 1, base + 2, base + 3);
-    let toml = format!(
-        "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"127.0.0.1:{metrics_port}\"\n\
-         connect_timeout = \"2s\"\nwatch = false\n{extra}\n"
-    ) + &map_section(
-        &data_port.to_string(),
-        upstream.addr(),
-        "data",
-        "allow = [\"127.0.0.1/32\"]",
-    ) + &map_section(
-        &refused_port.to_string(),
-        SocketAddr::from((LOCALHOST, closed_port)),
-        "refused",
-        "",
-    );
+    let toml = relay_section(Some(metrics_port), &format!("watch = false\n{extra}"))
+        + &map_section(
+            data_port,
+            upstream.addr(),
+            "data",
+            "allow = [\"127.0.0.1/32\"]",
+        )
+        + &map_section(
+            refused_port,
+            SocketAddr::from((LOCALHOST, closed_port)),
+            "refused",
+            "",
+        );
     let relay = Relay::start(&toml, backend);
     let (dp, rp) = (data_port.to_string(), refused_port.to_string());
     let data = |extra: &[(&'static str, &'static str)]| labels("data", &dp, extra);
@@ -581,11 +476,15 @@ fn check_exact_counters(backend: Backend, extra: &str) {
         0.0,
         "pipes in use with no connection open"
     );
+    // Spliced by default: the transfers of a MiB and more went through pipes, which are
+    // pooled now; with max_pipes = 0 none was made and every byte was copied.
+    let idle = s.value("portrelay_pipes", &[("state", "idle")]);
     if extra.contains("max_pipes = 0") {
-        assert_eq!(
-            s.value("portrelay_pipes", &[("state", "idle")]),
-            0.0,
-            "idle pipes with max_pipes = 0"
+        assert_eq!(idle, 0.0, "idle pipes with max_pipes = 0");
+    } else {
+        assert!(
+            idle >= 1.0,
+            "no pipe pooled after transfers of up to 2.5 MB: the bytes were not spliced"
         );
     }
     assert!(s.value("process_open_fds", &[]) > 0.0);
@@ -604,38 +503,4 @@ data_path_test!(exact_counters_copied);
 /// The same with `max_pipes = 0`: no pipe at all, every byte copied through a buffer.
 fn exact_counters_copied(backend: Backend) {
     check_exact_counters(backend, "max_pipes = 0");
-}
-
-/// The exposition parser reads what the exporter writes.
-#[test]
-fn parse_exposition_reads_labels_and_values() {
-    let text = "# HELP x_total help\n# TYPE x_total counter\n\
-                x_total{map=\"C.1\",port=\"20544\",direction=\"client_to_upstream\"} 42\n\
-                y 1.5\nz_bucket{le=\"+Inf\",map=\"a\\\"b\"} 3\n";
-    let samples = parse_exposition(text);
-    let key = |name: &str, labels: &[(&str, &str)]| -> Series {
-        (
-            name.to_string(),
-            labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    };
-    assert_eq!(
-        samples[&key(
-            "x_total",
-            &[
-                ("map", "C.1"),
-                ("port", "20544"),
-                ("direction", "client_to_upstream")
-            ]
-        )],
-        42.0
-    );
-    assert_eq!(samples[&key("y", &[])], 1.5);
-    assert_eq!(
-        samples[&key("z_bucket", &[("le", "+Inf"), ("map", "a\"b")])],
-        3.0
-    );
 }

@@ -1,7 +1,8 @@
 //! Proxied SSH (issue 5), with real peers on both backends:
 //!
 //! - a real HAProxy (`send-proxy` and `send-proxy-v2`, connecting from 127.0.0.2, the trusted
-//!   proxy) in front of a mapped port: ssh and a 64 MiB scp each way work through it, and the
+//!   proxy) in front of a mapped port: ssh and a 64 MiB scp each way (and a 16 MiB `scp -O`)
+//!   work through it, and the
 //!   relay's log and `allow` see the real client (127.0.0.3, the address the ssh client
 //!   binds), not HAProxy's address; a direct client on the same port is untouched;
 //! - raw connections from the trusted address without a header, with a malformed one, with
@@ -11,22 +12,24 @@
 //!   ssh and a 64 MiB scp each way; an unknown or missing name gets `unrecognized_name`;
 //!   plain SSH bytes at the TLS port are refused; both are counted.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::ssh::check_scp;
+use crate::ssh::{check_command, check_scp};
 use crate::util::haproxy::{Haproxy, SendProxy, PROXY_SOURCE};
 use crate::util::log::LogLine;
+use crate::util::metrics::wait_metric;
 use crate::util::net::{
-    connect_expect_closed, connect_from, free_ports_in_a_row, read_to_end, Upstream, LOCALHOST,
+    connect_expect_closed, connect_expect_reset, connect_from, free_ports_in_a_row, read_to_end,
+    read_until_closed, Closed, Upstream, AT_ONCE, LOCALHOST,
 };
 use crate::util::process;
-use crate::util::relay::data_path_test;
+use crate::util::relay::{allow_line, data_path_test, map_section, relay_section};
 use crate::util::tls::{TestCa, SNI_SUFFIX};
-use crate::util::{poll, Backend, Relay, Sshd};
+use crate::util::{Backend, Relay, Sshd};
 
 /// The address the test's clients bind when they come through HAProxy: the real client.
 const CLIENT: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
@@ -37,25 +40,9 @@ const SCP_SIZE: usize = 64 << 20;
 /// How long a log line may take to appear after the event that causes it.
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `[relay]` section of these tests: listen on 127.0.0.1 only, 127.0.0.2 is the
-/// trusted proxy, metrics on `metrics` (or off); `extra` adds lines.
-fn relay_section(metrics: Option<u16>, extra: &str) -> String {
-    let metrics = metrics.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
-    format!(
-        "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"{metrics}\"\nconnect_timeout = \"1s\"\n\
-         trusted_proxies = [\"{PROXY_SOURCE}/32\"]\n{extra}\n"
-    )
-}
-
-/// A `[[map]]` section; `allow` empty means the default (everyone).
-fn map_section(port: u16, to: SocketAddr, name: &str, allow: &[&str]) -> String {
-    let allow = if allow.is_empty() {
-        String::new()
-    } else {
-        let cidrs: Vec<String> = allow.iter().map(|c| format!("\"{c}\"")).collect();
-        format!("allow = [{}]\n", cidrs.join(", "))
-    };
-    format!("[[map]]\nport = {port}\nto = \"{to}\"\nname = \"{name}\"\n{allow}\n")
+/// What the `[relay]` section of these tests adds: 127.0.0.2 is the trusted proxy.
+fn trusted(extra: &str) -> String {
+    format!("trusted_proxies = [\"{PROXY_SOURCE}/32\"]\n{extra}")
 }
 
 /// The `client` field of a log line, as IP:PORT.
@@ -65,55 +52,12 @@ fn client_of(line: &LogLine) -> SocketAddr {
         .unwrap_or_else(|e| panic!("client is not IP:PORT ({e}): {line}"))
 }
 
-/// Checks the fields of a `connection closed` line.
-fn assert_closed(
-    line: &LogLine,
-    client: IpAddr,
-    via: &str,
-    port: u16,
-    map: &str,
-    upstream: SocketAddr,
-) {
-    assert_eq!(line.msg(), "connection closed", "{line}");
-    assert_eq!(client_of(line).ip(), client, "client: {line}");
-    assert_eq!(line.text("via"), via, "via: {line}");
-    assert_eq!(line.num("port"), u64::from(port), "port: {line}");
-    assert_eq!(line.text("map"), map, "map: {line}");
-    assert_eq!(
-        line.text("upstream"),
-        upstream.to_string(),
-        "upstream: {line}"
-    );
-    line.num("bytes_client_to_upstream");
-    line.num("bytes_upstream_to_client");
-    assert!(!line.reason().is_empty(), "reason: {line}");
-}
-
 /// Checks the fields of a `connection rejected` line.
 fn assert_rejected(line: &LogLine, client: IpAddr, port: u16, reason: &str) {
     assert_eq!(line.msg(), "connection rejected", "{line}");
     assert_eq!(client_of(line).ip(), client, "client: {line}");
     assert_eq!(line.num("port"), u64::from(port), "port: {line}");
     assert_eq!(line.reason(), reason, "reason: {line}");
-}
-
-/// `ssh OPTIONS… root@127.0.0.1 'echo hello; exit 3'` prints `hello` and exits 3.
-fn check_command(sshd: &Sshd, port: u16, options: &[&str]) {
-    let out = process::run(
-        sshd.ssh_with(port, options).arg("echo hello; exit 3"),
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        out.stdout, "hello\n",
-        "ssh {options:?} stdout (stderr: {})",
-        out.stderr
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "ssh {options:?} exit (stderr: {})",
-        out.stderr
-    );
 }
 
 /// The two `connection closed` lines of an scp up and an scp down of [`SCP_SIZE`] bytes.
@@ -135,7 +79,44 @@ fn scp_lines(relay: &Relay, port: u16, via: &str) -> (LogLine, LogLine) {
         },
         LOG_TIMEOUT,
     );
+    for line in [&up, &down] {
+        assert!(
+            ["client_eof", "upstream_eof"].contains(&line.reason()),
+            "an scp that ended normally: {line}"
+        );
+    }
     (up, down)
+}
+
+/// Size of the legacy-protocol scp file, each way.
+const SCP_LEGACY_SIZE: usize = 16 << 20;
+
+/// `scp -O` (the legacy scp protocol) of [`SCP_LEGACY_SIZE`] up and down through
+/// `connect_port` (OPTIONS… added), after `before` connections closed on the relay's
+/// `port`: intact both ways, two more connections closed, each cleanly (EOF).
+fn check_legacy_scp(
+    relay: &Relay,
+    sshd: &Sshd,
+    connect_port: u16,
+    port: u16,
+    options: &[&str],
+    before: usize,
+) {
+    let mut args = vec!["-O"];
+    args.extend_from_slice(options);
+    check_scp(sshd, connect_port, &args, SCP_LEGACY_SIZE);
+    let lines = relay.wait_logs(|l| l.is_closed_on(port), before + 2, LOG_TIMEOUT);
+    for line in &lines[before..] {
+        assert!(
+            line.num("bytes_client_to_upstream") >= SCP_LEGACY_SIZE as u64
+                || line.num("bytes_upstream_to_client") >= SCP_LEGACY_SIZE as u64,
+            "an scp -O connection moved the file: {line}"
+        );
+        assert!(
+            ["client_eof", "upstream_eof"].contains(&line.reason()),
+            "an scp -O that ended normally: {line}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -149,23 +130,41 @@ fn through_haproxy(backend: Backend, send_proxy: SendProxy) {
     let sshd = Sshd::start();
     let port = free_ports_in_a_row(1);
     let map = "C.proxied";
-    let toml =
-        relay_section(None, "") + &map_section(port, sshd.addr(), map, &[&format!("{CLIENT}/32")]);
+    let toml = relay_section(None, &trusted(""))
+        + &map_section(
+            port,
+            sshd.addr(),
+            map,
+            &allow_line(&[&format!("{CLIENT}/32")]),
+        );
     let relay = Relay::start(&toml, backend);
     let haproxy = Haproxy::start_on_free_port(port, send_proxy);
     let bind = CLIENT.to_string();
 
     check_command(&sshd, haproxy.port(), &["-b", &bind]);
     let line = relay.wait_log(|l| l.is_closed_on(port), LOG_TIMEOUT);
-    assert_closed(&line, CLIENT.into(), "proxy", port, map, sshd.addr());
+    line.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
     assert!(line.num("bytes_client_to_upstream") > 0, "{line}");
     assert!(line.num("bytes_upstream_to_client") > 0, "{line}");
 
     let bind_option = format!("BindAddress={CLIENT}");
     check_scp(&sshd, haproxy.port(), &["-o", &bind_option], SCP_SIZE);
     let (up, down) = scp_lines(&relay, port, "proxy");
-    assert_closed(&up, CLIENT.into(), "proxy", port, map, sshd.addr());
-    assert_closed(&down, CLIENT.into(), "proxy", port, map, sshd.addr());
+    up.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
+    down.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
+    check_legacy_scp(
+        &relay,
+        &sshd,
+        haproxy.port(),
+        port,
+        &["-o", &bind_option],
+        3,
+    );
+    for line in &relay.log_lines()[..] {
+        if line.is_closed_on(port) {
+            line.assert_closed(CLIENT.into(), "proxy", port, map, sshd.addr());
+        }
+    }
 
     // The same port, straight from the client: nothing parsed, nothing changed.
     check_command(&sshd, port, &["-b", &bind]);
@@ -173,14 +172,14 @@ fn through_haproxy(backend: Backend, send_proxy: SendProxy) {
         |l| l.is_closed_on(port) && l.str("via") == Some("direct"),
         LOG_TIMEOUT,
     );
-    assert_closed(&direct, CLIENT.into(), "direct", port, map, sshd.addr());
+    direct.assert_closed(CLIENT.into(), "direct", port, map, sshd.addr());
 
     let lines = relay.log_lines();
     let closed: Vec<&LogLine> = lines.iter().filter(|l| l.is_closed_on(port)).collect();
     assert_eq!(
         closed.len(),
-        4,
-        "ssh, scp up, scp down, direct ssh: {closed:#?}"
+        6,
+        "ssh, scp up, scp down, scp -O up and down, direct ssh: {closed:#?}"
     );
     for line in closed {
         assert_eq!(client_of(line).ip(), IpAddr::from(CLIENT), "{line}");
@@ -208,8 +207,8 @@ data_path_test!(haproxy_allow_sees_real_client);
 fn haproxy_allow_sees_real_client(backend: Backend) {
     let sshd = Sshd::start();
     let port = free_ports_in_a_row(1);
-    let toml =
-        relay_section(None, "") + &map_section(port, sshd.addr(), "C.acl", &["127.0.0.4/32"]);
+    let toml = relay_section(None, &trusted(""))
+        + &map_section(port, sshd.addr(), "C.acl", &allow_line(&["127.0.0.4/32"]));
     let relay = Relay::start(&toml, backend);
     let bind = CLIENT.to_string();
     for (i, send_proxy) in [SendProxy::V1, SendProxy::V2].into_iter().enumerate() {
@@ -287,16 +286,16 @@ fn send_and_read_back(src: Ipv4Addr, port: u16, bytes: &[u8]) -> Vec<u8> {
 }
 
 data_path_test!(trusted_proxy_without_valid_header_is_refused);
-/// From the trusted address (proxy_header_timeout 500 ms): silence, plain SSH bytes, a
-/// malformed v1 header and a v2 LOCAL header are each closed, logged (`proxy_header`, with
-/// the proxy's address) and counted; nothing reaches the upstream. Silence is closed after
-/// the timeout; the others at once, for another reason than the timeout.
+/// From the trusted address (proxy_header_timeout 2 s): plain SSH bytes, a malformed v1
+/// header and a v2 LOCAL header are each refused at once (an RST within 1 s), and
+/// silence once the timeout has passed; each is logged (`proxy_header`, with the proxy's
+/// address) and counted; nothing reaches the upstream.
 fn trusted_proxy_without_valid_header_is_refused(backend: Backend) {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(2);
     let metrics = port + 1;
-    let toml = relay_section(Some(metrics), "proxy_header_timeout = \"500ms\"")
-        + &map_section(port, echo.addr(), "C.raw", &[]);
+    let toml = relay_section(Some(metrics), &trusted("proxy_header_timeout = \"2s\""))
+        + &map_section(port, echo.addr(), "C.raw", "");
     let relay = Relay::start(&toml, backend);
     let wait_rejected = |count: usize| {
         let lines = relay.wait_logs(|l| l.is_rejected_on(port), count, LOG_TIMEOUT);
@@ -306,27 +305,29 @@ fn trusted_proxy_without_valid_header_is_refused(backend: Backend) {
         line
     };
 
-    // Silent: closed once proxy_header_timeout has passed, not long after.
-    let (_, elapsed) = connect_expect_closed(PROXY_SOURCE, port, b"", Duration::from_secs(3));
-    assert!(
-        elapsed >= Duration::from_millis(400),
-        "a silent trusted connection was closed after {elapsed:?}, before proxy_header_timeout (500ms)"
-    );
-    let timed_out = wait_rejected(1);
-    let timeout_detail = timed_out.str("detail").unwrap_or("").to_string();
-
     let cases: [(&str, Vec<u8>); 3] = [
         ("no header (SSH bytes)", b"SSH-2.0-x\r\n".to_vec()),
         ("malformed v1 header", b"PROXY TCP4 1.2.3.4\r\n".to_vec()),
         ("v2 LOCAL header", v2_local()),
     ];
     for (i, (what, bytes)) in cases.iter().enumerate() {
-        let (_, elapsed) = connect_expect_closed(PROXY_SOURCE, port, bytes, Duration::from_secs(3));
-        let line = wait_rejected(i + 2);
+        let took = connect_expect_reset(PROXY_SOURCE, port, bytes);
+        let line = wait_rejected(i + 1);
+        eprintln!("{what}: refused after {took:?}: {line}");
+    }
+
+    // Silent: closed once proxy_header_timeout has passed, not long after.
+    let (_, elapsed) = connect_expect_closed(PROXY_SOURCE, port, b"", Duration::from_secs(4));
+    assert!(
+        elapsed >= Duration::from_millis(1900),
+        "a silent trusted connection was closed after {elapsed:?}, before proxy_header_timeout (2s)"
+    );
+    let timed_out = wait_rejected(4);
+    for line in &relay.wait_logs(|l| l.is_rejected_on(port), 3, LOG_TIMEOUT) {
         assert_ne!(
-            line.str("detail").unwrap_or(""),
-            timeout_detail,
-            "{what}: refused for its bytes, not for the timeout (closed after {elapsed:?}): {line}"
+            line.str("detail"),
+            timed_out.str("detail"),
+            "refused for its bytes, not for the timeout: {line}"
         );
     }
 
@@ -356,7 +357,7 @@ data_path_test!(trusted_proxy_header_names_the_client);
 fn trusted_proxy_header_names_the_client(backend: Backend) {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
-    let toml = relay_section(None, "") + &map_section(port, echo.addr(), "C.hdr", &[]);
+    let toml = relay_section(None, &trusted("")) + &map_section(port, echo.addr(), "C.hdr", "");
     let relay = Relay::start(&toml, backend);
 
     let v1_client: SocketAddr = "9.9.9.9:1234".parse().unwrap();
@@ -365,7 +366,7 @@ fn trusted_proxy_header_names_the_client(backend: Backend) {
     bytes.extend_from_slice(&payload);
     assert_eq!(send_and_read_back(PROXY_SOURCE, port, &bytes), payload);
     let line = relay.wait_log(|l| l.is_closed_on(port), LOG_TIMEOUT);
-    assert_closed(&line, v1_client.ip(), "proxy", port, "C.hdr", echo.addr());
+    line.assert_closed(v1_client.ip(), "proxy", port, "C.hdr", echo.addr());
     assert_eq!(client_of(&line), v1_client, "{line}");
     assert_eq!(
         line.num("bytes_client_to_upstream"),
@@ -385,7 +386,7 @@ fn trusted_proxy_header_names_the_client(backend: Backend) {
     bytes.extend_from_slice(&payload);
     assert_eq!(send_and_read_back(PROXY_SOURCE, port, &bytes), payload);
     let line = relay.wait_logs(|l| l.is_closed_on(port), 2, LOG_TIMEOUT)[1].clone();
-    assert_closed(&line, v6_client.ip(), "proxy", port, "C.hdr", echo.addr());
+    line.assert_closed(v6_client.ip(), "proxy", port, "C.hdr", echo.addr());
     assert_eq!(client_of(&line), v6_client, "{line}");
     assert_eq!(
         line.num("bytes_client_to_upstream"),
@@ -413,7 +414,7 @@ data_path_test!(untrusted_client_cannot_spoof);
 fn untrusted_client_cannot_spoof(backend: Backend) {
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
-    let toml = relay_section(None, "") + &map_section(port, echo.addr(), "C.spoof", &[]);
+    let toml = relay_section(None, &trusted("")) + &map_section(port, echo.addr(), "C.spoof", "");
     let relay = Relay::start(&toml, backend);
 
     let headers = [
@@ -429,14 +430,7 @@ fn untrusted_client_cannot_spoof(backend: Backend) {
             "header {i}: the upstream must get the header's bytes as they were sent"
         );
         let line = relay.wait_logs(|l| l.is_closed_on(port), i + 1, LOG_TIMEOUT)[i].clone();
-        assert_closed(
-            &line,
-            LOCALHOST.into(),
-            "direct",
-            port,
-            "C.spoof",
-            echo.addr(),
-        );
+        line.assert_closed(LOCALHOST.into(), "direct", port, "C.spoof", echo.addr());
         assert_eq!(
             line.num("bytes_client_to_upstream"),
             header.len() as u64,
@@ -469,8 +463,8 @@ fn tls_relay(
     let ca = TestCa::new(dir.path());
     let port = free_ports_in_a_row(3);
     let tls_port = port + 1;
-    let toml = relay_section(metrics.then_some(port + 2), "")
-        + &map_section(port, sshd.addr(), map, &[])
+    let toml = relay_section(metrics.then_some(port + 2), &trusted(""))
+        + &map_section(port, sshd.addr(), map, "")
         + &format!(
             "[[tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n\
              sni_suffix = \"{SNI_SUFFIX}\"\n",
@@ -502,14 +496,20 @@ fn tls_entry_ssh_and_scp(backend: Backend) {
 
     check_command(&sshd, port, &["-o", &option]);
     let line = relay.wait_log(|l| l.is_closed_on(port), LOG_TIMEOUT);
-    assert_closed(&line, LOCALHOST.into(), "tls", port, map, sshd.addr());
+    line.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
     assert!(line.num("bytes_client_to_upstream") > 0, "{line}");
     assert!(line.num("bytes_upstream_to_client") > 0, "{line}");
 
     check_scp(&sshd, port, &["-o", &option], SCP_SIZE);
     let (up, down) = scp_lines(&relay, port, "tls");
-    assert_closed(&up, LOCALHOST.into(), "tls", port, map, sshd.addr());
-    assert_closed(&down, LOCALHOST.into(), "tls", port, map, sshd.addr());
+    up.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
+    down.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
+    check_legacy_scp(&relay, &sshd, port, port, &["-o", &option], 3);
+    for line in &relay.log_lines()[..] {
+        if line.is_closed_on(port) {
+            line.assert_closed(LOCALHOST.into(), "tls", port, map, sshd.addr());
+        }
+    }
 
     let rejected: Vec<LogLine> = relay
         .log_lines()
@@ -570,11 +570,11 @@ fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
     let line = relay.wait_logs(|l| l.is_rejected_on(tls_port), 2, LOG_TIMEOUT)[1].clone();
     assert_rejected(&line, LOCALHOST.into(), tls_port, "no_route");
 
-    // Plain SSH: closed promptly; at most a TLS alert comes back, never an SSH banner.
+    // Plain SSH: closed at once (within AT_ONCE); at most a TLS alert comes back, never an
+    // SSH banner.
     let mut conn = connect_from(LOCALHOST, tls_port);
     let _ = conn.write_all(b"SSH-2.0-OpenSSH_9\r\n");
-    let start = Instant::now();
-    let got = read_until_closed(&mut conn, Duration::from_secs(3));
+    let (got, _, took) = read_until_closed(&mut conn, AT_ONCE);
     assert!(
         got.is_empty() || got[0] == 0x15,
         "plain SSH at the TLS port got {} bytes back that are no TLS alert: {:?}",
@@ -583,10 +583,7 @@ fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
     );
     let line = relay.wait_logs(|l| l.is_rejected_on(tls_port), 3, LOG_TIMEOUT)[2].clone();
     assert_rejected(&line, LOCALHOST.into(), tls_port, "tls");
-    eprintln!(
-        "plain SSH at the TLS port: closed after {:?}",
-        start.elapsed()
-    );
+    eprintln!("plain SSH at the TLS port: closed after {took:?}");
 
     let tls_port_label = tls_port.to_string();
     wait_metric(
@@ -609,88 +606,48 @@ fn tls_entry_refuses_unknown_names_and_plain_ssh(backend: Backend) {
     assert!(closed.is_empty(), "nothing was relayed: {closed:#?}");
 }
 
-/// Reads until the far end closes (EOF or reset) within `within`; returns what came first.
-/// Panics when the connection is still open by then.
-fn read_until_closed(conn: &mut TcpStream, within: Duration) -> Vec<u8> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    // Bounded: each pass reads bytes (at most 64 KiB in all), ends, or times out.
-    for _ in 0..64 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "still open after {within:?} (got {got:?})");
-        conn.set_read_timeout(Some(left)).unwrap();
-        match conn.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
-                ) =>
-            {
-                return got
-            }
-            Err(e) => panic!("read (after {} bytes): {e}", got.len()),
-        }
-    }
-    panic!("more than 64 reads and still open: {got:?}")
-}
+/// The time a TLS client has to finish its handshake (README: 10 s).
+const TLS_HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
-// ---------------------------------------------------------------------------------------
-// Metrics.
-
-/// `GET /metrics` from 127.0.0.1:`port`: the body.
-fn scrape(port: u16) -> String {
-    let mut conn = connect_from(LOCALHOST, port);
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .expect("send request");
-    let response = String::from_utf8_lossy(&read_to_end(&mut conn)).into_owned();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head: {response:?}"));
-    assert!(head.starts_with("HTTP/1.1 200"), "status: {head}");
-    body.to_string()
-}
-
-/// The value of the sample of `name` whose labels include `labels`, if there is one.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let has: Vec<(&str, &str)> = rest
-                .split(',')
-                .filter_map(|kv| {
-                    let (k, v) = kv.split_once('=')?;
-                    Some((k.trim(), v.trim().trim_matches('"')))
+data_path_test!(tls_handshake_limit);
+/// At the TLS entry, a client that never sends its ClientHello and one that sends half a
+/// record are each closed (an RST) once the 10 s handshake limit has passed, not long
+/// after, and refused as `tls`. Both run at once.
+fn tls_handshake_limit(backend: Backend) {
+    let sshd = Sshd::start();
+    let (relay, _ca, _dir, _port, tls_port) = tls_relay(&sshd, backend, "C.123", false);
+    // A TLS handshake record header announcing 512 bytes, and 5 of them.
+    let half_record = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03];
+    let cases: [(&str, &[u8]); 2] = [("silent", b""), ("half a ClientHello", &half_record)];
+    let started = Instant::now();
+    let ends: Vec<(&str, Closed, Duration)> = std::thread::scope(|scope| {
+        let threads: Vec<_> = cases
+            .iter()
+            .map(|(what, bytes)| {
+                scope.spawn(move || {
+                    let (closed, took) = connect_expect_closed(
+                        LOCALHOST,
+                        tls_port,
+                        bytes,
+                        TLS_HANDSHAKE_LIMIT + Duration::from_secs(3),
+                    );
+                    (*what, closed, took)
                 })
-                .collect();
-            labels
-                .iter()
-                .all(|want| has.contains(want))
-                .then(|| value.trim().parse().ok())?
-        })
-}
-
-/// Waits (bounded) until the metric reads `want`; panics with the metrics otherwise.
-fn wait_metric(port: u16, name: &str, labels: &[(&str, &str)], want: f64) {
-    let mut last = String::new();
-    let found = poll(Duration::from_secs(10), Duration::from_millis(50), || {
-        last = scrape(port);
-        (metric(&last, name, labels) == Some(want)).then_some(())
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
-    assert!(
-        found.is_some(),
-        "{name}{labels:?} is not {want}: {:?}\n{last}",
-        metric(&last, name, labels)
-    );
+    for (what, closed, took) in ends {
+        assert!(
+            took >= TLS_HANDSHAKE_LIMIT - Duration::from_millis(200),
+            "{what}: closed after {took:?}, before the handshake limit ({TLS_HANDSHAKE_LIMIT:?})"
+        );
+        assert_eq!(closed, Closed::Reset, "{what}: closed after {took:?}");
+        eprintln!("{what}: reset after {took:?}");
+    }
+    let lines = relay.wait_logs(|l| l.is_rejected_on(tls_port), 2, LOG_TIMEOUT);
+    for line in &lines {
+        assert_rejected(line, LOCALHOST.into(), tls_port, "tls");
+    }
+    assert!(started.elapsed() < TLS_HANDSHAKE_LIMIT + Duration::from_secs(4));
 }

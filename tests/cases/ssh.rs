@@ -15,21 +15,26 @@ use crate::util::{poll, Backend, Relay, Sshd};
 /// A relay with one mapping, host port → the sshd.
 pub(crate) fn relay_to(sshd: &Sshd, backend: Backend) -> (Relay, u16) {
     let port = free_port();
-    let toml = relay_section("") + &map_section(&port.to_string(), sshd.addr(), "C.ssh", "");
+    let toml = relay_section(None, "") + &map_section(port, sshd.addr(), "C.ssh", "");
     (Relay::start(&toml, backend), port)
 }
 
-/// `ssh -p PORT root@127.0.0.1 'echo hello; exit 3'` prints `hello` and exits 3.
-pub(crate) fn check_command(sshd: &Sshd, port: u16) {
+/// `ssh -p PORT OPTIONS… root@127.0.0.1 'echo hello; exit 3'` prints `hello` and exits 3.
+/// The one such check of the suite.
+pub(crate) fn check_command(sshd: &Sshd, port: u16, options: &[&str]) {
     let out = process::run(
-        sshd.ssh(port).arg("echo hello; exit 3"),
+        sshd.ssh_with(port, options).arg("echo hello; exit 3"),
         Duration::from_secs(60),
     );
-    assert_eq!(out.stdout, "hello\n", "ssh stdout (stderr: {})", out.stderr);
+    assert_eq!(
+        out.stdout, "hello\n",
+        "ssh {options:?} stdout (stderr: {})",
+        out.stderr
+    );
     assert_eq!(
         out.status.code(),
         Some(3),
-        "ssh exit (stderr: {})",
+        "ssh {options:?} exit (stderr: {})",
         out.stderr
     );
 }
@@ -157,7 +162,7 @@ data_path_test!(ssh_runs_command);
 fn ssh_runs_command(backend: Backend) {
     let sshd = Sshd::start();
     let (relay, port) = relay_to(&sshd, backend);
-    check_command(&sshd, port);
+    check_command(&sshd, port, &[]);
     let line = relay.wait_log(|l| l.is_closed_on(port), Duration::from_secs(10));
     line.assert_closed_fields(port, "C.ssh", sshd.addr());
     assert!(
@@ -171,23 +176,50 @@ fn ssh_runs_command(backend: Backend) {
 /// Size of the scp test file.
 const SCP_SIZE: usize = 256 << 20;
 
+/// The `connection closed` lines of the scp up and the scp down of [`check_scp`] with a
+/// file of `size` bytes on `port`, each checked: every field, and a clean end (the session
+/// ended with EOF, not a reset or an error).
+pub(crate) fn scp_closed_lines(relay: &Relay, sshd: &Sshd, port: u16, size: usize) {
+    let size = size as u64;
+    let up = relay.wait_log(
+        |l| l.is_closed_on(port) && l.u64("bytes_client_to_upstream") >= Some(size),
+        Duration::from_secs(10),
+    );
+    let down = relay.wait_log(
+        |l| l.is_closed_on(port) && l.u64("bytes_upstream_to_client") >= Some(size),
+        Duration::from_secs(10),
+    );
+    for line in [up, down] {
+        line.assert_closed_fields(port, "C.ssh", sshd.addr());
+        assert!(
+            ["client_eof", "upstream_eof"].contains(&line.reason()),
+            "an scp that ended normally: {line}"
+        );
+    }
+}
+
 data_path_test!(scp_256mib_both_ways);
-/// `scp -P` of 256 MiB up and back down through the relay: both copies intact, and
-/// the relay counts at least the file's size in each direction.
+/// `scp -P` of 256 MiB up and back down through the relay (OpenSSH 9's default, the SFTP
+/// protocol): both copies intact, and the relay counts at least the file's size in each
+/// direction and logs a clean end.
 fn scp_256mib_both_ways(backend: Backend) {
     let sshd = Sshd::start();
     let (relay, port) = relay_to(&sshd, backend);
     check_scp(&sshd, port, &[], SCP_SIZE);
-    let up = relay.wait_log(
-        |l| l.is_closed_on(port) && l.u64("bytes_client_to_upstream") >= Some(SCP_SIZE as u64),
-        Duration::from_secs(10),
-    );
-    up.assert_closed_fields(port, "C.ssh", sshd.addr());
-    let down = relay.wait_log(
-        |l| l.is_closed_on(port) && l.u64("bytes_upstream_to_client") >= Some(SCP_SIZE as u64),
-        Duration::from_secs(10),
-    );
-    down.assert_closed_fields(port, "C.ssh", sshd.addr());
+    scp_closed_lines(&relay, &sshd, port, SCP_SIZE);
+}
+
+/// Size of the legacy-protocol scp test file.
+const SCP_LEGACY_SIZE: usize = 64 << 20;
+
+data_path_test!(scp_legacy_protocol_both_ways);
+/// `scp -O` (the legacy scp protocol: `scp -t`/`scp -f` on the far side, half-closes
+/// instead of SFTP requests) of 64 MiB up and back down: intact, counted, a clean end.
+fn scp_legacy_protocol_both_ways(backend: Backend) {
+    let sshd = Sshd::start();
+    let (relay, port) = relay_to(&sshd, backend);
+    check_scp(&sshd, port, &["-O"], SCP_LEGACY_SIZE);
+    scp_closed_lines(&relay, &sshd, port, SCP_LEGACY_SIZE);
 }
 
 data_path_test!(sftp_put_get);

@@ -4,7 +4,7 @@
 //! nesting capped) plus accessors for the few fields the tests read.
 
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// A parsed JSON value. Numbers keep their text so that integers stay exact.
 #[derive(Clone, Debug, PartialEq)]
@@ -263,16 +263,24 @@ impl LogLine {
             .unwrap_or_else(|| panic!("log line has no numeric field {key:?}: {}", self.raw))
     }
 
-    /// Checks every field the contract gives a `connection closed` line, for a direct
-    /// connection from 127.0.0.1 on host port `port` of mapping `map` to `upstream`.
-    pub fn assert_closed_fields(&self, port: u16, map: &str, upstream: SocketAddr) {
+    /// Checks every field the contract gives a `connection closed` line: from `client`
+    /// (the real client's address), arrived `via`, on host port `port` of mapping `map`,
+    /// to `upstream`. The one such check of the suite.
+    pub fn assert_closed(
+        &self,
+        client: IpAddr,
+        via: &str,
+        port: u16,
+        map: &str,
+        upstream: SocketAddr,
+    ) {
         assert_eq!(self.msg(), "connection closed", "{self}");
-        let client: SocketAddr = self
+        let addr: SocketAddr = self
             .text("client")
             .parse()
             .unwrap_or_else(|e| panic!("client is not IP:PORT ({e}): {self}"));
-        assert_eq!(client.ip(), Ipv4Addr::LOCALHOST, "client: {self}");
-        assert_eq!(self.text("via"), "direct", "via: {self}");
+        assert_eq!(addr.ip(), client, "client: {self}");
+        assert_eq!(self.text("via"), via, "via: {self}");
         assert_eq!(self.num("port"), u64::from(port), "port: {self}");
         assert_eq!(self.text("map"), map, "map: {self}");
         assert_eq!(
@@ -287,6 +295,11 @@ impl LogLine {
             "duration_ms must be a number: {self}"
         );
         assert!(!self.reason().is_empty(), "reason: {self}");
+    }
+
+    /// [`LogLine::assert_closed`] for a direct connection from 127.0.0.1.
+    pub fn assert_closed_fields(&self, port: u16, map: &str, upstream: SocketAddr) {
+        self.assert_closed(Ipv4Addr::LOCALHOST.into(), "direct", port, map, upstream);
     }
 
     /// A string field that the contract requires; panics naming the line otherwise.

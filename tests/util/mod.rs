@@ -4,6 +4,7 @@
 //! - [`relay`]: [`Relay`] (spawn, wait for `ready`, read the JSON log), [`Backend`],
 //!   [`ControlFile`] and `portrelay check`, and the [`data_path_test!`] macro.
 //! - [`log`]: a small parser for the relay's one-object-a-line JSON log.
+//! - [`metrics`]: the one `/metrics` scraper and exposition parser.
 //! - [`sshd`]: [`Sshd`], a throwaway sshd on a free port, and `ssh`/`scp`/`sftp` commands for it.
 //! - [`net`]: free ports, in-process upstreams (echo, fixed reply, digest, HTTP), a black
 //!   hole, client helpers.
@@ -19,6 +20,7 @@
 pub mod files;
 pub mod haproxy;
 pub mod log;
+pub mod metrics;
 pub mod net;
 pub mod process;
 pub mod relay;

@@ -400,11 +400,26 @@ pub fn connect_expect_closed(
     (closed, start.elapsed())
 }
 
+/// How soon a refusal must arrive to count as "at once": an RST for a connection the relay
+/// refuses, ECONNREFUSED for a listener it closed. Loose enough for a loaded 2-core
+/// machine, far below any timeout of the relay's.
+pub const AT_ONCE: Duration = Duration::from_secs(1);
+
+/// A connection from `src` to 127.0.0.1:`port` that the relay must refuse at once: it
+/// writes `send`, then must get an RST (ECONNRESET, not a FIN, not a timeout) within
+/// [`AT_ONCE`] of the connect, with no byte before. Returns how long that took.
+pub fn connect_expect_reset(src: Ipv4Addr, port: u16, send: &[u8]) -> Duration {
+    let (closed, took) = connect_expect_closed(src, port, send, AT_ONCE);
+    assert_eq!(
+        closed,
+        Closed::Reset,
+        "a refused connection from {src} to port {port} ended with a FIN after {took:?}, not an RST"
+    );
+    took
+}
+
 fn is_reset(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-    )
+    e.kind() == ErrorKind::ConnectionReset
 }
 
 /// Writes `data` and reads back exactly as many bytes, which must equal it.
@@ -416,39 +431,98 @@ pub fn roundtrip(conn: &mut TcpStream, data: &[u8]) {
 }
 
 /// How a connection ended, from the client's side.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Closed {
+    /// A FIN: `read` returned 0.
     Eof,
+    /// An RST: `read` failed with ECONNRESET.
     Reset,
 }
 
-/// Reads from `conn`, which must end (EOF or reset) within `within` without delivering a
-/// single byte. Returns how it ended and how long that took.
-pub fn expect_closed(conn: &mut TcpStream, within: Duration) -> (Closed, Duration) {
+/// The one "connection ended" reader of the suite: reads from `conn` until the far end
+/// closes it, for at most `within`. Returns what arrived before the end (at most 64 KiB),
+/// how it ended, and how long that took. Only EOF and ECONNRESET are an end; any other
+/// read error, more bytes, or the deadline passing panics.
+pub fn read_until_closed(conn: &mut TcpStream, within: Duration) -> (Vec<u8>, Closed, Duration) {
+    const MAX: usize = 64 * 1024;
     let start = Instant::now();
     let deadline = start + within;
-    let mut buf = [0u8; 1024];
-    // Bounded: each pass either returns, panics, or was interrupted by a signal.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded: each pass reads bytes (at most MAX in all), ends, panics, or was
+    // interrupted by a signal.
     for _ in 0..1000 {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
         }
         conn.set_read_timeout(Some(left)).unwrap();
-        let closed = match conn.read(&mut buf) {
-            Ok(0) => Closed::Eof,
-            Ok(n) => panic!(
-                "expected the connection to be closed, got {n} bytes: {:?}",
-                String::from_utf8_lossy(&buf[..n])
-            ),
+        match conn.read(&mut buf) {
+            Ok(0) => return (got, Closed::Eof, start.elapsed()),
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                assert!(
+                    got.len() <= MAX,
+                    "expected the connection to end; it sent more than {MAX} bytes"
+                );
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if is_reset(&e) => Closed::Reset,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                return (got, Closed::Reset, start.elapsed())
+            }
             Err(e) if is_timeout(&e) => break,
-            Err(e) => panic!("read: {e}"),
-        };
-        return (closed, start.elapsed());
+            Err(e) => panic!(
+                "read (after {} bytes): {e}; a connection ends with EOF or ECONNRESET",
+                got.len()
+            ),
+        }
     }
-    panic!("connection still open after {within:?}")
+    panic!(
+        "connection still open after {within:?} (got {} bytes: {:?})",
+        got.len(),
+        String::from_utf8_lossy(&got)
+    )
+}
+
+/// Reads from `conn`, which must end (EOF or reset) within `within` without delivering a
+/// single byte. Returns how it ended and how long that took.
+pub fn expect_closed(conn: &mut TcpStream, within: Duration) -> (Closed, Duration) {
+    let (got, closed, took) = read_until_closed(conn, within);
+    assert!(
+        got.is_empty(),
+        "expected the connection to be closed, got {} bytes: {:?}",
+        got.len(),
+        String::from_utf8_lossy(&got)
+    );
+    (closed, took)
+}
+
+/// `conn` must be reset (ECONNRESET, not a FIN) within `within`, with no byte before.
+/// Returns how long that took.
+pub fn expect_reset(conn: &mut TcpStream, within: Duration) -> Duration {
+    let (closed, took) = expect_closed(conn, within);
+    assert_eq!(
+        closed,
+        Closed::Reset,
+        "the connection ended with a FIN after {took:?}; expected a reset"
+    );
+    took
+}
+
+/// A connect to 127.0.0.1:`port` is refused (ECONNREFUSED: nothing listens there).
+pub fn assert_refused(port: u16) {
+    let addr = SocketAddr::from((LOCALHOST, port));
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("connect to port {port}: {e}, expected refused"),
+        Ok(mut conn) => {
+            // Say what answered: the relay would close it (no route) or relay it.
+            conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut buf = [0u8; 64];
+            let got = conn.read(&mut buf);
+            panic!("port {port} still accepts connections (then read {got:?})");
+        }
+    }
 }
 
 /// Reads until end of stream; a reset or a stall past [`IO_TIMEOUT`] panics.
@@ -480,4 +554,37 @@ pub fn http_get(port: u16) -> Vec<u8> {
         .unwrap_or_else(|| panic!("no Content-Length in {head}"));
     assert_eq!(body.len(), length, "body length vs Content-Length");
     body
+}
+
+/// Accepts one connection on `listener` within `within` (polling a non-blocking accept
+/// every 5 ms), with [`IO_TIMEOUT`] on its reads and writes. Panics when none comes.
+pub fn accept_within(listener: &TcpListener, within: Duration) -> TcpStream {
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let accepted = super::poll(within, Duration::from_millis(5), || {
+        match listener.accept() {
+            Ok((conn, _)) => Some(conn),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => None,
+            Err(e) => panic!("accept on {:?}: {e}", listener.local_addr()),
+        }
+    });
+    let conn = accepted.unwrap_or_else(|| {
+        panic!(
+            "no connection to {:?} within {within:?}",
+            listener.local_addr()
+        )
+    });
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    conn.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+    conn
+}
+
+/// Closes `conn` with an RST (SO_LINGER 0), as a crashed or killed peer's kernel does.
+pub fn reset(conn: TcpStream) {
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(conn);
 }

@@ -88,11 +88,37 @@ fn probe_uring() -> Option<String> {
     (!missing.is_empty()).then(|| format!("io_uring lacks opcodes {missing:?}"))
 }
 
-/// Runs `test` on `backend`, or prints why it is skipped when the machine lacks it.
+/// The environment switch that lets a test on a backend this machine lacks be skipped
+/// (printed, and counted as a pass) instead of failing. CI refuses it.
+pub const ALLOW_SKIP: &str = "PORTRELAY_TEST_ALLOW_SKIP";
+
+/// Whether the environment says this is a CI run (`CI` set to anything but `""`, `0` or
+/// `false`, as CI services and `.ci/run` set it).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Runs `test` on `backend`. When the machine lacks the backend the test fails, unless
+/// [`ALLOW_SKIP`]`=1` outside CI makes it a printed skip: a skipped io_uring test must
+/// never pass for one that ran.
 pub fn run_on(test: fn(Backend), backend: Backend) {
     if let Some(reason) = backend.unavailable() {
-        eprintln!("SKIPPED on {}: {reason}", backend.name());
-        return;
+        let allowed = std::env::var(ALLOW_SKIP).is_ok_and(|v| v == "1");
+        if allowed && !in_ci() {
+            eprintln!("SKIPPED on {} ({ALLOW_SKIP}=1): {reason}", backend.name());
+            return;
+        }
+        let why = if allowed {
+            format!(
+                "{ALLOW_SKIP}=1 is refused in CI (CI is set): CI runs every test on both backends"
+            )
+        } else {
+            format!("set {ALLOW_SKIP}=1 to skip such tests outside CI")
+        };
+        panic!(
+            "the {} backend is unavailable on this machine: {reason}; {why}",
+            backend.name()
+        );
     }
     test(backend);
 }
@@ -118,16 +144,34 @@ macro_rules! data_path_test {
 }
 pub(crate) use data_path_test;
 
-/// The `[relay]` section every test starts from: listen on 127.0.0.1 only, no metrics
-/// endpoint, 1 s upstream connect timeout; `extra` adds lines (`key = value\n`).
-pub fn relay_section(extra: &str) -> String {
-    format!("[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"\"\nconnect_timeout = \"1s\"\n{extra}\n")
+/// The `[relay]` section every test starts from: listen on 127.0.0.1 only, metrics on
+/// 127.0.0.1:`metrics` (or off), 1 s upstream connect timeout; `extra` adds lines
+/// (`key = value\n`). The one `[relay]` builder of the suite.
+pub fn relay_section(metrics: Option<u16>, extra: &str) -> String {
+    let metrics = metrics.map_or(String::new(), |p| format!("127.0.0.1:{p}"));
+    format!(
+        "[relay]\nbind = [\"127.0.0.1\"]\nmetrics = \"{metrics}\"\nconnect_timeout = \"1s\"\n{extra}\n"
+    )
 }
 
-/// A `[[map]]` section for one host port (or range `"A-B"`, given quoted in `port`);
-/// `extra` adds lines.
-pub fn map_section(port: &str, to: SocketAddr, name: &str, extra: &str) -> String {
+/// A `[[map]]` section for one host port (a number), or a range (`"\"A-B\""`, quoted);
+/// `extra` adds lines. The one `[[map]]` builder of the suite.
+pub fn map_section(
+    port: impl std::fmt::Display,
+    to: SocketAddr,
+    name: &str,
+    extra: &str,
+) -> String {
     format!("[[map]]\nport = {port}\nto = \"{to}\"\nname = \"{name}\"\n{extra}\n")
+}
+
+/// An `allow = [...]` line for `map_section`'s `extra` (empty: no line, the default).
+pub fn allow_line(cidrs: &[&str]) -> String {
+    if cidrs.is_empty() {
+        return String::new();
+    }
+    let cidrs: Vec<String> = cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+    format!("allow = [{}]\n", cidrs.join(", "))
 }
 
 /// A control file in its own tempdir.
@@ -204,34 +248,118 @@ pub struct Relay {
     control: ControlFile,
 }
 
+/// How a test starts a relay, besides its control file and backend.
+#[derive(Clone, Debug)]
+pub struct Start {
+    /// `--io-backend`: the backend's own name unless set (say to `"auto"`, where `ready`
+    /// must still name the backend of the test).
+    pub io_backend: Option<&'static str>,
+    /// `--threads`: 4 unless set, so that every path between loops runs even on a
+    /// machine with fewer cores.
+    pub threads: usize,
+    /// Extra environment variables for the relay process (set after the harness's own, so
+    /// they may override them).
+    pub env: Vec<(String, String)>,
+    /// The binary: the test build unless set (say `target/release/portrelay`).
+    pub program: PathBuf,
+    /// Run the relay under a seccomp filter that fails `io_uring_setup` with EPERM, as
+    /// Docker's default profile does.
+    pub deny_io_uring: bool,
+}
+
+/// The harness's relays run this many event loops.
+pub const THREADS: usize = 4;
+
+impl Default for Start {
+    fn default() -> Start {
+        Start {
+            io_backend: None,
+            threads: THREADS,
+            env: Vec::new(),
+            program: PathBuf::from(BIN),
+            deny_io_uring: false,
+        }
+    }
+}
+
+impl Start {
+    pub fn env(mut self, env: &[(&str, &str)]) -> Start {
+        self.env
+            .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    pub fn threads(mut self, threads: usize) -> Start {
+        self.threads = threads;
+        self
+    }
+}
+
+/// A seccomp filter program (classic BPF) that fails `io_uring_setup` with EPERM and lets
+/// every other system call through; `None` on an architecture it does not know.
+fn deny_io_uring_filter() -> Option<Vec<libc::sock_filter>> {
+    const AUDIT_ARCH: u32 = if cfg!(target_arch = "x86_64") {
+        0xC000_003E
+    } else if cfg!(target_arch = "aarch64") {
+        0xC000_00B7
+    } else {
+        0
+    };
+    if AUDIT_ARCH == 0 {
+        return None;
+    }
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let (ld_abs, jeq, ret) = (
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+        libc::BPF_RET | libc::BPF_K,
+    );
+    Some(vec![
+        // struct seccomp_data: int nr at 0, u32 arch at 4.
+        stmt(ld_abs, 4),
+        jump(jeq, AUDIT_ARCH, 0, 3),
+        stmt(ld_abs, 0),
+        jump(jeq, libc::SYS_io_uring_setup as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ])
+}
+
 impl Relay {
     /// Writes `toml` to a tempdir, starts the relay on `backend`, and returns once it has
     /// logged `ready` (which must name that backend). Panics with the log otherwise.
     pub fn start(toml: &str, backend: Backend) -> Relay {
-        Self::start_with_env(toml, backend, &[])
+        Self::start_with(toml, backend, Start::default())
     }
 
-    /// [`Relay::start`], with extra environment variables for the relay process (set after
-    /// the harness's own, so they may override them).
+    /// [`Relay::start`], with extra environment variables for the relay process.
     pub fn start_with_env(toml: &str, backend: Backend, env: &[(&str, &str)]) -> Relay {
-        Self::start_program(Path::new(BIN), toml, backend, env)
+        Self::start_with(toml, backend, Start::default().env(env))
     }
 
-    /// [`Relay::start_with_env`] with another build of the relay (say
-    /// `target/release/portrelay`, for a measurement).
-    pub fn start_program(
-        program: &Path,
-        toml: &str,
-        backend: Backend,
-        env: &[(&str, &str)],
-    ) -> Relay {
+    /// [`Relay::start`] as `how` says.
+    pub fn start_with(toml: &str, backend: Backend, how: Start) -> Relay {
+        use std::os::unix::process::CommandExt;
         let control = ControlFile::new(toml);
-        let mut child = Command::new(program)
-            .arg("run")
+        let mut cmd = Command::new(&how.program);
+        cmd.arg("run")
             .arg("--config")
             .arg(control.path())
             .arg("--io-backend")
-            .arg(backend.name())
+            .arg(how.io_backend.unwrap_or(backend.name()))
+            .arg("--threads")
+            .arg(how.threads.to_string())
             .arg("--log-format")
             .arg("json")
             .env("RUST_LOG", "info")
@@ -240,10 +368,37 @@ impl Relay {
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID")
-            .envs(env.iter().copied())
+            .envs(how.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        if how.deny_io_uring {
+            let filter = deny_io_uring_filter()
+                .expect("a seccomp filter for io_uring_setup on this architecture");
+            // SAFETY: between fork and exec only prctl(2) runs (async-signal-safe, no
+            // allocation). `prog` points into `filter`, which the closure owns and which
+            // lives until the child execs.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let prog = libc::sock_fprog {
+                        len: filter.len() as u16,
+                        filter: filter.as_ptr() as *mut libc::sock_filter,
+                    };
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                        || libc::prctl(
+                            libc::PR_SET_SECCOMP,
+                            libc::SECCOMP_MODE_FILTER,
+                            &prog as *const libc::sock_fprog,
+                        ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let program = how.program.clone();
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         tee_lines(child.stdout.take().unwrap(), "[relay stdout]", |_| {});

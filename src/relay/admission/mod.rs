@@ -4,12 +4,15 @@
 //! handshake. Each step is driven by readiness, like the data path, and bounded by a timer.
 //!
 //! One file per entrance: `proxy` (the PROXY header), `tls` (ClientHello, SNI routing,
-//! handshake). [`Pending::advance`] is the one interface the loop calls. A connection in
+//! handshake, then raw SSH or a WebSocket request), `websocket` (the upgrade request). [`Pending::advance`] is the one interface the loop calls. A connection in
 //! admission holds an [`AdmissionPermit`], a relayed one a [`Permit`] and a
 //! [`MappingPermit`]: places in the caps that are given back when dropped.
 
 mod proxy;
 mod tls;
+mod websocket;
+
+pub use websocket::{Request as WsRequest, WsEndpoint};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -26,7 +29,8 @@ use crate::addr::ClientAddr;
 use crate::metrics::{Rejection, Via};
 use crate::tls::TlsEndpoint;
 
-/// Mapping names (and their `-` forms, lower case) → the route TLS connections take.
+/// Mapping names (and their `-` forms, lower case) → the route that TLS connections (by
+/// SNI) and WebSocket connections (by path) take.
 pub type TlsRoutes = HashMap<String, Arc<Route>>;
 
 pub enum Stage {
@@ -36,14 +40,28 @@ pub enum Stage {
     TlsHello {
         acceptor: Box<Acceptor>,
         endpoint: Arc<TlsEndpoint>,
+        /// WebSocket requests are served inside the session too (`wss://`).
+        ws: Option<Arc<WsEndpoint>>,
     },
-    /// Routed by SNI; the handshake is finishing.
+    /// Routed by SNI (or, with `ws`, the SNI may be the bare suffix: no route yet); the
+    /// handshake is finishing.
     TlsHandshake {
         tls: Box<ServerConnection>,
-        route: Arc<Route>,
+        route: Option<Arc<Route>>,
         /// The routing name (a key of [`TlsRoutes`]) the route was found by.
-        name: String,
+        name: Option<String>,
+        ws: Option<Arc<WsEndpoint>>,
     },
+    /// Handshake done, and WebSocket served here: the first plaintext bytes tell `GET `
+    /// (a WebSocket request) from SSH.
+    TlsFirstBytes {
+        tls: Box<ServerConnection>,
+        route: Option<Arc<Route>>,
+        name: Option<String>,
+        ws: Arc<WsEndpoint>,
+    },
+    /// A WebSocket upgrade request is being read (`ws://`, or inside TLS).
+    WsRequest(websocket::Request),
     /// Admitted: what it carried has moved on to the connection.
     Done,
 }
@@ -64,11 +82,13 @@ pub struct Pending {
 pub enum Step {
     /// Waiting for readiness.
     Wait,
-    /// Refuse the connection; `detail` goes to the log.
+    /// Refuse the connection; `detail` goes to the log. `graceful`: an answer was sent
+    /// (an HTTP error), so close without a reset that could throw it away.
     Reject {
         why: Rejection,
         route: Option<Arc<Route>>,
         detail: String,
+        graceful: bool,
     },
     /// Route it: the real client address, how it came, and how its client end carries
     /// bytes (the TLS session of a TLS entrance).
@@ -87,8 +107,11 @@ impl Pending {
     /// The mapped host port this connection is bound for, once known.
     pub fn mapped_port(&self) -> Option<u16> {
         match &self.stage {
-            Stage::ProxyHeader { route } | Stage::TlsHandshake { route, .. } => Some(route.port),
-            Stage::TlsHello { .. } | Stage::Done => None,
+            Stage::ProxyHeader { route } => Some(route.port),
+            Stage::TlsHandshake { route, .. } | Stage::TlsFirstBytes { route, .. } => {
+                route.as_ref().map(|r| r.port)
+            }
+            Stage::TlsHello { .. } | Stage::WsRequest(_) | Stage::Done => None,
         }
     }
 
@@ -100,12 +123,17 @@ impl Pending {
                 Stage::ProxyHeader { route } => {
                     return proxy::read_header(&mut self.client, route);
                 }
-                Stage::TlsHello { acceptor, endpoint } => {
+                Stage::TlsHello {
+                    acceptor,
+                    endpoint,
+                    ws,
+                } => {
                     match tls::read_hello(
                         &mut self.client,
                         self.peer,
                         acceptor,
                         endpoint,
+                        ws.clone(),
                         tls_routes,
                     ) {
                         Ok(Some(next)) => next,
@@ -114,31 +142,108 @@ impl Pending {
                     }
                 }
                 Stage::TlsHandshake { tls, route, .. } => {
-                    return match tls::handshake(&mut self.client, tls) {
+                    match tls::handshake(&mut self.client, tls) {
                         Ok(true) => {
-                            let Stage::TlsHandshake { tls, route, name } =
+                            let Stage::TlsHandshake {
+                                tls,
+                                route,
+                                name,
+                                ws,
+                            } = std::mem::replace(&mut self.stage, Stage::Done)
+                            else {
+                                unreachable!()
+                            };
+                            match ws {
+                                Some(ws) => Stage::TlsFirstBytes {
+                                    tls,
+                                    route,
+                                    name,
+                                    ws,
+                                },
+                                None => return self.admit_tls(tls, route, name),
+                            }
+                        }
+                        Ok(false) => return Step::Wait,
+                        Err(detail) => {
+                            return Step::Reject {
+                                why: Rejection::Tls,
+                                route: route.clone(),
+                                detail,
+                                graceful: false,
+                            }
+                        }
+                    }
+                }
+                Stage::TlsFirstBytes { tls, route, .. } => {
+                    match tls::first_bytes(&mut self.client, tls) {
+                        Ok(None) => return Step::Wait,
+                        Ok(Some(true)) => {
+                            let Stage::TlsFirstBytes { tls, route, ws, .. } =
                                 std::mem::replace(&mut self.stage, Stage::Done)
                             else {
                                 unreachable!()
                             };
-                            Step::Admit {
-                                route,
-                                client_addr: self.peer,
-                                via: Via::Tls,
-                                codec: Codec::Tls(tls),
-                                tls_name: Some(name),
+                            Stage::WsRequest(websocket::Request {
+                                endpoint: ws,
+                                head: Vec::new(),
+                                tls: Some(tls),
+                                sni_route: route,
+                            })
+                        }
+                        Ok(Some(false)) => {
+                            let Stage::TlsFirstBytes {
+                                tls, route, name, ..
+                            } = std::mem::replace(&mut self.stage, Stage::Done)
+                            else {
+                                unreachable!()
+                            };
+                            return self.admit_tls(tls, route, name);
+                        }
+                        Err(detail) => {
+                            return Step::Reject {
+                                why: Rejection::Tls,
+                                route: route.clone(),
+                                detail,
+                                graceful: false,
                             }
                         }
-                        Ok(false) => Step::Wait,
-                        Err(detail) => Step::Reject {
-                            why: Rejection::Tls,
-                            route: Some(route.clone()),
-                            detail,
-                        },
-                    };
+                    }
+                }
+                Stage::WsRequest(request) => {
+                    return websocket::read_request(
+                        &mut self.client,
+                        self.peer,
+                        request,
+                        tls_routes,
+                    );
                 }
             };
             self.stage = next;
+        }
+    }
+
+    /// A TLS connection carrying SSH itself: admitted on the route its SNI named (one
+    /// that named only the suffix has none: it could only have been a WebSocket).
+    fn admit_tls(
+        &self,
+        tls: Box<ServerConnection>,
+        route: Option<Arc<Route>>,
+        name: Option<String>,
+    ) -> Step {
+        match route {
+            Some(route) => Step::Admit {
+                route,
+                client_addr: self.peer,
+                via: Via::Tls,
+                codec: Codec::Tls(tls),
+                tls_name: name,
+            },
+            None => Step::Reject {
+                why: Rejection::NoRoute,
+                route: None,
+                detail: "SNI names no mapping and the stream is no WebSocket request".into(),
+                graceful: false,
+            },
         }
     }
 }

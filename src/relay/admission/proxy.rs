@@ -21,6 +21,7 @@ pub(super) fn read_header(client: &mut Side, route: &Arc<Route>) -> Step {
         why: Rejection::ProxyHeader,
         route: Some(route.clone()),
         detail,
+        graceful: false,
     };
     if !client.readable {
         return Step::Wait;

@@ -4,9 +4,14 @@
 //!
 //! - `plain`: bytes as they are (direct and PROXY entrances): both directions splice.
 //! - `tls`: records through rustls (the TLS entrance): both directions copy.
+//! - `websocket`: frames, on `ws://` or inside TLS (`wss://`): client → upstream copies
+//!   (masked), upstream → client splices on `ws://`.
 
 mod plain;
 mod tls;
+mod websocket;
+
+pub use websocket::WsCodec;
 
 use rustls::ServerConnection;
 
@@ -19,6 +24,8 @@ pub enum Codec {
     /// SSH wrapped in TLS: the session decrypts what the client sends and encrypts what it
     /// is sent.
     Tls(Box<ServerConnection>),
+    /// SSH in WebSocket frames (with its TLS session on `wss://`).
+    WebSocket(Box<WsCodec>),
 }
 
 impl Codec {
@@ -38,6 +45,10 @@ impl Codec {
             (Codec::Plain, _) => plain::move_bytes(src, dst, dir, last, pool),
             (Codec::Tls(tls), Dir::ToUpstream) => tls::decrypt(src, dst, dir, last, tls, pool),
             (Codec::Tls(tls), Dir::ToClient) => tls::encrypt(src, dst, dir, last, tls),
+            (Codec::WebSocket(ws), Dir::ToUpstream) => {
+                ws.pump_to_upstream(src, dst, dir, last, pool)
+            }
+            (Codec::WebSocket(ws), Dir::ToClient) => ws.pump_to_client(src, dst, dir, last, pool),
         }
     }
 }

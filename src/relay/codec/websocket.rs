@@ -1,0 +1,424 @@
+//! The WebSocket codec: SSH carried in binary (or text) frames, on `ws://` (the client's
+//! socket) or `wss://` (inside the TLS session).
+//!
+//! - client → upstream: the client's frames are masked, so this direction copies: read
+//!   into a buffer, decode and unmask in place, send the payload. Pings are answered,
+//!   pongs dropped, a Close (or a FIN) is the client's end of stream; a protocol violation
+//!   ends the connection (Close 1002 to the client, a reset to the upstream).
+//! - upstream → client on `ws://`: zero-copy once it streams: each read from the upstream
+//!   (spliced into a pipe) goes out as one frame, its 2–10 byte header sent with `MSG_MORE`
+//!   and the payload spliced after it. Never an empty frame. Control frames go out only
+//!   between frames. The upstream's FIN becomes a Close (1000) after the last data, then
+//!   a FIN.
+//! - upstream → client on `wss://`: each read is one frame written into the TLS session.
+//!
+//! `portrelay_bytes_total` counts payload bytes, as for the other entrances.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+
+use rustls::ServerConnection;
+
+use crate::relay::connection::{
+    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
+    Turn, ROUNDS_PER_TURN, STREAMING_READ,
+};
+use crate::relay::pipe::{Hold, PipePool};
+use crate::sys;
+use crate::tls::FdIo;
+use crate::websocket::frame::{self, ControlFrame, ControlPayload, Decoder, Header, Item};
+
+/// Plaintext read from the upstream per frame on `wss://` (one TLS record's payload).
+const RECORD: usize = 16 * 1024;
+
+/// A WebSocket client end.
+pub struct WsCodec {
+    decoder: Decoder,
+    /// Client bytes that came after the upgrade request: decoded before any new read.
+    early: Vec<u8>,
+    /// The header of the frame whose payload is held now (upstream → client), and how
+    /// many of its bytes are sent.
+    header: Option<(Header, usize)>,
+    /// The Pong owed for the client's latest Ping (an earlier one needs none).
+    pong: Option<ControlPayload>,
+    /// A Close to send: the code.
+    close: Option<u16>,
+    /// A control frame on its way out, and how many of its bytes are sent.
+    sending: Option<(ControlFrame, usize)>,
+    close_sent: bool,
+    /// `wss://`: the TLS session that carries the frames.
+    tls: Option<Box<ServerConnection>>,
+}
+
+impl WsCodec {
+    pub fn new(early: Vec<u8>, tls: Option<Box<ServerConnection>>) -> WsCodec {
+        WsCodec {
+            decoder: Decoder::new(),
+            early,
+            header: None,
+            pong: None,
+            close: None,
+            sending: None,
+            close_sent: false,
+            tls,
+        }
+    }
+
+    /// client → upstream.
+    pub(super) fn pump_to_upstream(
+        &mut self,
+        client: &mut Side,
+        upstream: &mut Side,
+        dir: &mut Direction,
+        last: bool,
+        pool: &mut PipePool,
+    ) -> Result<Turn, Failure> {
+        for _ in 0..ROUNDS_PER_TURN {
+            if dir.ended() {
+                return Ok(Turn::Wait);
+            }
+            if let Drained::Blocked = drain(upstream, dir, pool)? {
+                return Ok(Turn::Wait);
+            }
+            if dir.state == HalfState::Eof {
+                pass_eof(upstream, dir, last);
+                return Ok(Turn::Wait);
+            }
+            let mut hold = pool.take_buffer();
+            let mut eof = false;
+            let mut close = false;
+            let read = hold.fill_with(|buf| {
+                let n = self.read_client(client, buf)?;
+                eof = n == 0;
+                let (payload, saw_close) = self.decode(&mut buf[..n])?;
+                close = saw_close;
+                Ok(payload)
+            });
+            match read {
+                Ok(n) => {
+                    if n > 0 {
+                        dir.in_flight = n;
+                        dir.hold = Some(hold);
+                    } else {
+                        pool.give_back(hold);
+                    }
+                    if eof {
+                        end_of_stream(client, dir)?;
+                    } else if close {
+                        // The client's Close: its end of stream (no more data follows).
+                        dir.state = HalfState::Eof;
+                    }
+                }
+                Err(e) if would_block(&e) => {
+                    pool.give_back(hold);
+                    return Ok(Turn::Wait);
+                }
+                Err(e) => {
+                    pool.give_back(hold);
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        // A protocol violation: tell the client why, as far as it can hear.
+                        self.send_now(client, frame::close(1002));
+                    }
+                    return Err(Failure::Read(e));
+                }
+            }
+        }
+        Ok(Turn::Yield)
+    }
+
+    /// Reads client bytes: what came after the upgrade request first, then the socket
+    /// (or the TLS session). 0 is the client's end of stream.
+    fn read_client(&mut self, client: &mut Side, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.early[..n]);
+            self.early.drain(..n);
+            return Ok(n);
+        }
+        let fd = client.fd.as_raw_fd();
+        let Some(tls) = self.tls.as_mut() else {
+            if !client.readable {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            return match sys::recv(fd, buf) {
+                Ok(n) if n < buf.len() => {
+                    client.readable = client.hup;
+                    Ok(n)
+                }
+                Err(e) if would_block(&e) => {
+                    client.readable = false;
+                    Err(e)
+                }
+                other => other,
+            };
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+            if !client.readable {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            match tls.read_tls(&mut FdIo(fd)) {
+                Ok(0) => return Ok(0),
+                Ok(_) => {
+                    if let Err(e) = tls.process_new_packets() {
+                        let _ = tls.write_tls(&mut FdIo(fd));
+                        return Err(io::Error::other(format!("TLS: {e}")));
+                    }
+                }
+                Err(e) if would_block(&e) => {
+                    client.readable = false;
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Decodes `buf` in place: the payload is moved to its front. Returns the payload's
+    /// length and whether a Close came (what follows it is dropped).
+    fn decode(&mut self, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+        let (mut at, mut out) = (0, 0);
+        while at < buf.len() {
+            let (used, item) = self.decoder.decode(&mut buf[at..]).map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("WebSocket: {e}"))
+            })?;
+            match item {
+                Item::Data(range) => {
+                    let (start, end) = (at + range.start, at + range.end);
+                    buf.copy_within(start..end, out);
+                    out += end - start;
+                }
+                Item::Ping(payload) => self.pong = Some(payload),
+                Item::Pong => {}
+                // Answered with our own Close once the upstream's output has ended: the
+                // client's Close is a half-close (sshd's output keeps flowing).
+                Item::Close(_) => return Ok((out, true)),
+                Item::NeedMore => {}
+            }
+            at += used;
+            if used == 0 {
+                break;
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// Sends a control frame at once, best effort (the connection is ending).
+    fn send_now(&mut self, client: &Side, control: ControlFrame) {
+        match self.tls.as_mut() {
+            None => {
+                let _ = sys::send(client.fd.as_raw_fd(), control.as_bytes());
+            }
+            Some(tls) => {
+                let _ = tls.writer().write_all(control.as_bytes());
+                let _ = tls.write_tls(&mut FdIo(client.fd.as_raw_fd()));
+            }
+        }
+        self.close_sent = true;
+    }
+
+    /// upstream → client.
+    pub(super) fn pump_to_client(
+        &mut self,
+        upstream: &mut Side,
+        client: &mut Side,
+        dir: &mut Direction,
+        last: bool,
+        pool: &mut PipePool,
+    ) -> Result<Turn, Failure> {
+        if self.tls.is_some() {
+            return self.pump_to_client_tls(upstream, client, dir, last);
+        }
+        for _ in 0..ROUNDS_PER_TURN {
+            if dir.ended() {
+                return Ok(Turn::Wait);
+            }
+            if dir.in_flight > 0 {
+                if !self.send_header(client)? {
+                    return Ok(Turn::Wait);
+                }
+                if let Drained::Blocked = drain(client, dir, pool)? {
+                    return Ok(Turn::Wait);
+                }
+            }
+            // Between frames: control frames, then the end of stream.
+            if !self.send_controls(client)? {
+                return Ok(Turn::Wait);
+            }
+            if dir.state == HalfState::Eof {
+                if !self.close_sent {
+                    self.close.get_or_insert(1000);
+                    if !self.send_controls(client)? {
+                        return Ok(Turn::Wait);
+                    }
+                }
+                pass_eof(client, dir, last);
+                return Ok(Turn::Wait);
+            }
+            if !upstream.readable {
+                return Ok(Turn::Wait);
+            }
+            let mut hold = if dir.streaming {
+                pool.take()
+            } else {
+                pool.take_buffer()
+            };
+            match hold.fill_from(upstream.fd.as_raw_fd()) {
+                Ok(0) => {
+                    pool.give_back(hold);
+                    end_of_stream(upstream, dir)?;
+                }
+                Ok(n) => {
+                    match &hold {
+                        Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
+                        Hold::Buffer(_) => upstream.readable = upstream.hup,
+                        Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
+                        Hold::Pipe(_) => {}
+                    }
+                    self.header = frame::data_header(n).map(|h| (h, 0));
+                    dir.in_flight = n;
+                    dir.hold = Some(hold);
+                }
+                Err(e) if would_block(&e) => {
+                    pool.give_back(hold);
+                    upstream.readable = false;
+                    return Ok(Turn::Wait);
+                }
+                Err(e) => {
+                    pool.give_back(hold);
+                    return Err(Failure::Read(e));
+                }
+            }
+        }
+        Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
+    }
+
+    /// Sends what is left of the current frame's header. `false`: the client is not
+    /// writable now.
+    fn send_header(&mut self, client: &mut Side) -> Result<bool, Failure> {
+        let Some((header, sent)) = self.header.as_mut() else {
+            return Ok(true);
+        };
+        let bytes = header.as_bytes();
+        while *sent < bytes.len() {
+            if !client.writable {
+                return Ok(false);
+            }
+            match sys::send_more(client.fd.as_raw_fd(), &bytes[*sent..]) {
+                Ok(n) => *sent += n,
+                Err(e) if would_block(&e) => {
+                    client.writable = false;
+                    return Ok(false);
+                }
+                Err(e) => return Err(Failure::Write(e)),
+            }
+        }
+        self.header = None;
+        Ok(true)
+    }
+
+    /// Sends the control frames owed (a Pong, a Close), between data frames.
+    fn send_controls(&mut self, client: &mut Side) -> Result<bool, Failure> {
+        loop {
+            if self.sending.is_none() {
+                self.sending = if let Some(p) = self.pong.take() {
+                    Some((frame::pong(&p), 0))
+                } else if let (Some(code), false) = (self.close, self.close_sent) {
+                    self.close_sent = true;
+                    Some((frame::close(code), 0))
+                } else {
+                    return Ok(true);
+                };
+            }
+            let (control, sent) = self.sending.as_mut().expect("set above");
+            let bytes = control.as_bytes();
+            while *sent < bytes.len() {
+                if !client.writable {
+                    return Ok(false);
+                }
+                match sys::send(client.fd.as_raw_fd(), &bytes[*sent..]) {
+                    Ok(n) => *sent += n,
+                    Err(e) if would_block(&e) => {
+                        client.writable = false;
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(Failure::Write(e)),
+                }
+            }
+            self.sending = None;
+        }
+    }
+
+    /// upstream → client on `wss://`: each read becomes one frame in the TLS session.
+    fn pump_to_client_tls(
+        &mut self,
+        upstream: &mut Side,
+        client: &mut Side,
+        dir: &mut Direction,
+        last: bool,
+    ) -> Result<Turn, Failure> {
+        let mut buf = [0u8; RECORD];
+        let fd = client.fd.as_raw_fd();
+        for _ in 0..ROUNDS_PER_TURN {
+            if dir.ended() {
+                return Ok(Turn::Wait);
+            }
+            let pong = self.pong.take();
+            let tls = self.tls.as_mut().expect("a wss codec has a session");
+            if let Some(p) = pong {
+                tls.writer()
+                    .write_all(frame::pong(&p).as_bytes())
+                    .map_err(Failure::Write)?;
+            }
+            while tls.wants_write() {
+                if !client.writable {
+                    return Ok(Turn::Wait);
+                }
+                match tls.write_tls(&mut FdIo(fd)) {
+                    Ok(_) => {}
+                    Err(e) if would_block(&e) => {
+                        client.writable = false;
+                        return Ok(Turn::Wait);
+                    }
+                    Err(e) => return Err(Failure::Write(e)),
+                }
+            }
+            if dir.state == HalfState::Eof {
+                pass_eof(client, dir, last);
+                return Ok(Turn::Wait);
+            }
+            if !upstream.readable {
+                return Ok(Turn::Wait);
+            }
+            match sys::recv(upstream.fd.as_raw_fd(), &mut buf) {
+                Ok(0) => {
+                    end_of_stream(upstream, dir)?;
+                    if !std::mem::replace(&mut self.close_sent, true) {
+                        tls.writer()
+                            .write_all(frame::close(1000).as_bytes())
+                            .map_err(Failure::Write)?;
+                    }
+                    tls.send_close_notify();
+                }
+                Ok(n) => {
+                    let header = frame::data_header(n).expect("n > 0");
+                    let mut w = tls.writer();
+                    w.write_all(header.as_bytes()).map_err(Failure::Write)?;
+                    w.write_all(&buf[..n]).map_err(Failure::Write)?;
+                    dir.bytes += n as u64;
+                }
+                Err(e) if would_block(&e) => {
+                    upstream.readable = false;
+                    return Ok(Turn::Wait);
+                }
+                Err(e) => return Err(Failure::Read(e)),
+            }
+        }
+        Ok(Turn::Yield)
+    }
+}
