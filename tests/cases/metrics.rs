@@ -470,7 +470,7 @@ data_path_test!(loop_health_gauge);
 /// Every loop has its series, and on an idle relay (no connection, no timer) each shows a
 /// last turn under 2.5 s ago for 4 s on end: an idle loop still turns every second.
 fn loop_health_gauge(backend: Backend) {
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loops = crate::util::relay::THREADS;
     let (_relay, metrics) = start(backend, "", "");
     let started = Instant::now();
     let _ = poll(Duration::from_secs(4), Duration::from_millis(200), || {
