@@ -16,6 +16,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use rustls::ServerConnection;
 
@@ -41,6 +42,10 @@ pub struct WsCodec {
     header: Option<(Header, usize)>,
     /// The Pong owed for the client's latest Ping (an earlier one needs none).
     pong: Option<ControlPayload>,
+    /// A keepalive Ping is owed (`ping_interval` passed without traffic).
+    ping: bool,
+    /// `ping_interval` of its entry.
+    pub ping_every: Option<Duration>,
     /// A Close to send: the code.
     close: Option<u16>,
     /// A control frame on its way out, and how many of its bytes are sent.
@@ -51,17 +56,28 @@ pub struct WsCodec {
 }
 
 impl WsCodec {
-    pub fn new(early: Vec<u8>, tls: Option<Box<ServerConnection>>) -> WsCodec {
+    pub fn new(
+        early: Vec<u8>,
+        tls: Option<Box<ServerConnection>>,
+        ping_every: Option<Duration>,
+    ) -> WsCodec {
         WsCodec {
             decoder: Decoder::new(),
             early,
             header: None,
             pong: None,
+            ping: false,
+            ping_every,
             close: None,
             sending: None,
             close_sent: false,
             tls,
         }
+    }
+
+    /// Owes the client a keepalive Ping, sent at the next frame boundary.
+    pub fn queue_ping(&mut self) {
+        self.ping = true;
     }
 
     /// client → upstream.
@@ -133,6 +149,10 @@ impl WsCodec {
             let n = self.early.len().min(buf.len());
             buf[..n].copy_from_slice(&self.early[..n]);
             self.early.drain(..n);
+            if self.early.is_empty() {
+                // An idle connection holds no buffer.
+                self.early = Vec::new();
+            }
             return Ok(n);
         }
         let fd = client.fd.as_raw_fd();
@@ -328,6 +348,8 @@ impl WsCodec {
             if self.sending.is_none() {
                 self.sending = if let Some(p) = self.pong.take() {
                     Some((frame::pong(&p), 0))
+                } else if std::mem::take(&mut self.ping) && !self.close_sent {
+                    Some((frame::ping(&ControlPayload::EMPTY), 0))
                 } else if let (Some(code), false) = (self.close, self.close_sent) {
                     self.close_sent = true;
                     Some((frame::close(code), 0))
@@ -369,10 +391,16 @@ impl WsCodec {
                 return Ok(Turn::Wait);
             }
             let pong = self.pong.take();
+            let ping = std::mem::take(&mut self.ping) && !self.close_sent;
             let tls = self.tls.as_mut().expect("a wss codec has a session");
             if let Some(p) = pong {
                 tls.writer()
                     .write_all(frame::pong(&p).as_bytes())
+                    .map_err(Failure::Write)?;
+            }
+            if ping {
+                tls.writer()
+                    .write_all(frame::ping(&ControlPayload::EMPTY).as_bytes())
                     .map_err(Failure::Write)?;
             }
             while tls.wants_write() {
