@@ -39,7 +39,7 @@ mod ops;
 mod proxied;
 #[path = "cases/relay.rs"]
 mod relay;
-#[path = "cases/reload.rs"]
+#[path = "cases/reload/mod.rs"]
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;
