@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use rustls::ServerConnection;
 
+use super::{plain, tls};
 use crate::relay::connection::{
     drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
-    Turn, ROUNDS_PER_TURN, STREAMING_READ,
+    Turn, ROUNDS_PER_TURN,
 };
-use crate::relay::pipe::{Hold, PipePool};
+use crate::relay::pipe::PipePool;
 use crate::sys;
 use crate::tls::FdIo;
 use crate::websocket::frame::{self, ControlFrame, ControlPayload, Decoder, Header, Item};
@@ -283,36 +284,11 @@ impl WsCodec {
             if !upstream.readable {
                 return Ok(Turn::Wait);
             }
-            let mut hold = if dir.streaming {
-                pool.take()
-            } else {
-                pool.take_buffer()
-            };
-            match hold.fill_from(upstream.fd.as_raw_fd()) {
-                Ok(0) => {
-                    pool.give_back(hold);
-                    end_of_stream(upstream, dir)?;
-                }
-                Ok(n) => {
-                    match &hold {
-                        Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
-                        Hold::Buffer(_) => upstream.readable = upstream.hup,
-                        Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
-                        Hold::Pipe(_) => {}
-                    }
-                    self.header = frame::data_header(n).map(|h| (h, 0));
-                    dir.in_flight = n;
-                    dir.hold = Some(hold);
-                }
-                Err(e) if would_block(&e) => {
-                    pool.give_back(hold);
-                    upstream.readable = false;
-                    return Ok(Turn::Wait);
-                }
-                Err(e) => {
-                    pool.give_back(hold);
-                    return Err(Failure::Read(e));
-                }
+            if !plain::refill(upstream, dir, pool)? {
+                return Ok(Turn::Wait);
+            }
+            if dir.in_flight > 0 {
+                self.header = frame::data_header(dir.in_flight).map(|h| (h, 0));
             }
         }
         Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
@@ -385,7 +361,6 @@ impl WsCodec {
         last: bool,
     ) -> Result<Turn, Failure> {
         let mut buf = [0u8; RECORD];
-        let fd = client.fd.as_raw_fd();
         for _ in 0..ROUNDS_PER_TURN {
             if dir.ended() {
                 return Ok(Turn::Wait);
@@ -403,18 +378,8 @@ impl WsCodec {
                     .write_all(frame::ping(&ControlPayload::EMPTY).as_bytes())
                     .map_err(Failure::Write)?;
             }
-            while tls.wants_write() {
-                if !client.writable {
-                    return Ok(Turn::Wait);
-                }
-                match tls.write_tls(&mut FdIo(fd)) {
-                    Ok(_) => {}
-                    Err(e) if would_block(&e) => {
-                        client.writable = false;
-                        return Ok(Turn::Wait);
-                    }
-                    Err(e) => return Err(Failure::Write(e)),
-                }
+            if !tls::flush(tls, client)? {
+                return Ok(Turn::Wait);
             }
             if dir.state == HalfState::Eof {
                 pass_eof(client, dir, last);
