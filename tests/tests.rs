@@ -43,7 +43,7 @@ mod package;
 mod proxied;
 #[path = "cases/relay.rs"]
 mod relay;
-#[path = "cases/reload.rs"]
+#[path = "cases/reload/mod.rs"]
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;

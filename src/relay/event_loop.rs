@@ -587,6 +587,49 @@ impl<D: Driver> EventLoop<D> {
             self.settings.connect_timeout,
         );
         self.arm_idle_sweep();
+        self.arm_ping_sweep(key);
+    }
+
+    /// A WebSocket connection with a `ping_interval` arms the loop's ping sweep, which
+    /// runs at half the interval (one per loop, like the idle sweep).
+    fn arm_ping_sweep(&mut self, key: Key) {
+        let Some(Entry::Relay(c)) = self.entries.get(key.slot(), key.generation()) else {
+            return;
+        };
+        if let Codec::WebSocket(ws) = &c.codec {
+            if let Some(every) = ws.ping_every {
+                let every = (every / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+                self.timers.arm_sweep(self.now, every, Timer::PingSweep);
+            }
+        }
+    }
+
+    /// Owes a Ping to each WebSocket client whose connection moved nothing for its
+    /// `ping_interval` (so that proxies and NATs in between keep it), and sends it.
+    fn sweep_pings(&mut self) {
+        let keys: Vec<_> = self.entries.keys().collect();
+        let mut next: Option<Duration> = None;
+        for (slot, generation) in keys {
+            let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) else {
+                continue;
+            };
+            let quiet = self.now.saturating_duration_since(c.last_active);
+            let Codec::WebSocket(ws) = &mut c.codec else {
+                continue;
+            };
+            let Some(every) = ws.ping_every else {
+                continue;
+            };
+            next = Some(next.map_or(every, |n| n.min(every)));
+            if quiet >= every {
+                ws.queue_ping();
+                self.service(Key::new(Tag::Client, slot, generation));
+            }
+        }
+        if let Some(every) = next {
+            let every = (every / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            self.timers.arm_sweep(self.now, every, Timer::PingSweep);
+        }
     }
 
     /// With `idle_timeout` set, one sweep timer per loop (not one timer per connection,
@@ -594,7 +637,7 @@ impl<D: Driver> EventLoop<D> {
     fn arm_idle_sweep(&mut self) {
         if let Some(idle) = self.settings.idle_timeout {
             let every = (idle / 8).clamp(Duration::from_millis(100), Duration::from_secs(5));
-            self.timers.arm_sweep(self.now, every);
+            self.timers.arm_sweep(self.now, every, Timer::IdleSweep);
         }
     }
 
@@ -789,6 +832,7 @@ impl<D: Driver> EventLoop<D> {
         while let Some(timer) = self.timers.pop_due(self.now) {
             match timer {
                 Timer::IdleSweep => self.sweep_idle(),
+                Timer::PingSweep => self.sweep_pings(),
                 Timer::Admission(key) => self.expire_pending(key),
                 Timer::ResumeAccept(key) => {
                     if let Some(l) = self.listeners.get(key) {

@@ -12,6 +12,8 @@ use super::backend::driver::Key;
 pub enum Timer {
     /// Close the connections idle for `idle_timeout`.
     IdleSweep,
+    /// Ping the WebSocket clients quiet for their `ping_interval`.
+    PingSweep,
     /// The admission of the entry with this key has run out of time.
     Admission(Key),
     /// Accept again on the listener with this key, after an accept error.
@@ -21,8 +23,8 @@ pub enum Timer {
 #[derive(Default)]
 pub struct Timers {
     heap: BinaryHeap<Reverse<(Instant, Timer)>>,
-    /// An `IdleSweep` is in the heap.
-    sweep_armed: bool,
+    /// An `IdleSweep`, a `PingSweep` is in the heap.
+    armed: [bool; 2],
 }
 
 impl Timers {
@@ -32,11 +34,20 @@ impl Timers {
             .push(Reverse((super::deadline(now, after), timer)));
     }
 
-    /// Arms the idle sweep `every` from `now`, unless it is armed already.
-    pub fn arm_sweep(&mut self, now: Instant, every: Duration) {
-        if !self.sweep_armed {
-            self.add(now, every, Timer::IdleSweep);
-            self.sweep_armed = true;
+    /// Arms a sweep (`IdleSweep` or `PingSweep`) `every` from `now`, unless it is armed.
+    pub fn arm_sweep(&mut self, now: Instant, every: Duration, sweep: Timer) {
+        let i = Self::sweep_index(sweep);
+        if !self.armed[i] {
+            self.add(now, every, sweep);
+            self.armed[i] = true;
+        }
+    }
+
+    fn sweep_index(sweep: Timer) -> usize {
+        match sweep {
+            Timer::IdleSweep => 0,
+            Timer::PingSweep => 1,
+            _ => unreachable!("not a sweep: {sweep:?}"),
         }
     }
 
@@ -52,8 +63,8 @@ impl Timers {
             _ => return None,
         }
         let Reverse((_, timer)) = self.heap.pop()?;
-        if timer == Timer::IdleSweep {
-            self.sweep_armed = false;
+        if matches!(timer, Timer::IdleSweep | Timer::PingSweep) {
+            self.armed[Self::sweep_index(timer)] = false;
         }
         Some(timer)
     }

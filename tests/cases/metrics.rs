@@ -15,6 +15,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::util::metrics::{parse_exposition, Series};
 use crate::util::net::{connect, free_ports_in_a_row, read_to_end, roundtrip, Upstream};
 use crate::util::relay::{data_path_test, map_section, relay_section};
 use crate::util::{poll, Backend, Relay};
@@ -89,40 +90,41 @@ fn scrape(port: u16) -> String {
     String::from_utf8(r.body).expect("a UTF-8 exposition")
 }
 
-/// The samples of an exposition, by series as written (`name{labels}`).
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (series, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("cannot read {l:?}"));
-            let value = value
-                .parse()
-                .unwrap_or_else(|_| panic!("cannot read {l:?}"));
-            (series.to_string(), value)
-        })
-        .collect()
+/// The samples of an exposition, through the suite's one parser.
+fn samples(text: &str) -> BTreeMap<Series, f64> {
+    parse_exposition(text)
 }
 
-/// The value of `series` (as written), panicking with the exposition when it is missing.
-fn value(text: &str, series: &str) -> f64 {
+/// The series `name{labels}`.
+fn series(name: &str, labels: &[(&str, &str)]) -> Series {
+    let labels = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (name.to_string(), labels)
+}
+
+/// The value of `series`, panicking with the exposition when it is missing.
+fn value(text: &str, series: &Series) -> f64 {
     *samples(text)
         .get(series)
-        .unwrap_or_else(|| panic!("no {series} in the exposition:\n{text}"))
+        .unwrap_or_else(|| panic!("no {series:?} in the exposition:\n{text}"))
 }
 
-/// Series of mapping `map` (with a `map="…"` label), as written.
-fn of_map(text: &str, map: &str) -> Vec<String> {
-    let label = format!("map=\"{map}\"");
+/// Series of mapping `map` (with a `map` label of that value).
+fn of_map(text: &str, map: &str) -> Vec<Series> {
     samples(text)
         .into_keys()
-        .filter(|s| s.contains(&label))
+        .filter(|(_, labels)| labels.get("map").map(String::as_str) == Some(map))
         .collect()
 }
 
-fn bytes(map: &str, port: u16, direction: &str) -> String {
-    format!("portrelay_bytes_total{{map=\"{map}\",port=\"{port}\",direction=\"{direction}\"}}")
+fn bytes(map: &str, port: u16, direction: &str) -> Series {
+    let port = port.to_string();
+    series(
+        "portrelay_bytes_total",
+        &[("map", map), ("port", &port), ("direction", direction)],
+    )
 }
 
 /// Asserts the exact byte counts of a mapping, both directions (the upstreams echo).
@@ -333,7 +335,11 @@ fn removed_and_renamed_mappings_keep_series_while_connections_run(backend: Backe
     assert_bytes(&text, "old", p_old, 700);
     assert_bytes(&text, "new", p_old, 0);
     let active = |map: &str, port: u16| {
-        format!("portrelay_connections_active{{map=\"{map}\",port=\"{port}\"}}")
+        let port = port.to_string();
+        series(
+            "portrelay_connections_active",
+            &[("map", map), ("port", &port)],
+        )
     };
     assert_eq!(value(&text, &active("gone", p_gone)), 1.0, "{text}");
     assert_eq!(value(&text, &active("old", p_old)), 1.0, "{text}");
@@ -342,9 +348,11 @@ fn removed_and_renamed_mappings_keep_series_while_connections_run(backend: Backe
     let text = scrape_until(metrics, "the series of `gone` dropped", |t| {
         of_map(t, "gone").is_empty()
     });
-    let port_label = format!("port=\"{p_gone}\"");
+    let port_label = p_gone.to_string();
     assert!(
-        !text.lines().any(|l| l.contains(&port_label)),
+        !samples(&text)
+            .keys()
+            .any(|(_, labels)| labels.get("port") == Some(&port_label)),
         "a series of the removed port is left:\n{text}"
     );
     assert_bytes(&text, "old", p_old, 700);
@@ -374,7 +382,7 @@ fn mapping_churn_leaves_no_series(backend: Backend) {
     let map = |port: u16, name: &str| map_section(port, echo.addr(), name, "");
     let (relay, metrics) = start(backend, relay_extra, &map(p_base, "base"));
     let before = scrape(metrics);
-    let before_series: Vec<String> = samples(&before).into_keys().collect();
+    let before_series: Vec<Series> = samples(&before).into_keys().collect();
 
     let mut long = None;
     let mut peak = 0;
@@ -410,7 +418,9 @@ fn mapping_churn_leaves_no_series(backend: Backend) {
     let mut long = long.expect("the long connection");
     roundtrip(&mut long, &[8u8; 500]);
     let text = scrape_until(metrics, "only the long-lived mapping left", |t| {
-        samples(t).keys().all(|s| !s.contains("map=\"churn-"))
+        samples(t)
+            .keys()
+            .all(|(_, labels)| !labels.get("map").is_some_and(|m| m.starts_with("churn-")))
     });
     assert_bytes(&text, "long", p_long, 1500);
     close(long);
@@ -441,26 +451,28 @@ fn pending_admission_gauge(backend: Backend) {
         "trusted_proxies = [\"127.0.0.1/32\"]\nproxy_header_timeout = \"20s\"\n",
         &map_section(port, echo.addr(), "proxied", ""),
     );
-    const PENDING: &str = "portrelay_connections_pending";
-    assert_eq!(value(&scrape(metrics), PENDING), 0.0);
+    let pending = series("portrelay_connections_pending", &[]);
+    assert_eq!(value(&scrape(metrics), &pending), 0.0);
     let mut admitted = connect(port);
     let refused = connect(port);
     scrape_until(metrics, "2 connections pending", |t| {
-        samples(t).get(PENDING) == Some(&2.0)
+        samples(t).get(&pending) == Some(&2.0)
     });
     admitted
         .write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 22\r\n")
         .unwrap();
     roundtrip(&mut admitted, b"admitted");
     scrape_until(metrics, "1 connection pending", |t| {
-        samples(t).get(PENDING) == Some(&1.0)
+        samples(t).get(&pending) == Some(&1.0)
     });
     drop(refused);
     let text = scrape_until(metrics, "no connection pending", |t| {
-        samples(t).get(PENDING) == Some(&0.0)
+        samples(t).get(&pending) == Some(&0.0)
     });
-    let accepted = format!(
-        "portrelay_connections_accepted_total{{map=\"proxied\",port=\"{port}\",via=\"proxy\"}}"
+    let port_text = port.to_string();
+    let accepted = series(
+        "portrelay_connections_accepted_total",
+        &[("map", "proxied"), ("port", &port_text), ("via", "proxy")],
     );
     assert_eq!(value(&text, &accepted), 1.0, "{text}");
     close(admitted);
@@ -470,25 +482,26 @@ data_path_test!(loop_health_gauge);
 /// Every loop has its series, and on an idle relay (no connection, no timer) each shows a
 /// last turn under 2.5 s ago for 4 s on end: an idle loop still turns every second.
 fn loop_health_gauge(backend: Backend) {
-    let loops = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let loops = crate::util::relay::THREADS;
     let (_relay, metrics) = start(backend, "", "");
     let started = Instant::now();
     let _ = poll(Duration::from_secs(4), Duration::from_millis(200), || {
         let text = scrape(metrics);
         let s = samples(&text);
-        let ages: Vec<(&String, &f64)> = s
-            .iter()
-            .filter(|(k, _)| k.starts_with("portrelay_loop_last_turn_seconds{"))
-            .collect();
-        assert_eq!(ages.len(), loops, "one series per loop:\n{text}");
+        let ages = s
+            .keys()
+            .filter(|(name, _)| name == "portrelay_loop_last_turn_seconds")
+            .count();
+        assert_eq!(ages, loops, "one series per loop:\n{text}");
         for i in 0..loops {
-            let series = format!("portrelay_loop_last_turn_seconds{{loop=\"{i}\"}}");
+            let index = i.to_string();
+            let series = series("portrelay_loop_last_turn_seconds", &[("loop", &index)]);
             let age = *s
                 .get(&series)
-                .unwrap_or_else(|| panic!("no {series}:\n{text}"));
+                .unwrap_or_else(|| panic!("no {series:?}:\n{text}"));
             assert!(
                 age < 2.5,
-                "{series} = {age} after {:?} of an idle relay",
+                "{series:?} = {age} after {:?} of an idle relay",
                 started.elapsed()
             );
         }

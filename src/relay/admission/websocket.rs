@@ -226,7 +226,7 @@ fn decide(
         };
     }
     let early = request.head.split_off(head_len);
-    let codec = WsCodec::new(early, request.tls.take());
+    let codec = WsCodec::new(early, request.tls.take(), request.endpoint.ping_interval);
     Step::Admit {
         route,
         client_addr: peer,

@@ -35,37 +35,51 @@ pub(crate) fn move_bytes(
         if !src.readable {
             return Ok(Turn::Wait);
         }
-        let mut hold = if dir.streaming {
-            pool.take()
-        } else {
-            pool.take_buffer()
-        };
-        match hold.fill_from(src.fd.as_raw_fd()) {
-            Ok(0) => {
-                pool.give_back(hold);
-                end_of_stream(src, dir)?;
-            }
-            Ok(n) => {
-                match &hold {
-                    Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
-                    // recv stopped short: the socket is empty (unless a FIN waits behind).
-                    Hold::Buffer(_) => src.readable = src.hup,
-                    Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
-                    Hold::Pipe(_) => {}
-                }
-                dir.in_flight = n;
-                dir.hold = Some(hold);
-            }
-            Err(e) if would_block(&e) => {
-                pool.give_back(hold);
-                src.readable = false;
-                return Ok(Turn::Wait);
-            }
-            Err(e) => {
-                pool.give_back(hold);
-                return Err(Failure::Read(e));
-            }
+        if !refill(src, dir, pool)? {
+            return Ok(Turn::Wait);
         }
     }
     Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
+}
+
+/// Fills an empty direction from `src`: through a pipe once it streams, else through a
+/// buffer (see `Direction::streaming`); a read of 0 is its end of stream. `false`: the
+/// socket is empty.
+pub(crate) fn refill(
+    src: &mut Side,
+    dir: &mut Direction,
+    pool: &mut PipePool,
+) -> Result<bool, Failure> {
+    let mut hold = if dir.streaming {
+        pool.take()
+    } else {
+        pool.take_buffer()
+    };
+    match hold.fill_from(src.fd.as_raw_fd()) {
+        Ok(0) => {
+            pool.give_back(hold);
+            end_of_stream(src, dir)?;
+        }
+        Ok(n) => {
+            match &hold {
+                Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
+                // recv stopped short: the socket is empty (unless a FIN waits behind).
+                Hold::Buffer(_) => src.readable = src.hup,
+                Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
+                Hold::Pipe(_) => {}
+            }
+            dir.in_flight = n;
+            dir.hold = Some(hold);
+        }
+        Err(e) if would_block(&e) => {
+            pool.give_back(hold);
+            src.readable = false;
+            return Ok(false);
+        }
+        Err(e) => {
+            pool.give_back(hold);
+            return Err(Failure::Read(e));
+        }
+    }
+    Ok(true)
 }

@@ -102,18 +102,8 @@ pub(super) fn encrypt(
         if dir.ended() {
             return Ok(Turn::Wait);
         }
-        while tls.wants_write() {
-            if !client.writable {
-                return Ok(Turn::Wait);
-            }
-            match tls.write_tls(&mut FdIo(client.fd.as_raw_fd())) {
-                Ok(_) => {}
-                Err(e) if would_block(&e) => {
-                    client.writable = false;
-                    return Ok(Turn::Wait);
-                }
-                Err(e) => return Err(Failure::Write(e)),
-            }
+        if !flush(tls, client)? {
+            return Ok(Turn::Wait);
         }
         if dir.state == HalfState::Eof {
             pass_eof(client, dir, last);
@@ -140,4 +130,23 @@ pub(super) fn encrypt(
         }
     }
     Ok(Turn::Yield)
+}
+
+/// Writes what the TLS session has queued (records, alerts) to the client. `false`: the
+/// client is not writable now.
+pub(super) fn flush(tls: &mut ServerConnection, client: &mut Side) -> Result<bool, Failure> {
+    while tls.wants_write() {
+        if !client.writable {
+            return Ok(false);
+        }
+        match tls.write_tls(&mut FdIo(client.fd.as_raw_fd())) {
+            Ok(_) => {}
+            Err(e) if would_block(&e) => {
+                client.writable = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(Failure::Write(e)),
+        }
+    }
+    Ok(true)
 }

@@ -16,14 +16,16 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use rustls::ServerConnection;
 
+use super::{plain, tls};
 use crate::relay::connection::{
     drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
-    Turn, ROUNDS_PER_TURN, STREAMING_READ,
+    Turn, ROUNDS_PER_TURN,
 };
-use crate::relay::pipe::{Hold, PipePool};
+use crate::relay::pipe::PipePool;
 use crate::sys;
 use crate::tls::FdIo;
 use crate::websocket::frame::{self, ControlFrame, ControlPayload, Decoder, Header, Item};
@@ -41,6 +43,10 @@ pub struct WsCodec {
     header: Option<(Header, usize)>,
     /// The Pong owed for the client's latest Ping (an earlier one needs none).
     pong: Option<ControlPayload>,
+    /// A keepalive Ping is owed (`ping_interval` passed without traffic).
+    ping: bool,
+    /// `ping_interval` of its entry.
+    pub ping_every: Option<Duration>,
     /// A Close to send: the code.
     close: Option<u16>,
     /// A control frame on its way out, and how many of its bytes are sent.
@@ -51,17 +57,28 @@ pub struct WsCodec {
 }
 
 impl WsCodec {
-    pub fn new(early: Vec<u8>, tls: Option<Box<ServerConnection>>) -> WsCodec {
+    pub fn new(
+        early: Vec<u8>,
+        tls: Option<Box<ServerConnection>>,
+        ping_every: Option<Duration>,
+    ) -> WsCodec {
         WsCodec {
             decoder: Decoder::new(),
             early,
             header: None,
             pong: None,
+            ping: false,
+            ping_every,
             close: None,
             sending: None,
             close_sent: false,
             tls,
         }
+    }
+
+    /// Owes the client a keepalive Ping, sent at the next frame boundary.
+    pub fn queue_ping(&mut self) {
+        self.ping = true;
     }
 
     /// client → upstream.
@@ -133,6 +150,10 @@ impl WsCodec {
             let n = self.early.len().min(buf.len());
             buf[..n].copy_from_slice(&self.early[..n]);
             self.early.drain(..n);
+            if self.early.is_empty() {
+                // An idle connection holds no buffer.
+                self.early = Vec::new();
+            }
             return Ok(n);
         }
         let fd = client.fd.as_raw_fd();
@@ -263,36 +284,11 @@ impl WsCodec {
             if !upstream.readable {
                 return Ok(Turn::Wait);
             }
-            let mut hold = if dir.streaming {
-                pool.take()
-            } else {
-                pool.take_buffer()
-            };
-            match hold.fill_from(upstream.fd.as_raw_fd()) {
-                Ok(0) => {
-                    pool.give_back(hold);
-                    end_of_stream(upstream, dir)?;
-                }
-                Ok(n) => {
-                    match &hold {
-                        Hold::Buffer(_) if n == hold.capacity() => dir.streaming = true,
-                        Hold::Buffer(_) => upstream.readable = upstream.hup,
-                        Hold::Pipe(_) if n < STREAMING_READ => dir.streaming = false,
-                        Hold::Pipe(_) => {}
-                    }
-                    self.header = frame::data_header(n).map(|h| (h, 0));
-                    dir.in_flight = n;
-                    dir.hold = Some(hold);
-                }
-                Err(e) if would_block(&e) => {
-                    pool.give_back(hold);
-                    upstream.readable = false;
-                    return Ok(Turn::Wait);
-                }
-                Err(e) => {
-                    pool.give_back(hold);
-                    return Err(Failure::Read(e));
-                }
+            if !plain::refill(upstream, dir, pool)? {
+                return Ok(Turn::Wait);
+            }
+            if dir.in_flight > 0 {
+                self.header = frame::data_header(dir.in_flight).map(|h| (h, 0));
             }
         }
         Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
@@ -328,6 +324,8 @@ impl WsCodec {
             if self.sending.is_none() {
                 self.sending = if let Some(p) = self.pong.take() {
                     Some((frame::pong(&p), 0))
+                } else if std::mem::take(&mut self.ping) && !self.close_sent {
+                    Some((frame::ping(&ControlPayload::EMPTY), 0))
                 } else if let (Some(code), false) = (self.close, self.close_sent) {
                     self.close_sent = true;
                     Some((frame::close(code), 0))
@@ -363,30 +361,25 @@ impl WsCodec {
         last: bool,
     ) -> Result<Turn, Failure> {
         let mut buf = [0u8; RECORD];
-        let fd = client.fd.as_raw_fd();
         for _ in 0..ROUNDS_PER_TURN {
             if dir.ended() {
                 return Ok(Turn::Wait);
             }
             let pong = self.pong.take();
+            let ping = std::mem::take(&mut self.ping) && !self.close_sent;
             let tls = self.tls.as_mut().expect("a wss codec has a session");
             if let Some(p) = pong {
                 tls.writer()
                     .write_all(frame::pong(&p).as_bytes())
                     .map_err(Failure::Write)?;
             }
-            while tls.wants_write() {
-                if !client.writable {
-                    return Ok(Turn::Wait);
-                }
-                match tls.write_tls(&mut FdIo(fd)) {
-                    Ok(_) => {}
-                    Err(e) if would_block(&e) => {
-                        client.writable = false;
-                        return Ok(Turn::Wait);
-                    }
-                    Err(e) => return Err(Failure::Write(e)),
-                }
+            if ping {
+                tls.writer()
+                    .write_all(frame::ping(&ControlPayload::EMPTY).as_bytes())
+                    .map_err(Failure::Write)?;
+            }
+            if !tls::flush(tls, client)? {
+                return Ok(Turn::Wait);
             }
             if dir.state == HalfState::Eof {
                 pass_eof(client, dir, last);
