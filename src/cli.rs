@@ -1,4 +1,4 @@
-//! The command line, as in CONTRACT.md. Self-contained (no other module of the crate), so
+//! The command line. Self-contained (no other module of the crate), so
 //! that build.rs can build the man page and shell completions from it.
 
 use std::path::PathBuf;
