@@ -1,5 +1,5 @@
-//! The command line. Self-contained (no other module of the crate), so
-//! that build.rs can build the man page and shell completions from it.
+//! The command line. Self-contained (no other module of the crate), so that build.rs can
+//! build the man page and shell completions from it.
 
 use std::path::PathBuf;
 
