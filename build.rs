@@ -35,8 +35,10 @@ fn main() {
     // A build script runs once: leaking the string is how clap takes it without its "string" feature.
     let mut cmd = cli::Cli::command().version(&*version.leak());
     fs::write(out.join("portrelay.1"), man_page(&cmd, &root)).expect("write portrelay.1");
-    for shell in [Shell::Bash, Shell::Zsh] {
-        clap_complete::generate_to(shell, &mut cmd, "portrelay", &out).expect("completions");
+    for (shell, file) in [(Shell::Bash, "portrelay.bash"), (Shell::Zsh, "_portrelay")] {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "portrelay", &mut script);
+        fs::write(out.join(file), script).expect("write a completion script");
     }
 }
 
