@@ -19,7 +19,7 @@ mod cli;
 mod code;
 
 /// The hand-written sections of the man page: the control file, signals, files, exit status.
-const MAN_SECTIONS: &str = "doc/portrelay.1.roff";
+const MAN_SECTIONS: &str = "docs/portrelay.1.roff";
 /// The line of [`MAN_SECTIONS`] that the list of error codes replaces.
 const CODES_LINE: &str = ".\\\" CODES (build.rs lists them here)";
 

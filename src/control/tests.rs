@@ -975,11 +975,11 @@ fn offline_parsing_never_looks_up_names() {
     );
 }
 
-/// The man page (doc/portrelay.1.roff, which build.rs puts in portrelay(1)) describes
+/// The man page (docs/portrelay.1.roff, which build.rs puts in portrelay(1)) describes
 /// every key of the control file.
 #[test]
 fn man_page_names_every_key() {
-    let page = include_str!("../../doc/portrelay.1.roff");
+    let page = include_str!("../../docs/portrelay.1.roff");
     let keys = validate::RELAY_KEYS
         .iter()
         .chain(validate::MAP_KEYS)
