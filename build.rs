@@ -105,17 +105,11 @@ fn man_page(cmd: &Command, root: &Path) -> Vec<u8> {
         let _ = writeln!(text, "{}\n.RS", escape(&about));
         for arg in options(sub) {
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
-            let mut notes = Vec::new();
-            let defaults: Vec<_> = arg.get_default_values().iter().collect();
-            if let [default] = defaults[..] {
-                notes.push(format!("default {}", default.to_string_lossy()));
-            }
-            let notes = if notes.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", notes.join("; "))
+            let default = match arg.get_default_values() {
+                [default] => format!(" (default {})", default.to_string_lossy()),
+                _ => String::new(),
             };
-            let _ = writeln!(text, ".TP\n{}\n{}", option(arg), escape(&(help + &notes)));
+            let _ = writeln!(text, ".TP\n{}\n{}", option(arg), escape(&(help + &default)));
         }
         text.push_str(".RE\n");
     }
