@@ -86,8 +86,11 @@ pub struct Side {
     pub hup: bool,
     /// The driver reported a pending socket error, not yet looked at.
     pub error: bool,
-    /// A write found it reset (ECONNRESET, which consumed the socket error): a read of 0
-    /// from it now is that reset, not an end of stream.
+    /// The peer's FIN arrived while the connection was whole (the socket was seen in
+    /// CLOSE_WAIT after a readiness report of it).
+    pub fin: bool,
+    /// A write found it reset before its FIN was seen (the write took the socket error): a
+    /// read of 0 from it now is that reset, not an end of stream.
     pub reset: bool,
     /// The peer reset it, or a syscall on it failed: nothing more can be sent.
     pub dead: bool,
@@ -101,6 +104,7 @@ impl Side {
             writable: false,
             hup: false,
             error: false,
+            fin: false,
             reset: false,
             dead: false,
         }
@@ -303,19 +307,18 @@ impl Connection {
             }
             Err(Failure::Write(e)) => {
                 // The destination is gone. What it sent before going may still be queued:
-                // let the reverse direction read it. ECONNRESET: it reset without ending
-                // its stream, so the read of 0 that follows is that reset. EPIPE: its FIN
-                // came before its reset (the kernel reports a reset in CLOSE_WAIT so), so
-                // its stream ended cleanly: the reverse direction ends with that FIN (the
+                // let the reverse direction read it. The write took the socket's error, so
+                // the read of 0 that follows tells nothing (splice may even swallow the
+                // ECONNRESET and leave EPIPE for the next call): it is the reset, unless the
+                // peer's FIN was seen before (its stream ended cleanly, then it reset: the
                 // tail of an scp that sshd sent before exiting is not turned into a reset).
                 dst.dead = true;
                 dst.readable = true;
                 dir.abort(pool);
-                if e.raw_os_error() == Some(libc::EPIPE) {
-                    return Turn::Yield;
+                if !dst.fin {
+                    dst.reset = true;
+                    self.fail(&e);
                 }
-                dst.reset = true;
-                self.fail(&e);
                 Turn::Yield
             }
         }
@@ -464,9 +467,9 @@ pub(super) fn pass_eof(dst: &Side, dir: &mut Direction, last: bool) {
     dir.state = HalfState::Closed;
 }
 
-/// The source's read returned end of stream. After a write to that socket failed with
-/// ECONNRESET (a reset first seen by `send`/`splice` consumes the socket's error, and reads
-/// then return 0), that is no clean end: it is the reset, passed on as one.
+/// The source's read returned end of stream. After a write to that socket failed before its
+/// FIN was seen (a reset first seen by `send`/`splice` consumes the socket's error, and
+/// reads then return 0), that is no clean end: it is the reset, passed on as one.
 pub(super) fn end_of_stream(src: &Side, dir: &mut Direction) -> Result<(), Failure> {
     if src.reset {
         return Err(Failure::Read(io::Error::from_raw_os_error(

@@ -208,6 +208,11 @@ impl<D: Driver> EventLoop<D> {
                     side.writable |= writable;
                     side.hup |= hup;
                     side.error |= error;
+                    // The peer's FIN, told from a reset whose error a write already took
+                    // (splice can take it and still return a count): only CLOSE_WAIT.
+                    if hup && !error && !side.fin {
+                        side.fin = crate::sys::tcp_close_wait(side.fd.as_raw_fd());
+                    }
                     self.progress(key);
                 }
             }
