@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::files::{assert_same_file, random_file};
 use crate::util::metrics::{wait_metric, Scrape};
-use crate::util::net::{expect_closed, free_port, free_ports_in_a_row, LOCALHOST};
+use crate::util::net::{accept_within, expect_closed, free_port, free_ports_in_a_row, LOCALHOST};
 use crate::util::process;
 use crate::util::relay::{data_path_test, map_section, relay_section};
 use crate::util::{Backend, Relay, Sshd};
@@ -163,7 +163,7 @@ fn replay_after_early_close(backend: Backend) {
     let mut client = scp.spawn().expect("start scp");
     let mut seen = Vec::new();
     for _ in 0..2 {
-        let (mut conn, _) = fake.accept().unwrap();
+        let mut conn = accept_within(&fake, Duration::from_secs(10));
         // What the client sent first reaches every attempt: its SSH banner.
         conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut banner = [0u8; 7];
