@@ -14,6 +14,7 @@
 //! - `relay` also: resets passed on, the pipe pool (a pipe with bytes is never reused; the
 //!   pool running dry), splice shown, the `auto` backend's fallback under seccomp.
 //! - `control`: `portrelay check` and `run` on invalid and valid control files.
+//! - `booting`: `hold` and `wake` for instances that are still booting (real sshd, late).
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -25,6 +26,8 @@ mod util;
 
 // The test modules live in tests/cases/: Cargo would build each file directly under tests/
 // as a test binary of its own.
+#[path = "cases/booting.rs"]
+mod booting;
 #[path = "cases/control.rs"]
 mod control;
 #[path = "cases/hardening.rs"]

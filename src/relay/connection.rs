@@ -12,6 +12,7 @@ use socket2::SockRef;
 
 use super::admission::{MappingPermit, Permit};
 use super::codec::Codec;
+use super::hold::{Holding, ReplayStep};
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
 use crate::addr::ClientAddr;
@@ -199,6 +200,10 @@ pub struct Connection {
     pub caps: Option<(Permit, MappingPermit)>,
     pub started: Instant,
     pub last_active: Instant,
+    /// With a `hold`: its retry state, until the upstream's first byte.
+    pub hold: Option<Box<Holding>>,
+    /// The upstream socket's connect attempt (its events' keys carry it).
+    pub attempt: u8,
     /// Which side sent FIN first: the reason of a clean end.
     first_eof: Option<CloseReason>,
     /// The reason of an unclean end (reset, error), first one wins.
@@ -236,6 +241,8 @@ impl Connection {
             caps: Some(caps),
             started: now,
             last_active: now,
+            hold: None,
+            attempt: 0,
             first_eof: None,
             failure: None,
         }
@@ -259,6 +266,44 @@ impl Connection {
 
     /// Moves bytes both ways until each direction blocks, ends, or uses up its turn.
     pub fn pump(&mut self, pool: &mut PipePool) -> Turn {
+        if let Some(replay) = self.hold.as_mut().and_then(|h| h.replay.as_mut()) {
+            let (step, fresh) = replay.pump(&mut self.client, &mut self.upstream);
+            self.to_upstream.bytes += fresh;
+            match step {
+                ReplayStep::Wait => return Turn::Wait,
+                ReplayStep::Lost(e) => {
+                    if let Some(h) = self.hold.as_mut() {
+                        h.lost = Some(e);
+                    }
+                    return Turn::Wait;
+                }
+                ReplayStep::ClientFailed(e) => {
+                    self.client.dead = true;
+                    self.abort(CloseReason::of(&e), pool);
+                    return Turn::Wait;
+                }
+                ReplayStep::UpstreamFailed(e) => {
+                    self.upstream.dead = true;
+                    self.abort(CloseReason::of(&e), pool);
+                    return Turn::Wait;
+                }
+                ReplayStep::Done {
+                    client_eof,
+                    eof_passed,
+                } => {
+                    // The data path takes over, where the copy left the client's stream.
+                    self.hold = None;
+                    if client_eof {
+                        self.to_upstream.state = if eof_passed {
+                            HalfState::Closed
+                        } else {
+                            HalfState::Eof
+                        };
+                        self.first_eof.get_or_insert(CloseReason::ClientEof);
+                    }
+                }
+            }
+        }
         self.notice_errors(pool);
         let a = self.pump_dir(Dir::ToUpstream, pool);
         let b = self.pump_dir(Dir::ToClient, pool);
