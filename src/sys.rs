@@ -107,6 +107,27 @@ pub fn send_more(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     })
 }
 
+/// Whether a TCP socket is in CLOSE_WAIT: its peer's FIN arrived and no reset since (a
+/// reset moves it to CLOSE, whether or not its error was read already).
+pub fn tcp_close_wait(fd: RawFd) -> bool {
+    // SAFETY: `info` is a writable tcp_info of `len` bytes for the call; the kernel writes
+    // at most `len` bytes and sets `len` to what it wrote.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        // TCP_CLOSE_WAIT in the kernel's `enum tcp_state` (include/net/tcp_states.h).
+        const TCP_CLOSE_WAIT: u8 = 8;
+        rc == 0 && len >= 1 && info.tcpi_state == TCP_CLOSE_WAIT
+    }
+}
+
 /// A non-blocking eventfd, used to wake a loop from the control thread.
 pub fn eventfd() -> io::Result<OwnedFd> {
     // SAFETY: eventfd takes no pointers; on success the fd is new and ours.

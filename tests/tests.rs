@@ -16,6 +16,7 @@
 //! - `control`: `portrelay check` and `run` on invalid and valid control files.
 //! - `package`: `check --format json`, `--version`, the man page and completions build.rs
 //!   makes (the .deb itself: scripts/check-package).
+//! - `booting`: `hold` and `wake` for instances that are still booting (real sshd, late).
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -27,6 +28,8 @@ mod util;
 
 // The test modules live in tests/cases/: Cargo would build each file directly under tests/
 // as a test binary of its own.
+#[path = "cases/booting.rs"]
+mod booting;
 #[path = "cases/control.rs"]
 mod control;
 #[path = "cases/hardening.rs"]

@@ -16,10 +16,10 @@ pub const UNKNOWN_TABLE: &str = "unknown_table";
 pub const MISSING_KEY: &str = "missing_key";
 /// A value of the wrong TOML type (a number for a string, a table for an array…).
 pub const WRONG_TYPE: &str = "wrong_type";
-/// An empty string where one is needed (`name`, `sni_suffix`, `cert`, `key`).
+/// An empty value where one is needed (`name`, `sni_suffix`, `cert`, `key`, `wake`).
 pub const EMPTY_VALUE: &str = "empty_value";
 /// A string that is not one of the forms its key accepts (`removed_mapping`, a `[[ws]]`
-/// `path` without `{name}`).
+/// `path` without `{name}`, an unknown placeholder in `wake`).
 pub const BAD_VALUE: &str = "bad_value";
 /// A duration string that does not parse.
 pub const BAD_DURATION: &str = "bad_duration";

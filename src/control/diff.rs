@@ -64,6 +64,8 @@ fn same_terms(a: &Mapping, b: &Mapping) -> bool {
     a.name == b.name
         && a.allow == b.allow
         && a.max_connections == b.max_connections
+        && a.hold == b.hold
+        && a.wake == b.wake
         && a.ports == b.ports
 }
 

@@ -110,6 +110,10 @@ pub struct RelaySettings {
     /// what a flood of silent connections can hold (an fd each, for up to the admission
     /// timeout), so that direct ports keep serving. Default 1024. Added key.
     pub max_pending_admissions: u32,
+    /// How long a connection whose upstream refuses or times out is held and its connect
+    /// retried, for mappings that set no `hold` of their own. Zero (the default): fail at
+    /// once.
+    pub hold: Duration,
 }
 
 impl Default for RelaySettings {
@@ -133,6 +137,7 @@ impl Default for RelaySettings {
             max_pipes: 1024,
             pipe_size: 1 << 20,
             max_pending_admissions: 1024,
+            hold: Duration::ZERO,
         }
     }
 }
@@ -156,6 +161,11 @@ pub struct Mapping {
     pub allow: Vec<IpNet>,
     /// Optional cap for this mapping (all its ports together).
     pub max_connections: Option<u32>,
+    /// This mapping's own `hold`; `None`: the `[relay]` one.
+    pub hold: Option<Duration>,
+    /// A command (argv, `{name}`, `{port}`, `{upstream}` not yet substituted) run once per
+    /// waiting spell: when a held connection's first connect fails. Empty: none.
+    pub wake: Vec<String>,
 }
 
 impl Mapping {

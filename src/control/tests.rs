@@ -120,6 +120,7 @@ listen = "127.0.0.1:8081"
             max_pipes: 0,
             pipe_size: 1 << 20,
             max_pending_admissions: 64,
+            hold: Duration::ZERO,
         },
         mappings: vec![
             Mapping {
@@ -128,6 +129,8 @@ listen = "127.0.0.1:8081"
                 name: "C.123456".into(),
                 allow: vec![net("10.0.0.0/8"), net("fd00::/8"), net("192.0.2.9/32")],
                 max_connections: Some(64),
+                hold: None,
+                wake: vec![],
             },
             Mapping {
                 ports: 40000..=40009,
@@ -135,6 +138,8 @@ listen = "127.0.0.1:8081"
                 name: "40000".into(),
                 allow: all_nets(),
                 max_connections: None,
+                hold: None,
+                wake: vec![],
             },
             Mapping {
                 ports: 30000..=30000,
@@ -142,6 +147,8 @@ listen = "127.0.0.1:8081"
                 name: "v6".into(),
                 allow: all_nets(),
                 max_connections: None,
+                hold: None,
+                wake: vec![],
             },
         ],
         tls: vec![TlsEntry {
@@ -189,6 +196,7 @@ fn defaults_when_relay_is_absent() {
         max_pipes: 1024,
         pipe_size: 1 << 20,
         max_pending_admissions: 1024,
+        hold: Duration::ZERO,
     };
     assert_eq!(config.relay, relay);
     assert_eq!(RelaySettings::default(), relay);
@@ -200,6 +208,8 @@ fn defaults_when_relay_is_absent() {
             name: "20544".into(),
             allow: all_nets(),
             max_connections: None,
+            hold: None,
+            wake: vec![],
         }]
     );
     assert!(config.tls.is_empty());
@@ -207,6 +217,45 @@ fn defaults_when_relay_is_absent() {
     let empty = ok("[relay]\n");
     assert_eq!(empty.relay, relay);
     assert!(empty.mappings.is_empty());
+}
+
+#[test]
+fn hold_and_wake() {
+    let config = ok(r#"
+[relay]
+hold = "10s"
+
+[[map]]
+port = 20544
+to = "172.17.0.5:22"
+name = "C.1"
+hold = "20s"
+wake = ["/usr/local/bin/start-instance", "{name}", "--port={port}", "{upstream}"]
+
+[[map]]
+port = 20545
+to = "172.17.0.6:22"
+"#);
+    assert_eq!(config.relay.hold, Duration::from_secs(10));
+    let [booting, plain] = &config.mappings[..] else {
+        panic!("two mappings: {:?}", config.mappings)
+    };
+    assert_eq!(booting.hold, Some(Duration::from_secs(20)));
+    assert_eq!(
+        booting.wake,
+        [
+            "/usr/local/bin/start-instance",
+            "{name}",
+            "--port={port}",
+            "{upstream}"
+        ]
+    );
+    assert_eq!(plain.hold, None);
+    assert!(plain.wake.is_empty());
+    // "0s" on a mapping turns a relay-wide hold off for it.
+    let off =
+        ok("[relay]\nhold = \"5s\"\n[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nhold = \"0s\"\n");
+    assert_eq!(off.mappings[0].hold, Some(Duration::ZERO));
 }
 
 #[test]
@@ -563,6 +612,41 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nname = \"\"\n",
         r#"t.toml:4:8: "name" must not be empty"#,
     ),
+    (
+        "hold not a duration",
+        "[relay]\nhold = 20\n",
+        r#"t.toml:2:8: "hold" must be a duration string such as "5s""#,
+    ),
+    (
+        "bad map hold",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nhold = \"soon\"\n",
+        r#"t.toml:4:8: invalid duration "soon" for "hold": expected number at 0"#,
+    ),
+    (
+        "wake not an array",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nwake = \"/bin/start {name}\"\n",
+        r#"t.toml:4:8: "wake" must be an array of strings, the program first"#,
+    ),
+    (
+        "empty wake",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nwake = []\n",
+        r#"t.toml:4:8: "wake" must be an array of strings, the program first"#,
+    ),
+    (
+        "wake with an empty program",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nwake = [\"\", \"x\"]\n",
+        r#"t.toml:4:8: "wake" must be an array of strings, the program first"#,
+    ),
+    (
+        "wake argument not a string",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nwake = [\"/bin/start\", 5]\n",
+        r#"t.toml:4:23: "wake" must be an array of strings, the program first"#,
+    ),
+    (
+        "wake unknown placeholder",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nwake = [\"/bin/start\", \"--id={id}\"]\n",
+        r#"t.toml:4:23: unknown placeholder {id} in "wake": use {name}, {port} or {upstream}"#,
+    ),
 ];
 
 #[test]
@@ -644,6 +728,13 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("ws unknown key", &[code::UNKNOWN_KEY]),
     ("ws and tls on one address", &[code::DUPLICATE_ADDRESS]),
     ("ws tokens file missing", &[code::UNREADABLE_PATH]),
+    ("hold not a duration", &[code::WRONG_TYPE]),
+    ("bad map hold", &[code::BAD_DURATION]),
+    ("wake not an array", &[code::WRONG_TYPE]),
+    ("empty wake", &[code::EMPTY_VALUE]),
+    ("wake with an empty program", &[code::EMPTY_VALUE]),
+    ("wake argument not a string", &[code::WRONG_TYPE]),
+    ("wake unknown placeholder", &[code::BAD_VALUE]),
 ];
 
 fn codes(file: &str, text: &str) -> Vec<&'static str> {

@@ -42,8 +42,17 @@ pub(super) const RELAY_KEYS: &[&str] = &[
     "max_pipes",
     "pipe_size",
     "max_pending_admissions",
+    "hold",
 ];
-pub(super) const MAP_KEYS: &[&str] = &["port", "to", "name", "allow", "max_connections"];
+pub(super) const MAP_KEYS: &[&str] = &[
+    "port",
+    "to",
+    "name",
+    "allow",
+    "max_connections",
+    "hold",
+    "wake",
+];
 pub(super) const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
 pub(super) const WS_KEYS: &[&str] = &["listen", "path", "tokens", "ping_interval"];
 
@@ -149,6 +158,8 @@ struct MapDraft {
     name: Option<String>,
     allow: Option<Vec<IpNet>>,
     max_connections: Option<u32>,
+    hold: Option<Duration>,
+    wake: Option<Vec<String>>,
 }
 
 impl MapDraft {
@@ -165,6 +176,8 @@ impl MapDraft {
                 ]
             }),
             max_connections: self.max_connections,
+            hold: self.hold,
+            wake: self.wake.unwrap_or_default(),
         })
     }
 }
@@ -394,6 +407,11 @@ impl Validator<'_> {
                     Value::Boolean(b) => r.watch = b,
                     _ => self.err(at, code::WRONG_TYPE, "\"watch\" must be true or false"),
                 },
+                "hold" => {
+                    if let Some(d) = self.duration(item, at, name) {
+                        r.hold = d;
+                    }
+                }
                 _ => self.err(
                     key_at,
                     code::UNKNOWN_KEY,
@@ -410,6 +428,8 @@ impl Validator<'_> {
             name: None,
             allow: None,
             max_connections: None,
+            hold: None,
+            wake: None,
         };
         let (mut has_port, mut has_to, mut to_at) = (false, false, at);
         for (key, item) in table {
@@ -439,6 +459,8 @@ impl Validator<'_> {
                 "name" => d.name = self.non_empty_string(item, value_at, name),
                 "allow" => d.allow = self.cidrs(item, value_at, name),
                 "max_connections" => d.max_connections = self.u32_at_least(item, value_at, name, 1),
+                "hold" => d.hold = self.duration(item, value_at, name),
+                "wake" => d.wake = self.wake(item, value_at),
                 _ => self.err(
                     key_at,
                     code::UNKNOWN_KEY,
@@ -1023,6 +1045,37 @@ impl Validator<'_> {
         }
     }
 
+    /// `wake`: an argv, a non-empty program first; `{name}`, `{port}` and `{upstream}` are
+    /// the only placeholders.
+    fn wake(&mut self, item: &Item, at: usize) -> Option<Vec<String>> {
+        const FORM: &str = "\"wake\" must be an array of strings, the program first";
+        let Value::Array(items) = &item.value else {
+            self.err(at, code::WRONG_TYPE, FORM);
+            return None;
+        };
+        let mut argv = Vec::new();
+        for it in items {
+            let Value::String(s) = &it.value else {
+                self.err(it.start(at), code::WRONG_TYPE, FORM);
+                return None;
+            };
+            if let Some(bad) = unknown_placeholder(s) {
+                self.err(
+                    it.start(at),
+                    code::BAD_VALUE,
+                    format!("unknown placeholder {bad} in \"wake\": use {{name}}, {{port}} or {{upstream}}"),
+                );
+                return None;
+            }
+            argv.push(s.clone());
+        }
+        if argv.first().map_or(true, |p| p.is_empty()) {
+            self.err(at, code::EMPTY_VALUE, FORM);
+            return None;
+        }
+        Some(argv)
+    }
+
     fn non_empty_string(&mut self, item: &Item, at: usize, name: &str) -> Option<String> {
         match &item.value {
             Value::String(s) if s.is_empty() => {
@@ -1040,6 +1093,21 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// The first `{...}` in a `wake` argument that is not `{name}`, `{port}` or `{upstream}`.
+fn unknown_placeholder(s: &str) -> Option<&str> {
+    let mut rest = s;
+    while let Some(i) = rest.find('{') {
+        let tail = &rest[i..];
+        let end = tail.find('}').map_or(tail.len(), |j| j + 1);
+        let p = &tail[..end];
+        if !matches!(p, "{name}" | "{port}" | "{upstream}") {
+            return Some(p);
+        }
+        rest = &tail[end..];
+    }
+    None
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {

@@ -42,6 +42,8 @@ pub const PIPES: &str = "portrelay_pipes";
 pub const LISTEN_FAILURES: &str = "portrelay_listen_failures_total";
 pub const PENDING: &str = "portrelay_connections_pending";
 pub const LOOP_LAST_TURN: &str = "portrelay_loop_last_turn_seconds";
+pub const HELD: &str = "portrelay_connections_held";
+pub const WAKES: &str = "portrelay_wakes_total";
 
 /// Upstream connects take microseconds on a host bridge and seconds when an instance boots.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -171,6 +173,29 @@ impl PortMetrics {
 
     pub fn rejected(&self, why: Rejection) {
         self.rejected[why as usize].increment(1);
+    }
+}
+
+/// The handles one mapping counts with (all its ports and loops together), labelled by its
+/// name: connections held while its instance boots, and its wake runs.
+#[derive(Clone, Debug)]
+pub struct MappingMetrics {
+    pub held: Gauge,
+    /// `result` `ok`, `failed`.
+    wakes: [Counter; 2],
+}
+
+impl MappingMetrics {
+    pub fn new(map: &str) -> MappingMetrics {
+        let m = map.to_string();
+        MappingMetrics {
+            held: gauge!(HELD, "map" => m.clone()),
+            wakes: ["ok", "failed"].map(|r| counter!(WAKES, "map" => m.clone(), "result" => r)),
+        }
+    }
+
+    pub fn woke(&self, ok: bool) {
+        self.wakes[usize::from(!ok)].increment(1);
     }
 }
 
@@ -365,6 +390,14 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
     describe_gauge!(
         PENDING,
         "Connections pending admission: a PROXY header or a TLS handshake is awaited."
+    );
+    describe_gauge!(
+        HELD,
+        "Connections held while their upstream refuses or times out (its instance boots)."
+    );
+    describe_counter!(
+        WAKES,
+        "Wake commands run (once per waiting spell of a mapping), by result."
     );
     describe_counter!(
         LISTEN_FAILURES,

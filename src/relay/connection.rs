@@ -12,6 +12,7 @@ use socket2::SockRef;
 
 use super::admission::{MappingPermit, Permit};
 use super::codec::Codec;
+use super::hold::{Holding, ReplayStep};
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
 use crate::addr::ClientAddr;
@@ -86,8 +87,11 @@ pub struct Side {
     pub hup: bool,
     /// The driver reported a pending socket error, not yet looked at.
     pub error: bool,
-    /// A write found it reset (ECONNRESET, which consumed the socket error): a read of 0
-    /// from it now is that reset, not an end of stream.
+    /// The peer's FIN arrived while the connection was whole (the socket was seen in
+    /// CLOSE_WAIT after a readiness report of it).
+    pub fin: bool,
+    /// A write found it reset before its FIN was seen (the write took the socket error): a
+    /// read of 0 from it now is that reset, not an end of stream.
     pub reset: bool,
     /// The peer reset it, or a syscall on it failed: nothing more can be sent.
     pub dead: bool,
@@ -101,6 +105,7 @@ impl Side {
             writable: false,
             hup: false,
             error: false,
+            fin: false,
             reset: false,
             dead: false,
         }
@@ -195,6 +200,10 @@ pub struct Connection {
     pub caps: Option<(Permit, MappingPermit)>,
     pub started: Instant,
     pub last_active: Instant,
+    /// With a `hold`: its retry state, until the upstream's first byte.
+    pub hold: Option<Box<Holding>>,
+    /// The upstream socket's connect attempt (its events' keys carry it).
+    pub attempt: u8,
     /// Which side sent FIN first: the reason of a clean end.
     first_eof: Option<CloseReason>,
     /// The reason of an unclean end (reset, error), first one wins.
@@ -232,6 +241,8 @@ impl Connection {
             caps: Some(caps),
             started: now,
             last_active: now,
+            hold: None,
+            attempt: 0,
             first_eof: None,
             failure: None,
         }
@@ -255,6 +266,44 @@ impl Connection {
 
     /// Moves bytes both ways until each direction blocks, ends, or uses up its turn.
     pub fn pump(&mut self, pool: &mut PipePool) -> Turn {
+        if let Some(replay) = self.hold.as_mut().and_then(|h| h.replay.as_mut()) {
+            let (step, fresh) = replay.pump(&mut self.client, &mut self.upstream);
+            self.to_upstream.bytes += fresh;
+            match step {
+                ReplayStep::Wait => return Turn::Wait,
+                ReplayStep::Lost(e) => {
+                    if let Some(h) = self.hold.as_mut() {
+                        h.lost = Some(e);
+                    }
+                    return Turn::Wait;
+                }
+                ReplayStep::ClientFailed(e) => {
+                    self.client.dead = true;
+                    self.abort(CloseReason::of(&e), pool);
+                    return Turn::Wait;
+                }
+                ReplayStep::UpstreamFailed(e) => {
+                    self.upstream.dead = true;
+                    self.abort(CloseReason::of(&e), pool);
+                    return Turn::Wait;
+                }
+                ReplayStep::Done {
+                    client_eof,
+                    eof_passed,
+                } => {
+                    // The data path takes over, where the copy left the client's stream.
+                    self.hold = None;
+                    if client_eof {
+                        self.to_upstream.state = if eof_passed {
+                            HalfState::Closed
+                        } else {
+                            HalfState::Eof
+                        };
+                        self.first_eof.get_or_insert(CloseReason::ClientEof);
+                    }
+                }
+            }
+        }
         self.notice_errors(pool);
         let a = self.pump_dir(Dir::ToUpstream, pool);
         let b = self.pump_dir(Dir::ToClient, pool);
@@ -303,19 +352,18 @@ impl Connection {
             }
             Err(Failure::Write(e)) => {
                 // The destination is gone. What it sent before going may still be queued:
-                // let the reverse direction read it. ECONNRESET: it reset without ending
-                // its stream, so the read of 0 that follows is that reset. EPIPE: its FIN
-                // came before its reset (the kernel reports a reset in CLOSE_WAIT so), so
-                // its stream ended cleanly: the reverse direction ends with that FIN (the
+                // let the reverse direction read it. The write took the socket's error, so
+                // the read of 0 that follows tells nothing (splice may even swallow the
+                // ECONNRESET and leave EPIPE for the next call): it is the reset, unless the
+                // peer's FIN was seen before (its stream ended cleanly, then it reset: the
                 // tail of an scp that sshd sent before exiting is not turned into a reset).
                 dst.dead = true;
                 dst.readable = true;
                 dir.abort(pool);
-                if e.raw_os_error() == Some(libc::EPIPE) {
-                    return Turn::Yield;
+                if !dst.fin {
+                    dst.reset = true;
+                    self.fail(&e);
                 }
-                dst.reset = true;
-                self.fail(&e);
                 Turn::Yield
             }
         }
@@ -464,9 +512,9 @@ pub(super) fn pass_eof(dst: &Side, dir: &mut Direction, last: bool) {
     dir.state = HalfState::Closed;
 }
 
-/// The source's read returned end of stream. After a write to that socket failed with
-/// ECONNRESET (a reset first seen by `send`/`splice` consumes the socket's error, and reads
-/// then return 0), that is no clean end: it is the reset, passed on as one.
+/// The source's read returned end of stream. After a write to that socket failed before its
+/// FIN was seen (a reset first seen by `send`/`splice` consumes the socket's error, and
+/// reads then return 0), that is no clean end: it is the reset, passed on as one.
 pub(super) fn end_of_stream(src: &Side, dir: &mut Direction) -> Result<(), Failure> {
     if src.reset {
         return Err(Failure::Read(io::Error::from_raw_os_error(

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,14 +16,16 @@ use socket2::{Domain, SockRef, Socket, Type};
 use super::admission::{
     AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes, WsRequest,
 };
-use super::backend::driver::{Driver, Event, Key, Tag};
+use super::backend::driver::{Driver, Event, Key, Tag, ATTEMPTS};
 use super::codec::Codec;
 use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
+use super::hold::Holding;
 use super::listeners::Listeners;
 use super::pipe::PipePool;
 use super::route::{tune, Route};
 use super::slab::Slab;
 use super::timers::{Timer, Timers};
+use super::wake::{self, Wake};
 use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
 use crate::control::{RelaySettings, RemovedMapping};
@@ -208,6 +211,11 @@ impl<D: Driver> EventLoop<D> {
                     side.writable |= writable;
                     side.hup |= hup;
                     side.error |= error;
+                    // The peer's FIN, told from a reset whose error a write already took
+                    // (splice can take it and still return a count): only CLOSE_WAIT.
+                    if hup && !error && !side.fin {
+                        side.fin = crate::sys::tcp_close_wait(side.fd.as_raw_fd());
+                    }
                     self.progress(key);
                 }
             }
@@ -232,7 +240,8 @@ impl<D: Driver> EventLoop<D> {
         ) {
             (Entry::Pending(p), Tag::Client) => Some(&mut p.client),
             (Entry::Relay(c), Tag::Client) => Some(&mut c.client),
-            (Entry::Relay(c), Tag::Upstream) => Some(&mut c.upstream),
+            // An earlier attempt's socket is gone: its events are stale.
+            (Entry::Relay(c), Tag::Upstream) if key.attempt() == c.attempt => Some(&mut c.upstream),
             _ => None,
         }
     }
@@ -310,10 +319,18 @@ impl<D: Driver> EventLoop<D> {
                         self.listeners.remove(&mut self.driver, addr);
                     }
                     self.drain_until = Some(super::deadline(self.now, grace));
-                    // No connection still in admission opens an upstream connection now.
+                    // No connection still in admission opens an upstream connection now, and
+                    // held connections end at once (their instance may take long to boot).
                     let keys: Vec<_> = self.entries.keys().collect();
                     for (slot, generation) in keys {
-                        self.expire_pending(Key::new(Tag::Client, slot, generation));
+                        let key = Key::new(Tag::Client, slot, generation);
+                        self.expire_pending(key);
+                        if let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) {
+                            if c.hold.as_ref().is_some_and(|h| h.held || h.waiting) {
+                                c.abort(CloseReason::Shutdown, &mut self.pool);
+                                self.finish(key);
+                            }
+                        }
                     }
                 }
             }
@@ -564,6 +581,8 @@ impl<D: Driver> EventLoop<D> {
         };
         // TCP_NODELAY and keepalive came with the socket: it inherits the listener's.
         route.metrics.accepted(via);
+        let hold = route.mapping.hold.unwrap_or(self.settings.hold);
+        let replay = matches!(codec, Codec::Plain);
         let admitted = Admitted {
             route,
             client_addr: addr,
@@ -571,7 +590,11 @@ impl<D: Driver> EventLoop<D> {
             codec,
             caps: (permit, mapping_permit),
         };
-        Ok(Connection::new(client, upstream.into(), admitted, self.now))
+        let mut conn = Connection::new(client, upstream.into(), admitted, self.now);
+        if !hold.is_zero() {
+            conn.hold = Some(Box::new(Holding::new(self.now, hold, replay)));
+        }
+        Ok(conn)
     }
 
     fn start_connect(&mut self, key: Key) {
@@ -580,11 +603,20 @@ impl<D: Driver> EventLoop<D> {
         };
         let fd = c.upstream.fd.as_raw_fd();
         let route = c.route.clone();
+        // A held connection's attempt ends by its hold's end at the latest.
+        let timeout = match &c.hold {
+            Some(h) => self
+                .settings
+                .connect_timeout
+                .min(h.until.saturating_duration_since(self.now))
+                .max(Duration::from_millis(1)),
+            None => self.settings.connect_timeout,
+        };
         self.driver.connect(
-            key.with_tag(Tag::Upstream),
+            key.with_tag(Tag::Upstream).with_attempt(c.attempt),
             fd,
             &route.upstream_sockaddr,
-            self.settings.connect_timeout,
+            timeout,
         );
         self.arm_idle_sweep();
         self.arm_ping_sweep(key);
@@ -651,6 +683,10 @@ impl<D: Driver> EventLoop<D> {
         for (slot, generation) in keys {
             if let Some(Entry::Relay(c)) = self.entries.get_mut(slot, generation) {
                 any = true;
+                // A held connection is bounded by its hold, not by idleness.
+                if c.hold.is_some() && !c.connected {
+                    continue;
+                }
                 if self.now.saturating_duration_since(c.last_active) >= idle {
                     c.abort(CloseReason::Idle, &mut self.pool);
                     self.finish(Key::new(Tag::Client, slot, generation));
@@ -676,8 +712,29 @@ impl<D: Driver> EventLoop<D> {
         let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
             return;
         };
+        if key.attempt() != c.attempt {
+            return; // an earlier attempt's socket, gone
+        }
+        let key = key.with_tag(Tag::Client);
         match result {
             Ok(()) => {
+                if let Some(h) = c.hold.as_mut() {
+                    if h.held {
+                        h.release(&c.route.mapping);
+                        tracing::info!(
+                            client = %c.client_addr,
+                            port = c.route.port,
+                            map = %c.route.mapping.name,
+                            upstream = %c.route.upstream,
+                            attempts = h.attempts,
+                            waited_ms = c.started.elapsed().as_millis() as u64,
+                            "upstream connected after waiting"
+                        );
+                    }
+                    if h.replay.is_none() {
+                        c.hold = None;
+                    }
+                }
                 c.connected = true;
                 c.upstream.writable = true;
                 metrics::global()
@@ -685,12 +742,130 @@ impl<D: Driver> EventLoop<D> {
                     .record(c.duration(self.now).as_secs_f64());
                 self.service(key);
             }
+            Err(e) if c.hold.is_some() => {
+                let h = c.hold.as_mut().expect("checked");
+                h.last_reason = Some(ConnectFailure::of(&e));
+                self.upstream_failed(key, e);
+            }
             Err(e) => {
                 c.route.metrics.connect_failed(ConnectFailure::of(&e));
                 c.abort(CloseReason::connect(&e), &mut self.pool);
                 self.finish(key);
             }
         }
+    }
+
+    /// A held connection's attempt failed (its connect, or its upstream closed before its
+    /// first byte): it waits and retries while its hold lasts, and gives up after.
+    fn upstream_failed(&mut self, key: Key, e: io::Error) {
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        c.connected = false;
+        let h = c.hold.as_mut().expect("a held connection");
+        h.last_error = Some(e);
+        if self.now >= h.until || self.drain_until.is_some() {
+            return self.give_up(key);
+        }
+        let m = &c.route.mapping;
+        if h.hold(m)
+            && !m.wake.is_empty()
+            && m.waking
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let upstream = c.route.upstream.to_string();
+            wake::request(Wake {
+                map: m.name.clone(),
+                argv: wake::substitute(&m.wake, &m.name, c.route.port, &upstream),
+                limit: h.until.saturating_duration_since(c.started),
+                running: m.waking.clone(),
+                metrics: m.metrics.clone(),
+            });
+        }
+        h.waiting = true;
+        let wait = h
+            .next_backoff()
+            .min(h.until.saturating_duration_since(self.now));
+        let attempt = c.attempt;
+        self.timers
+            .add(self.now, wait, Timer::Retry(key.with_attempt(attempt)));
+    }
+
+    /// The retry timer of a held connection: a new upstream socket (one whose connect
+    /// failed cannot connect again) and a new connect, or the end once the hold has passed.
+    fn retry(&mut self, key: Key) {
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        let Some(h) = c.hold.as_mut() else { return };
+        if key.attempt() != c.attempt || !h.waiting {
+            return;
+        }
+        if self.now >= h.until || self.drain_until.is_some() {
+            return self.give_up(key.with_attempt(0));
+        }
+        let addr = c.route.upstream.0;
+        let socket = match self.upstream_socket(&addr) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) {
+                    if let Some(h) = c.hold.as_mut() {
+                        h.last_reason = None;
+                        h.last_error = Some(e);
+                    }
+                }
+                return self.give_up(key.with_attempt(0));
+            }
+        };
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        let h = c.hold.as_mut().expect("checked above");
+        h.waiting = false;
+        h.attempts += 1;
+        if let Some(r) = h.replay.as_mut() {
+            r.restart();
+        }
+        let old_key = key.with_tag(Tag::Upstream).with_attempt(c.attempt);
+        c.attempt = (c.attempt + 1) % ATTEMPTS;
+        let old = std::mem::replace(&mut c.upstream, Side::new(socket.into()));
+        self.driver.unwatch(old_key, old.fd.as_raw_fd());
+        self.driver.retire(old.fd);
+        self.start_connect(key.with_attempt(0));
+    }
+
+    /// A held connection's hold has passed (or the relay is shutting down): it ends as a
+    /// connection whose upstream failed ends without one, counted once.
+    fn give_up(&mut self, key: Key) {
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        let Some(mut h) = c.hold.take() else { return };
+        h.release(&c.route.mapping);
+        let e = h
+            .last_error
+            .take()
+            .unwrap_or_else(|| io::Error::other("no attempt finished"));
+        let reason = match h.last_reason {
+            Some(why) => {
+                c.route.metrics.connect_failed(why);
+                CloseReason::connect(&e)
+            }
+            None => CloseReason::of(&e),
+        };
+        tracing::info!(
+            client = %c.client_addr,
+            port = c.route.port,
+            map = %c.route.mapping.name,
+            upstream = %c.route.upstream,
+            attempts = h.attempts,
+            waited_ms = self.now.saturating_duration_since(c.started).as_millis() as u64,
+            error = %e,
+            "gave up waiting for the upstream"
+        );
+        c.abort(reason, &mut self.pool);
+        self.finish(key);
     }
 
     /// Gives a connection a turn: moves bytes, then finishes it or queues it again.
@@ -704,6 +879,9 @@ impl<D: Driver> EventLoop<D> {
         let before = (c.to_upstream.bytes, c.to_client.bytes);
         let turn = c.pump(&mut self.pool);
         c.last_active = self.now;
+        if let Some(e) = c.hold.as_mut().and_then(|h| h.lost.take()) {
+            return self.upstream_failed(key.with_tag(Tag::Client), e);
+        }
         let m = &c.route.metrics;
         m.bytes_to_upstream
             .increment(c.to_upstream.bytes - before.0);
@@ -725,8 +903,13 @@ impl<D: Driver> EventLoop<D> {
         };
         self.driver
             .unwatch(key.with_tag(Tag::Client), c.client.fd.as_raw_fd());
-        self.driver
-            .unwatch(key.with_tag(Tag::Upstream), c.upstream.fd.as_raw_fd());
+        self.driver.unwatch(
+            key.with_tag(Tag::Upstream).with_attempt(c.attempt),
+            c.upstream.fd.as_raw_fd(),
+        );
+        if let Some(h) = c.hold.as_mut() {
+            h.release(&c.route.mapping);
+        }
         // Free the connection's place in the caps first: whoever learns of the close (the
         // log, the client) may connect again at once.
         c.caps = None;
@@ -834,6 +1017,7 @@ impl<D: Driver> EventLoop<D> {
                 Timer::IdleSweep => self.sweep_idle(),
                 Timer::PingSweep => self.sweep_pings(),
                 Timer::Admission(key) => self.expire_pending(key),
+                Timer::Retry(key) => self.retry(key),
                 Timer::ResumeAccept(key) => {
                     if let Some(l) = self.listeners.get(key) {
                         let fd = l.listener.fd();

@@ -10,6 +10,7 @@
 //! - `connection`: one connection's two directions and the splice/copy data path.
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
+//! - `hold`, `wake`: held connections while an instance boots, and its wake command.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -32,11 +33,13 @@ mod backend;
 mod codec;
 mod connection;
 mod event_loop;
+mod hold;
 mod listeners;
 mod pipe;
 mod route;
 mod slab;
 mod timers;
+mod wake;
 
 use crate::sys;
 use backend::{epoll, uring};

@@ -5,7 +5,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use socket2::{Domain, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::addr::{ListenAddr, UpstreamAddr};
 use crate::control::Mapping;
-use crate::metrics::PortMetrics;
+use crate::metrics::{MappingMetrics, PortMetrics};
 
 /// The state of one `[[map]]` entry that all its ports and loops share.
 #[derive(Debug)]
@@ -25,6 +25,16 @@ pub struct MappingState {
     /// Live connections of this mapping, over all its ports and loops; carried over when
     /// a reload changes the mapping in place.
     pub active: Arc<AtomicU32>,
+    /// Its own `hold`; `None`: the `[relay]` one.
+    pub hold: Option<Duration>,
+    /// Its `wake` argv, placeholders not yet substituted; empty: none.
+    pub wake: Vec<String>,
+    /// Held connections (a connect failed, retrying), over all ports and loops: a waiting
+    /// spell begins when this leaves 0 and ends when it is back at 0.
+    pub held: AtomicU32,
+    /// Its wake command is running (at most one at a time).
+    pub waking: Arc<AtomicBool>,
+    pub metrics: MappingMetrics,
 }
 
 impl MappingState {
@@ -34,6 +44,11 @@ impl MappingState {
             allow: m.allow.clone(),
             max_connections: m.max_connections,
             active: active.unwrap_or_default(),
+            hold: m.hold,
+            wake: m.wake.clone(),
+            held: AtomicU32::new(0),
+            waking: Arc::default(),
+            metrics: MappingMetrics::new(&m.name),
         }
     }
 

@@ -1,5 +1,5 @@
 //! A loop's deadlines: one heap of (when, what). Connections have no timer of their own
-//! (`idle_timeout` is one sweep per loop); admissions and accept back-offs have one each.
+//! (`idle_timeout` is one sweep per loop); admissions, accept back-offs and held connections' retries have one each.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -18,6 +18,8 @@ pub enum Timer {
     Admission(Key),
     /// Accept again on the listener with this key, after an accept error.
     ResumeAccept(Key),
+    /// Connect the held connection with this key again (its attempt in the key).
+    Retry(Key),
 }
 
 #[derive(Default)]

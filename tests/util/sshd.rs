@@ -26,7 +26,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// A running sshd, killed on drop. Its tempdir holds the keys, the config, and whatever the
 /// tests copy there ([`Sshd::dir`]).
 pub struct Sshd {
-    child: Child,
+    /// `None`: prepared, started elsewhere (if at all).
+    child: Option<Child>,
     dir: TempDir,
     port: u16,
     client_key: PathBuf,
@@ -36,6 +37,32 @@ pub struct Sshd {
 impl Sshd {
     /// Starts sshd and returns once it has sent its `SSH-2.0` banner on a connection.
     pub fn start() -> Sshd {
+        let mut failures = Vec::new();
+        // The free port may be taken by someone else before sshd binds it: try a few.
+        for _ in 0..3 {
+            let mut sshd = Sshd::prepare(free_port());
+            match sshd.spawn() {
+                Ok(()) => return sshd,
+                Err(why) => failures.push(why),
+            }
+        }
+        panic!("sshd did not start:\n{}", failures.join("\n---\n"));
+    }
+
+    /// Starts a [`Sshd::prepare`]d sshd (on the port the test chose: a mapping's upstream
+    /// before its instance is up); returns once it has sent its banner.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "sshd already started");
+        if let Err(why) = self.spawn() {
+            panic!("sshd did not start: {why}");
+        }
+    }
+
+    /// The keys and config of an sshd for `port`, not started: [`Sshd::launch`] starts it,
+    /// or [`Sshd::command_line`] elsewhere (a script: a wake command), and the client
+    /// commands work as for a started one. On drop, an sshd started elsewhere is ended
+    /// through its pid file.
+    pub fn prepare(port: u16) -> Sshd {
         let sshd = sshd_binary();
         assert!(
             sshd.exists(),
@@ -56,72 +83,78 @@ impl Sshd {
         let public = std::fs::read(client_key.with_extension("pub")).expect("read client .pub");
         let authorized_keys = dir.path().join("authorized_keys");
         std::fs::write(&authorized_keys, public).expect("write authorized_keys");
+        let config = dir.path().join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\n\
+                 ListenAddress 127.0.0.1\n\
+                 HostKey {host_key}\n\
+                 AuthorizedKeysFile {authorized_keys}\n\
+                 PidFile {pid}\n\
+                 UsePAM no\n\
+                 StrictModes no\n\
+                 PermitRootLogin prohibit-password\n\
+                 PubkeyAuthentication yes\n\
+                 PasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\n\
+                 AllowTcpForwarding yes\n\
+                 Subsystem sftp internal-sftp\n\
+                 LogLevel VERBOSE\n\
+                 MaxStartups 100:30:200\n\
+                 MaxSessions 100\n",
+                host_key = host_key.display(),
+                authorized_keys = authorized_keys.display(),
+                pid = dir.path().join("sshd.pid").display(),
+            ),
+        )
+        .expect("write sshd_config");
+        Sshd {
+            child: None,
+            dir,
+            port,
+            client_key,
+            log: Arc::default(),
+        }
+    }
 
-        // The free port may be taken by someone else before sshd binds it: try a few.
-        let mut failures = Vec::new();
-        for _ in 0..3 {
-            let port = free_port();
-            let config = dir.path().join("sshd_config");
-            std::fs::write(
-                &config,
-                format!(
-                    "Port {port}\n\
-                     ListenAddress 127.0.0.1\n\
-                     HostKey {host_key}\n\
-                     AuthorizedKeysFile {authorized_keys}\n\
-                     PidFile {pid}\n\
-                     UsePAM no\n\
-                     StrictModes no\n\
-                     PermitRootLogin prohibit-password\n\
-                     PubkeyAuthentication yes\n\
-                     PasswordAuthentication no\n\
-                     KbdInteractiveAuthentication no\n\
-                     AllowTcpForwarding yes\n\
-                     Subsystem sftp internal-sftp\n\
-                     LogLevel VERBOSE\n\
-                     MaxStartups 100:30:200\n\
-                     MaxSessions 100\n",
-                    host_key = host_key.display(),
-                    authorized_keys = authorized_keys.display(),
-                    pid = dir.path().join("sshd.pid").display(),
-                ),
-            )
-            .expect("write sshd_config");
-            let mut child = Command::new(&sshd)
-                .arg("-D")
-                .arg("-e")
-                .arg("-f")
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", sshd.display()));
-            let log = Arc::new(Mutex::new(Vec::new()));
-            let sink = log.clone();
-            tee_lines(child.stderr.take().unwrap(), "[sshd]", move |l| {
-                sink.lock().unwrap().push(l)
-            });
-            match wait_banner(&mut child, port) {
-                Ok(()) => {
-                    return Sshd {
-                        child,
-                        dir,
-                        port,
-                        client_key,
-                        log,
-                    }
-                }
-                Err(why) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    // What sshd said so far (its log thread may still be reading).
-                    let lines = log.lock().unwrap().join("\n");
-                    failures.push(format!("port {port}: {why}\n{lines}"));
-                }
+    /// The argv that starts this sshd in the foreground (`-D`), logging to stderr.
+    pub fn command_line(&self) -> Vec<String> {
+        vec![
+            sshd_binary().display().to_string(),
+            "-D".into(),
+            "-e".into(),
+            "-f".into(),
+            self.dir.path().join("sshd_config").display().to_string(),
+        ]
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let argv = self.command_line();
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", argv[0]));
+        let sink = self.log.clone();
+        tee_lines(child.stderr.take().unwrap(), "[sshd]", move |l| {
+            sink.lock().unwrap().push(l)
+        });
+        match wait_banner(&mut child, self.port) {
+            Ok(()) => {
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // What sshd said so far (its log thread may still be reading).
+                let lines = self.log.lock().unwrap().join("\n");
+                Err(format!("port {}: {why}\n{lines}", self.port))
             }
         }
-        panic!("sshd did not start:\n{}", failures.join("\n---\n"));
     }
 
     pub fn port(&self) -> u16 {
@@ -209,8 +242,15 @@ impl Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        } else if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("sshd.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: kill(2) takes no pointers; the pid is the sshd this test started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
     }
 }
 

@@ -9,7 +9,10 @@ use std::time::Duration;
 use socket2::SockAddr;
 
 /// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
-/// event for a reused slot is recognised as stale) and which operation or socket.
+/// event for a reused slot is recognised as stale), which operation or socket, and (for an
+/// upstream socket) which connect attempt: a held connection gets a new upstream socket per
+/// attempt, and a completion of an earlier attempt's socket must not be taken for the
+/// current one's. Bits: slot 63..32, generation 31..8, attempt 7..3, tag 2..0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key(pub u64);
 
@@ -24,12 +27,15 @@ pub enum Tag {
     Ignore = 4,
 }
 
+/// Attempts are numbered modulo this (5 bits of the key).
+pub const ATTEMPTS: u8 = 32;
+
 impl Key {
     pub fn new(tag: Tag, slot: u32, generation: u32) -> Key {
         Key((slot as u64) << 32 | ((generation & 0xff_ffff) as u64) << 8 | tag as u64)
     }
     pub fn tag(self) -> Tag {
-        match self.0 & 0xff {
+        match self.0 & 0x7 {
             0 => Tag::Wake,
             1 => Tag::Listener,
             2 => Tag::Client,
@@ -43,8 +49,16 @@ impl Key {
     pub fn generation(self) -> u32 {
         ((self.0 >> 8) & 0xff_ffff) as u32
     }
+    /// The same slot and generation with another tag (attempt 0).
     pub fn with_tag(self, tag: Tag) -> Key {
         Key(self.0 & !0xff | tag as u64)
+    }
+    /// The same key for connect attempt `attempt` (modulo [`ATTEMPTS`]).
+    pub fn with_attempt(self, attempt: u8) -> Key {
+        Key(self.0 & !0xf8 | u64::from(attempt % ATTEMPTS) << 3)
+    }
+    pub fn attempt(self) -> u8 {
+        ((self.0 >> 3) & 0x1f) as u8
     }
 }
 
@@ -104,4 +118,21 @@ pub trait Driver {
     /// Ends every request still in the kernel before the loop exits, so that no socket
     /// (a listener above all) outlives the process's intent to close it.
     fn close(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_their_parts_apart() {
+        let k = Key::new(Tag::Upstream, u32::MAX, 0xff_ffff).with_attempt(33);
+        assert_eq!(
+            (k.tag(), k.slot(), k.generation(), k.attempt()),
+            (Tag::Upstream, u32::MAX, 0xff_ffff, 1)
+        );
+        assert_ne!(k, k.with_attempt(2));
+        assert_eq!(k.with_tag(Tag::Client).attempt(), 0);
+        assert_eq!(k.with_tag(Tag::Ignore).tag(), Tag::Ignore);
+    }
 }
