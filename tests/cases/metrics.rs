@@ -330,7 +330,16 @@ fn removed_and_renamed_mappings_keep_series_while_connections_run(backend: Backe
     relay.wait_reloaded(2, RELOAD_TIMEOUT);
     roundtrip(&mut gone, &[3u8; 300]);
     roundtrip(&mut old, &[4u8; 200]);
-    let text = scrape(metrics);
+    // A loop counts a turn's bytes just after the turn, so the echo can reach the client a
+    // moment before its count: wait for the counts (they must then be exact).
+    let text = scrape_until(metrics, "the counts of the last round trips", |t| {
+        let of = |map: &str, port: u16| {
+            samples(t)
+                .get(&bytes(map, port, "upstream_to_client"))
+                .copied()
+        };
+        of("gone", p_gone) == Some(1300.0) && of("old", p_old) == Some(700.0)
+    });
     assert_bytes(&text, "gone", p_gone, 1300);
     assert_bytes(&text, "old", p_old, 700);
     assert_bytes(&text, "new", p_old, 0);
