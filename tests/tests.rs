@@ -14,6 +14,9 @@
 //! - `relay` also: resets passed on, the pipe pool (a pipe with bytes is never reused; the
 //!   pool running dry), splice shown, the `auto` backend's fallback under seccomp.
 //! - `control`: `portrelay check` and `run` on invalid and valid control files.
+//! - `websocket`: SSH over WebSocket: websocat as ssh's ProxyCommand on `ws://` and
+//!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
+//!   metrics.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -43,3 +46,5 @@ mod relay;
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;
+#[path = "cases/websocket.rs"]
+mod websocket;
