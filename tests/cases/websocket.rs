@@ -335,8 +335,8 @@ impl WsClient {
         }
     }
 
-    /// Reads data frames until a Close: their payloads and the Close's code. Asserts that
-    /// no data frame is empty and that the relay's frames are unfragmented and unmasked.
+    /// Reads data frames until a Close (skipping Pongs): their payloads and the Close's
+    /// code. Asserts that no data frame is empty and that the relay's frames are unfragmented and unmasked.
     fn data_until_close(&mut self) -> (Vec<u8>, u16) {
         let mut data = Vec::new();
         loop {
@@ -356,6 +356,8 @@ impl WsClient {
                     let code = frame.close_code().expect("a Close with a code");
                     return (data, code);
                 }
+                // The answer to a Ping of the test's.
+                PONG => {}
                 other => panic!("unexpected frame from the relay: opcode {other}"),
             }
         }
@@ -1094,4 +1096,174 @@ fn ws_upstream_closes_first(backend: Backend) {
     client.send(&close_frame(1000));
     client.expect_end();
     upstream.assert_got(1, b"after the upstream's end", End::Eof);
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics and pings.
+
+data_path_test!(ws_metrics);
+/// One session with the right token: `via="ws"` in the accepted counter and exactly the
+/// payload bytes in `portrelay_bytes_total` both ways (frame headers and masks are not
+/// counted); a request that is no upgrade counts as `ws`, a missing token as `auth`.
+fn ws_metrics(backend: Backend) {
+    let reply = random_bytes(300_000);
+    let upstream = Recorder::new(Reply::AfterEof(reply.clone()));
+    let options = Options {
+        tokens: true,
+        ..Options::default()
+    };
+    let r = WsRelay::start(upstream.addr(), backend, options);
+    let mut client = WsClient::open(r.ws, PATH, &format!("Authorization: Bearer {TOKEN}\r\n"));
+    let sent = random_bytes(100_000);
+    for chunk in sent.chunks(7_000) {
+        client.send(&binary(chunk));
+    }
+    client.send(&frame(true, 0, PING, b"not counted", true));
+    client.send(&close_frame(1000));
+    let (data, code) = client.data_until_close();
+    assert_eq!(code, 1000);
+    assert!(
+        data == reply,
+        "{} bytes back of {}",
+        data.len(),
+        reply.len()
+    );
+    client.expect_end();
+    upstream.assert_got(1, &sent, End::Eof);
+    r.relay.wait_log(|l| l.is_closed_on(r.port), LOG_TIMEOUT);
+
+    refused(
+        r.ws,
+        LOCALHOST,
+        b"GET /ssh/C-123 HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+    );
+    r.rejected(1, "ws");
+    refused(r.ws, LOCALHOST, &request(PATH, "").0, 401);
+    r.rejected(2, "auth");
+
+    let port = r.port.to_string();
+    let s = Scrape::take(r.metrics);
+    let labels = [("map", MAP), ("port", port.as_str())];
+    assert_eq!(
+        s.value(
+            "portrelay_connections_accepted_total",
+            &[labels[0], labels[1], ("via", "ws")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        s.sum("portrelay_connections_accepted_total", &[("via", "direct")]),
+        0.0,
+        "{}",
+        s.text
+    );
+    for (direction, want) in [
+        ("client_to_upstream", sent.len()),
+        ("upstream_to_client", reply.len()),
+    ] {
+        assert_eq!(
+            s.value(
+                "portrelay_bytes_total",
+                &[labels[0], labels[1], ("direction", direction)]
+            ),
+            want as f64,
+            "{direction}"
+        );
+    }
+    for reason in ["ws", "auth"] {
+        assert_eq!(
+            s.sum(
+                "portrelay_connections_rejected_total",
+                &[("reason", reason)]
+            ),
+            1.0,
+            "reason {reason}:\n{}",
+            s.text
+        );
+    }
+}
+
+/// The Pings (empty payload) an idle client receives within `within`.
+fn pings_within(client: &mut WsClient, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    let mut pings = 0;
+    loop {
+        while let Some((frame, used)) = parse_frame(&client.buf) {
+            client.buf.drain(..used);
+            assert_eq!(
+                frame.opcode, PING,
+                "only Pings to an idle client: {frame:?}"
+            );
+            assert!(frame.payload.is_empty(), "{frame:?}");
+            pings += 1;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return pings;
+        }
+        client.conn.set_read_timeout(Some(left)).unwrap();
+        match client.fill() {
+            Ok(true) => {}
+            Ok(false) => panic!("the relay closed an idle connection"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading pings: {e}"),
+        }
+    }
+}
+
+// Written out rather than with data_path_test!, for the #[ignore] (ping_interval is not
+// in the relay yet): remove the attributes once it is.
+mod ws_ping_interval {
+    #[test]
+    #[ignore = "needs ping_interval"]
+    fn uring() {
+        crate::util::relay::run_on(super::ws_ping_interval, crate::util::Backend::Uring);
+    }
+
+    #[test]
+    #[ignore = "needs ping_interval"]
+    fn epoll() {
+        crate::util::relay::run_on(super::ws_ping_interval, crate::util::Backend::Epoll);
+    }
+}
+/// `ping_interval = "300ms"`: an idle client gets at least 2 (empty) Pings within 2 s,
+/// and the session still works after them.
+fn ws_ping_interval(backend: Backend) {
+    let upstream = Recorder::silent();
+    let options = Options {
+        ping_interval: Some("300ms"),
+        ..Options::default()
+    };
+    let r = WsRelay::start(upstream.addr(), backend, options);
+    let mut client = WsClient::open(r.ws, PATH, "");
+    let pings = pings_within(&mut client, Duration::from_secs(2));
+    assert!(pings >= 2, "{pings} Pings in 2 s with ping_interval 300ms");
+    client.send(&frame(true, 0, PONG, b"", true));
+    client.send(&binary(b"after the pings"));
+    client
+        .conn
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    client.send(&close_frame(1000));
+    loop {
+        let f = client.frame().expect("a Close");
+        if f.opcode == CLOSE {
+            assert_eq!(f.close_code(), Some(1000));
+            break;
+        }
+        assert_eq!(f.opcode, PING, "{f:?}");
+    }
+    upstream.assert_got(1, b"after the pings", End::Eof);
+}
+
+data_path_test!(ws_no_pings_with_interval_0);
+/// `ping_interval = "0s"`: an idle client gets no Ping within 1 s.
+fn ws_no_pings_with_interval_0(backend: Backend) {
+    let upstream = Recorder::silent();
+    let r = WsRelay::start(upstream.addr(), backend, Options::default());
+    let mut client = WsClient::open(r.ws, PATH, "");
+    let pings = pings_within(&mut client, Duration::from_secs(1));
+    assert_eq!(pings, 0, "Pings with ping_interval 0s");
+    close_cleanly(&mut client);
 }
