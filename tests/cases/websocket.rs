@@ -12,7 +12,7 @@
 //!   before the 101; each checks what the upstream received, byte for byte.
 //! - Frames from the relay are never empty; half-close both ways; metrics; `ping_interval`.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
