@@ -17,6 +17,9 @@
 //! - `package`: `check --format json`, `--version`, the man page and completions build.rs
 //!   makes (the .deb itself: scripts/check-package).
 //! - `booting`: `hold` and `wake` for instances that are still booting (real sshd, late).
+//! - `websocket`: SSH over WebSocket: websocat as ssh's ProxyCommand on `ws://` and
+//!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
+//!   metrics.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -50,3 +53,5 @@ mod relay;
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;
+#[path = "cases/websocket.rs"]
+mod websocket;

@@ -83,6 +83,11 @@ pub(crate) fn check_scp(sshd: &Sshd, port: u16, options: &[&str], size: usize) {
 /// One `sftp -P -b` session puts a random file of `size` bytes and gets it back to another
 /// path; the files must be equal.
 pub(crate) fn check_sftp(sshd: &Sshd, port: u16, size: usize) {
+    check_sftp_with(sshd, port, &[], size);
+}
+
+/// [`check_sftp`] with `options` (`-o ProxyCommand=…`) on sftp's command line.
+pub(crate) fn check_sftp_with(sshd: &Sshd, port: u16, options: &[&str], size: usize) {
     let local = tempfile::tempdir().expect("tempdir");
     let source = local.path().join("source.bin");
     random_file(&source, size);
@@ -102,7 +107,10 @@ pub(crate) fn check_sftp(sshd: &Sshd, port: u16, size: usize) {
     )
     .expect("write sftp batch");
 
-    let out = process::run(&mut sshd.sftp(port, &batch), Duration::from_secs(120));
+    let out = process::run(
+        &mut sshd.sftp_with(port, options, &batch),
+        Duration::from_secs(120),
+    );
     assert!(
         out.status.success(),
         "sftp: {:?}: {}",
@@ -117,17 +125,18 @@ pub(crate) fn check_sftp(sshd: &Sshd, port: u16, size: usize) {
 /// `ssh -N -L LOCAL:127.0.0.1:HTTP`: once the local port accepts, two GETs through the
 /// tunnel return the HTTP upstream's body.
 pub(crate) fn check_local_forward(sshd: &Sshd, port: u16) {
+    check_local_forward_with(sshd, port, &[]);
+}
+
+/// [`check_local_forward`] with `options` (`-o ProxyCommand=…`) on ssh's command line.
+pub(crate) fn check_local_forward_with(sshd: &Sshd, port: u16, options: &[&str]) {
     let body = random_bytes(256 * 1024);
     let http = Upstream::http(body.clone());
     let local = free_port();
     let forward = format!("{local}:127.0.0.1:{}", http.port());
-    let mut ssh = KillOnDrop::spawn(
-        &mut sshd.ssh_with(
-            port,
-            &["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward],
-        ),
-        "[ssh -L]",
-    );
+    let mut args = options.to_vec();
+    args.extend(["-N", "-o", "ExitOnForwardFailure=yes", "-L", &forward]);
+    let mut ssh = KillOnDrop::spawn(&mut sshd.ssh_with(port, &args), "[ssh -L]");
     let local_addr = SocketAddr::from((LOCALHOST, local));
     let opened = poll(Duration::from_secs(30), Duration::from_millis(20), || {
         if let Some(status) = ssh.exited() {

@@ -226,9 +226,15 @@ impl Sshd {
 
     /// `sftp … -P PORT -b BATCH root@127.0.0.1`.
     pub fn sftp(&self, port: u16, batch: &Path) -> Command {
+        self.sftp_with(port, &[], batch)
+    }
+
+    /// `sftp … -P PORT OPTIONS… -b BATCH root@127.0.0.1`.
+    pub fn sftp_with(&self, port: u16, options: &[&str], batch: &Path) -> Command {
         let mut cmd = Command::new("sftp");
         self.client_options(&mut cmd);
         cmd.arg("-P").arg(port.to_string());
+        cmd.args(options);
         cmd.arg("-b").arg(batch);
         cmd.arg("root@127.0.0.1");
         cmd

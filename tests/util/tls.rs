@@ -1,5 +1,6 @@
-//! A test CA and a server certificate for `*.ssh.test`, made with the openssl CLI (EC
-//! P-256), for the relay's `[[tls]]` entry and for `openssl s_client -CAfile`.
+//! A test CA and a server certificate for `*.ssh.test` and `ssh.test` (the bare suffix,
+//! which `wss://` clients may name), made with the openssl CLI (EC P-256), for the relay's
+//! `[[tls]]` entry and for `openssl s_client -CAfile`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use super::process;
 
-/// The `sni_suffix` the test certificate covers: its SAN is `*.ssh.test`.
+/// The `sni_suffix` the test certificate covers: its SAN is `*.ssh.test` and `ssh.test`.
 pub const SNI_SUFFIX: &str = "ssh.test";
 
 /// A CA, and a server certificate it signed for `*.ssh.test`.
@@ -54,7 +55,7 @@ impl TestCa {
         std::fs::write(
             &ext,
             format!(
-                "subjectAltName = DNS:*.{SNI_SUFFIX}\n\
+                "subjectAltName = DNS:*.{SNI_SUFFIX}, DNS:{SNI_SUFFIX}\n\
                  basicConstraints = critical,CA:FALSE\n\
                  keyUsage = critical,digitalSignature\n\
                  extendedKeyUsage = serverAuth\n"
