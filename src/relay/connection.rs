@@ -502,6 +502,29 @@ pub(super) fn drain(
     Ok(Drained::Empty)
 }
 
+/// The start of each round of a direction that delivers through a hold: deliver what is
+/// held, then pass on an EOF once everything before it is delivered. `true`: the round
+/// is over (the direction ended, the destination is full, or the EOF went on).
+pub(super) fn deliver(
+    dst: &mut Side,
+    dir: &mut Direction,
+    last: bool,
+    pool: &mut PipePool,
+) -> Result<bool, Failure> {
+    if dir.ended() {
+        return Ok(true);
+    }
+    if let Drained::Blocked = drain(dst, dir, pool)? {
+        return Ok(true);
+    }
+    if dir.state == HalfState::Eof {
+        // Everything is delivered: pass the half-close on, keep the other direction.
+        pass_eof(dst, dir, last);
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// Passes a half-close on once everything before it is delivered. When the other
 /// direction has ended too, the connection closes next and close(2) sends this FIN: no
 /// shutdown call.

@@ -5,8 +5,8 @@
 use std::os::fd::AsRawFd;
 
 use crate::relay::connection::{
-    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
-    Turn, ROUNDS_PER_TURN, STREAMING_READ,
+    deliver, end_of_stream, would_block, Direction, Failure, Side, Turn, ROUNDS_PER_TURN,
+    STREAMING_READ,
 };
 use crate::relay::pipe::{Hold, PipePool};
 
@@ -21,15 +21,7 @@ pub(crate) fn move_bytes(
     pool: &mut PipePool,
 ) -> Result<Turn, Failure> {
     for _ in 0..ROUNDS_PER_TURN {
-        if dir.ended() {
-            return Ok(Turn::Wait);
-        }
-        if let Drained::Blocked = drain(dst, dir, pool)? {
-            return Ok(Turn::Wait);
-        }
-        if dir.state == HalfState::Eof {
-            // Everything is delivered: pass the half-close on, keep the other direction.
-            pass_eof(dst, dir, last);
+        if deliver(dst, dir, last, pool)? {
             return Ok(Turn::Wait);
         }
         if !src.readable {

@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use rustls::ServerConnection;
 
 use crate::relay::connection::{
-    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
-    Turn, ROUNDS_PER_TURN,
+    deliver, end_of_stream, pass_eof, would_block, Direction, Failure, HalfState, Side, Turn,
+    ROUNDS_PER_TURN,
 };
 use crate::relay::pipe::PipePool;
 use crate::sys;
@@ -30,14 +30,7 @@ pub(super) fn decrypt(
     pool: &mut PipePool,
 ) -> Result<Turn, Failure> {
     for _ in 0..ROUNDS_PER_TURN {
-        if dir.ended() {
-            return Ok(Turn::Wait);
-        }
-        if let Drained::Blocked = drain(upstream, dir, pool)? {
-            return Ok(Turn::Wait);
-        }
-        if dir.state == HalfState::Eof {
-            pass_eof(upstream, dir, last);
+        if deliver(upstream, dir, last, pool)? {
             return Ok(Turn::Wait);
         }
         let mut hold = pool.take_buffer();

@@ -22,8 +22,8 @@ use rustls::ServerConnection;
 
 use super::{plain, tls};
 use crate::relay::connection::{
-    drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState, Side,
-    Turn, ROUNDS_PER_TURN,
+    deliver, drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState,
+    Side, Turn, ROUNDS_PER_TURN,
 };
 use crate::relay::pipe::PipePool;
 use crate::sys;
@@ -91,14 +91,7 @@ impl WsCodec {
         pool: &mut PipePool,
     ) -> Result<Turn, Failure> {
         for _ in 0..ROUNDS_PER_TURN {
-            if dir.ended() {
-                return Ok(Turn::Wait);
-            }
-            if let Drained::Blocked = drain(upstream, dir, pool)? {
-                return Ok(Turn::Wait);
-            }
-            if dir.state == HalfState::Eof {
-                pass_eof(upstream, dir, last);
+            if deliver(upstream, dir, last, pool)? {
                 return Ok(Turn::Wait);
             }
             let mut hold = pool.take_buffer();
