@@ -473,16 +473,28 @@ pub(super) fn drain(
     dir: &mut Direction,
     pool: &mut PipePool,
 ) -> Result<Drained, Failure> {
-    if dir.in_flight > 0 {
+    drain_up_to(dst, dir, pool, usize::MAX)
+}
+
+/// [`drain`] of at most `limit` bytes: `Empty` once they are delivered (the hold goes back
+/// to the pool only when it is empty).
+pub(super) fn drain_up_to(
+    dst: &mut Side,
+    dir: &mut Direction,
+    pool: &mut PipePool,
+    limit: usize,
+) -> Result<Drained, Failure> {
+    if dir.in_flight > 0 && limit > 0 {
         if !dst.writable {
             return Ok(Drained::Blocked);
         }
+        let want = dir.in_flight.min(limit);
         let hold = dir.hold.as_mut().expect("bytes in flight have a hold");
-        match hold.drain_to(dst.fd.as_raw_fd(), dir.in_flight) {
+        match hold.drain_to(dst.fd.as_raw_fd(), want) {
             Ok(n) => {
                 dir.in_flight -= n;
                 dir.bytes += n as u64;
-                if dir.in_flight > 0 {
+                if n < want {
                     // A short write means the socket buffer is full; the kernel will report
                     // it writable again (it set SOCK_NOSPACE).
                     dst.writable = false;
@@ -496,8 +508,10 @@ pub(super) fn drain(
             Err(e) => return Err(Failure::Write(e)),
         }
     }
-    if let Some(h) = dir.hold.take() {
-        pool.give_back(h);
+    if dir.in_flight == 0 {
+        if let Some(h) = dir.hold.take() {
+            pool.give_back(h);
+        }
     }
     Ok(Drained::Empty)
 }

@@ -22,13 +22,19 @@ use rustls::ServerConnection;
 
 use super::{plain, tls};
 use crate::relay::connection::{
-    deliver, drain, end_of_stream, pass_eof, would_block, Direction, Drained, Failure, HalfState,
-    Side, Turn, ROUNDS_PER_TURN,
+    deliver, drain_up_to, end_of_stream, pass_eof, would_block, Direction, Drained, Failure,
+    HalfState, Side, Turn, ROUNDS_PER_TURN,
 };
 use crate::relay::pipe::PipePool;
 use crate::sys;
 use crate::tls::FdIo;
 use crate::websocket::frame::{self, ControlFrame, ControlPayload, Decoder, Header, Item};
+
+/// The largest data frame sent: a read from the upstream (up to a pipe, 1 MiB) goes out as
+/// frames of at most this much. Clients read in buffers of about this size (websocat's is
+/// 64 KiB), and frames longer than their buffer take a path of theirs that stalls now and
+/// then.
+const MAX_FRAME: usize = 64 * 1024;
 
 /// Plaintext read from the upstream per frame on `wss://` (one TLS record's payload).
 const RECORD: usize = 16 * 1024;
@@ -49,6 +55,8 @@ pub struct WsCodec {
     pub ping_every: Option<Duration>,
     /// A Close to send: the code.
     close: Option<u16>,
+    /// Payload bytes of the frame being sent that are not sent yet (upstream → client).
+    frame_left: usize,
     /// A control frame on its way out, and how many of its bytes are sent.
     sending: Option<(ControlFrame, usize)>,
     close_sent: bool,
@@ -69,6 +77,7 @@ impl WsCodec {
             pong: None,
             ping: false,
             ping_every,
+            frame_left: 0,
             close: None,
             sending: None,
             close_sent: false,
@@ -253,11 +262,23 @@ impl WsCodec {
                 return Ok(Turn::Wait);
             }
             if dir.in_flight > 0 {
+                if self.frame_left == 0 {
+                    // The next frame of what is held.
+                    let len = dir.in_flight.min(MAX_FRAME);
+                    self.header = frame::data_header(len).map(|h| (h, 0));
+                    self.frame_left = len;
+                }
                 if !self.send_header(client)? {
                     return Ok(Turn::Wait);
                 }
-                if let Drained::Blocked = drain(client, dir, pool)? {
+                let before = dir.in_flight;
+                let drained = drain_up_to(client, dir, pool, self.frame_left)?;
+                self.frame_left -= before - dir.in_flight;
+                if let Drained::Blocked = drained {
                     return Ok(Turn::Wait);
+                }
+                if dir.in_flight > 0 {
+                    continue;
                 }
             }
             // Between frames: control frames, then the end of stream.
@@ -279,9 +300,6 @@ impl WsCodec {
             }
             if !plain::refill(upstream, dir, pool)? {
                 return Ok(Turn::Wait);
-            }
-            if dir.in_flight > 0 {
-                self.header = frame::data_header(dir.in_flight).map(|h| (h, 0));
             }
         }
         Ok(if dir.ended() { Turn::Wait } else { Turn::Yield })
