@@ -89,6 +89,21 @@ pub enum Event {
     Wake,
 }
 
+impl Event {
+    /// The readiness report of the socket `key` names, from its poll mask (epoll's
+    /// `EPOLL*` bits and poll's `POLL*` bits are the same on Linux).
+    pub fn ready(key: Key, mask: u32) -> Event {
+        let has = |bits: libc::c_short| mask & bits as u32 != 0;
+        Event::Ready {
+            key,
+            readable: has(libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR),
+            writable: has(libc::POLLOUT | libc::POLLHUP | libc::POLLERR),
+            hup: has(libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR),
+            error: has(libc::POLLERR),
+        }
+    }
+}
+
 pub trait Driver {
     /// Starts accepting on a listening socket; connections arrive as [`Event::Accepted`].
     /// The listener may be shared with other loops: each accepted connection goes to one.

@@ -203,24 +203,13 @@ impl Driver for Epoll {
                     }
                 }
                 _ => {
-                    let readable = bits
-                        & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
-                        != 0;
                     let writable = bits & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) != 0;
-                    let hup = bits & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
-                    let error = bits & libc::EPOLLERR != 0;
                     if writable {
                         if let Some((_, fd)) = self.connecting.remove(&key) {
                             out.push(Event::Connected(key, socket_error(fd)));
                         }
                     }
-                    out.push(Event::Ready {
-                        key,
-                        readable,
-                        writable,
-                        hup,
-                        error,
-                    });
+                    out.push(Event::ready(key, ev.events));
                 }
             }
         }

@@ -210,20 +210,7 @@ impl Uring {
                     return;
                 }
                 if res >= 0 {
-                    let bits = res as i16;
-                    let readable = bits
-                        & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR)
-                        != 0;
-                    let writable = bits & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0;
-                    let hup = bits & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0;
-                    let error = bits & libc::POLLERR != 0;
-                    out.push(Event::Ready {
-                        key,
-                        readable,
-                        writable,
-                        hup,
-                        error,
-                    });
+                    out.push(Event::ready(key, res as u32));
                 }
                 if !more && res != -libc::ECANCELED {
                     out.push(Event::Unwatched(key));
