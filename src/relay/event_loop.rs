@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::server::Acceptor;
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{SockRef, Socket};
 
 use super::admission::{
     AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes, WsRequest,
@@ -22,6 +22,7 @@ use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
 use super::hold::Holding;
 use super::listeners::Listeners;
 use super::pipe::PipePool;
+use super::reserve::Reserve;
 use super::route::{tune, Route};
 use super::slab::Slab;
 use super::timers::{Timer, Timers};
@@ -33,6 +34,8 @@ use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Connections a loop takes from one listener before it turns to its other work.
+const ACCEPT_BATCH: usize = 64;
 /// How long a client at a TLS entry has to send its ClientHello and finish the handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,6 +69,8 @@ pub struct EventLoop<D: Driver> {
     drain_until: Option<Instant>,
     /// This loop's pipe counts as last added to the relay-wide gauges.
     published_pipes: (usize, usize),
+    /// The next upstream sockets, made before their clients are accepted.
+    reserve: Reserve,
     /// Debug builds only: a fault to inject once a connection is in the loop.
     #[cfg(debug_assertions)]
     fault: Option<String>,
@@ -78,9 +83,9 @@ impl<D: Driver> EventLoop<D> {
         settings: Arc<RelaySettings>,
         mailbox: Arc<Mailbox>,
         max_pipes: usize,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let pipe_size = settings.pipe_size;
-        EventLoop {
+        Ok(EventLoop {
             driver,
             shared,
             settings,
@@ -97,9 +102,10 @@ impl<D: Driver> EventLoop<D> {
             now: Instant::now(),
             drain_until: None,
             published_pipes: (0, 0),
+            reserve: Reserve::new()?,
             #[cfg(debug_assertions)]
             fault: std::env::var("PORTRELAY_TEST_FAULT").ok(),
-        }
+        })
     }
 
     /// Debug builds only (the tests' binary): with `PORTRELAY_TEST_FAULT=panic` or `=error`
@@ -190,7 +196,23 @@ impl<D: Driver> EventLoop<D> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Wake => self.take_commands(),
-            Event::Accepted(key, fd) => self.accepted(key, fd),
+            Event::Accepted(key, fd) => {
+                // The listener's other waiting connections one at a time, each admitted
+                // (its upstream socket taken, the next one made) before the next is taken,
+                // and none once the next upstream socket cannot be made: at the fd limit a
+                // client waits in the listen queue rather than being taken without one.
+                self.accepted(key, fd);
+                for _ in 1..ACCEPT_BATCH {
+                    if self.listeners.paused() {
+                        break;
+                    }
+                    match self.driver.accept_next(key) {
+                        Some(Event::Accepted(key, fd)) => self.accepted(key, fd),
+                        Some(other) => return self.handle(other),
+                        None => break,
+                    }
+                }
+            }
             Event::AcceptFailed(key, e) => {
                 if let Some(l) = self.listeners.get(key) {
                     tracing::warn!(listen = %l.listener.addr, error = %e, "accept failed; backing off");
@@ -698,12 +720,19 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn upstream_socket(&self, addr: &SocketAddr) -> io::Result<Socket> {
-        let s = Socket::new(
-            Domain::for_address(*addr),
-            Type::STREAM.nonblocking().cloexec(),
-            None,
-        )?;
+    /// A socket for a connection to `addr` (made in advance, see [`Reserve`]). When the
+    /// next one cannot be made, the loop takes no new clients until it can.
+    fn upstream_socket(&mut self, addr: &SocketAddr) -> io::Result<Socket> {
+        let s = self.reserve.socket(addr);
+        if !self.reserve.held() && !self.listeners.paused() {
+            tracing::warn!(
+                "out of file descriptors: new clients wait in the listen queue until one \
+                 is free for the next upstream socket"
+            );
+            self.listeners.pause(&mut self.driver);
+            self.timers.add(self.now, ACCEPT_BACKOFF, Timer::Reserve);
+        }
+        let s = s?;
         tune(&SockRef::from(&s), self.settings.tcp_keepalive);
         Ok(s)
     }
@@ -1018,6 +1047,19 @@ impl<D: Driver> EventLoop<D> {
                 Timer::PingSweep => self.sweep_pings(),
                 Timer::Admission(key) => self.expire_pending(key),
                 Timer::Retry(key) => self.retry(key),
+                Timer::Reserve => {
+                    if self.reserve.refill() {
+                        tracing::info!("file descriptors free again: accepting new clients");
+                        for key in self.listeners.resume(&mut self.driver) {
+                            self.timers
+                                .add(self.now, ACCEPT_BACKOFF, Timer::ResumeAccept(key));
+                        }
+                    } else {
+                        self.timers.add(self.now, ACCEPT_BACKOFF, Timer::Reserve);
+                    }
+                }
+                // While paused, the refill resumes every listener.
+                Timer::ResumeAccept(_) if self.listeners.paused() => {}
                 Timer::ResumeAccept(key) => {
                     if let Some(l) = self.listeners.get(key) {
                         let fd = l.listener.fd();

@@ -19,6 +19,8 @@ pub struct LoopListener {
 pub struct Listeners {
     slab: Slab<LoopListener>,
     by_addr: HashMap<SocketAddr, Key>,
+    /// New connections wait in the listen queues (see [`Listeners::pause`]).
+    paused: bool,
 }
 
 impl Listeners {
@@ -37,8 +39,42 @@ impl Listeners {
             self.slab.remove(slot, generation);
             return Err(e);
         }
+        if self.paused {
+            driver.pause_accept(key, fd);
+        }
         self.by_addr.insert(addr, key);
         Ok(())
+    }
+
+    /// Takes no new connections on any listener until [`Listeners::resume`]: they wait in
+    /// the listen queues.
+    pub fn pause(&mut self, driver: &mut impl Driver) {
+        self.paused = true;
+        for key in self.by_addr.values() {
+            if let Some(l) = self.slab.get(key.slot(), key.generation()) {
+                driver.pause_accept(*key, l.listener.fd());
+            }
+        }
+    }
+
+    /// Accepts on every listener again; those the driver refuses come back as keys, to
+    /// try again later.
+    pub fn resume(&mut self, driver: &mut impl Driver) -> Vec<Key> {
+        self.paused = false;
+        let mut refused = Vec::new();
+        for key in self.by_addr.values() {
+            if let Some(l) = self.slab.get(key.slot(), key.generation()) {
+                if let Err(e) = driver.accept(*key, l.listener.fd()) {
+                    tracing::warn!(listen = %l.listener.addr, error = %e, "cannot resume accepting");
+                    refused.push(*key);
+                }
+            }
+        }
+        refused
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
     }
 
     /// New connections of the listener at `addr` take `entrance` from now on.

@@ -36,6 +36,7 @@ mod event_loop;
 mod hold;
 mod listeners;
 mod pipe;
+mod reserve;
 mod route;
 mod slab;
 mod timers;
@@ -549,13 +550,13 @@ fn run_loop(
 ) -> io::Result<()> {
     let wake = mailbox.wake.as_raw_fd();
     let result = match backend {
-        Backend::Uring => uring::Uring::new(wake).map(|d| {
-            let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes);
-            Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>
+        Backend::Uring => uring::Uring::new(wake).and_then(|d| {
+            let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes)?;
+            Ok(Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>)
         }),
-        Backend::Epoll => epoll::Epoll::new(wake).map(|d| {
-            let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes);
-            Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>
+        Backend::Epoll => epoll::Epoll::new(wake).and_then(|d| {
+            let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes)?;
+            Ok(Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>)
         }),
     };
     let run = match result {

@@ -20,6 +20,8 @@ pub enum Timer {
     ResumeAccept(Key),
     /// Connect the held connection with this key again (its attempt in the key).
     Retry(Key),
+    /// Take the loop's spare descriptor again, and accept again once it is held.
+    Reserve,
 }
 
 #[derive(Default)]

@@ -105,11 +105,21 @@ impl Event {
 }
 
 pub trait Driver {
-    /// Starts accepting on a listening socket; connections arrive as [`Event::Accepted`].
-    /// The listener may be shared with other loops: each accepted connection goes to one.
+    /// Starts accepting on a listening socket (or resumes, after `pause_accept`; a no-op
+    /// while accepting); connections arrive as [`Event::Accepted`]. The listener may be
+    /// shared with other loops: each accepted connection goes to one.
     fn accept(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
     /// Stops accepting on a listening socket. No `Accepted` with this key follows.
     fn stop_accept(&mut self, key: Key, fd: RawFd);
+    /// Stops taking connections from a listening socket until `accept`, losing none: they
+    /// wait in its listen queue (one the kernel already took still comes as `Accepted`).
+    fn pause_accept(&mut self, key: Key, fd: RawFd);
+    /// Called once the loop has admitted an `Accepted` connection and may take another:
+    /// the listener's next waiting connection, taken now (`Accepted`, `AcceptFailed`), or
+    /// `None` when none waits or when the backend reports each as an event of its own
+    /// (then the next accept is started here, not before: none runs while the loop is not
+    /// ready for one).
+    fn accept_next(&mut self, key: Key) -> Option<Event>;
     /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
     /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
     /// is watched as by [`Driver::watch`].

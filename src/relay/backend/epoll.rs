@@ -15,7 +15,6 @@ use super::driver::{Driver, Event, Key, Tag};
 
 /// Connections taken from one listener per readiness report, so one busy port cannot starve
 /// the loop; the listener is level-triggered, so the rest come on the next wait.
-const ACCEPT_BATCH: usize = 64;
 
 pub struct Epoll {
     epfd: OwnedFd,
@@ -65,8 +64,9 @@ impl Epoll {
         cvt(unsafe { libc::epoll_ctl(self.epfd.as_raw_fd(), op, fd, &mut ev) }).map(drop)
     }
 
-    fn accept_batch(&mut self, key: Key, fd: RawFd, out: &mut Vec<Event>) {
-        for _ in 0..ACCEPT_BATCH {
+    /// One connection from a listener that reported some: `None` when its queue is empty.
+    fn accept_one(&mut self, key: Key, fd: RawFd) -> Option<Event> {
+        loop {
             // SAFETY: null address pointers are allowed; `fd` is an open listening socket.
             let ret = unsafe {
                 libc::accept4(
@@ -78,18 +78,16 @@ impl Epoll {
             };
             if ret >= 0 {
                 // SAFETY: accept4 returned a new fd that nobody else owns.
-                out.push(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(ret) }));
-                continue;
+                return Some(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(ret) }));
             }
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
-                Some(libc::EAGAIN) => return,
+                Some(libc::EAGAIN) => return None,
                 // The peer gave up before we took it, or a signal: take the next one.
                 Some(libc::ECONNABORTED) | Some(libc::EINTR) | Some(libc::EPROTO) => continue,
                 _ => {
                     self.stop_accept(key, fd);
-                    out.push(Event::AcceptFailed(key, err));
-                    return;
+                    return Some(Event::AcceptFailed(key, err));
                 }
             }
         }
@@ -108,6 +106,9 @@ impl Epoll {
 
 impl Driver for Epoll {
     fn accept(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
+        if self.listeners.contains_key(&key) {
+            return Ok(());
+        }
         // Level-triggered and exclusive: a listener shared by several loops wakes one.
         self.ctl(
             libc::EPOLL_CTL_ADD,
@@ -123,6 +124,16 @@ impl Driver for Epoll {
         if self.listeners.remove(&key).is_some() {
             let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, key);
         }
+    }
+
+    fn accept_next(&mut self, key: Key) -> Option<Event> {
+        let fd = *self.listeners.get(&key)?;
+        self.accept_one(key, fd)
+    }
+
+    fn pause_accept(&mut self, key: Key, fd: RawFd) {
+        // Connections wait in the listen queue meanwhile.
+        self.stop_accept(key, fd);
     }
 
     fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration) {
@@ -198,8 +209,10 @@ impl Driver for Epoll {
             match key.tag() {
                 Tag::Wake => out.push(Event::Wake),
                 Tag::Listener => {
+                    // One now; the loop takes the rest with `accept_next`, each admitted
+                    // before the next is taken.
                     if let Some(&fd) = self.listeners.get(&key) {
-                        self.accept_batch(key, fd, out);
+                        out.extend(self.accept_one(key, fd));
                     }
                 }
                 _ => {

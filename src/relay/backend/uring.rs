@@ -29,8 +29,8 @@ const OPCODES: [(u8, &str); 6] = [
 
 pub struct Uring {
     ring: IoUring,
-    /// Listeners being accepted on, to re-arm a multishot accept that ended.
-    listeners: HashMap<Key, RawFd>,
+    /// Listeners being accepted on, to re-arm the accept once it completes.
+    listeners: HashMap<Key, Listening>,
     /// Upstream sockets being connected, to watch them once connected.
     connecting: HashMap<Key, RawFd>,
     /// Connect arguments the kernel reads when the entries are submitted (it copies both
@@ -41,6 +41,15 @@ pub struct Uring {
     wake: RawFd,
     /// Completions reaped but not yet handled (while making room to submit).
     completions: Vec<(u64, i32, u32)>,
+}
+
+/// A listener this loop accepts on.
+struct Listening {
+    fd: RawFd,
+    /// An accept of it is in the kernel.
+    armed: bool,
+    /// Not re-armed when that accept completes (`pause_accept`).
+    paused: bool,
 }
 
 /// Whether io_uring can run this backend here: creates a ring with the flags the loops use
@@ -147,6 +156,9 @@ impl Uring {
     /// pending accept in each loop the kernel gives the next connection to a loop that is
     /// waiting for one, i.e. not busy.
     fn arm_accept(&mut self, key: Key, fd: RawFd) {
+        if let Some(l) = self.listeners.get_mut(&key) {
+            l.armed = true;
+        }
         let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
@@ -170,7 +182,7 @@ impl Uring {
                 out.push(Event::Wake);
             }
             Tag::Listener => {
-                let Some(&fd) = self.listeners.get(&key) else {
+                let Some(l) = self.listeners.get_mut(&key) else {
                     // Stopped: an fd that raced the cancel is closed here.
                     if res >= 0 {
                         // SAFETY: the kernel returned a new fd that nobody else owns.
@@ -178,14 +190,14 @@ impl Uring {
                     }
                     return;
                 };
+                l.armed = more;
+                let (fd, rearm) = (l.fd, !more && !l.paused);
                 if res >= 0 {
+                    // Armed again by `accept_next`, once the loop has admitted this one.
                     // SAFETY: the kernel returned a new fd that nobody else owns.
                     out.push(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(res) }));
-                    if !more {
-                        self.arm_accept(key, fd);
-                    }
                 } else if matches!(-res, libc::ECONNABORTED | libc::EINTR | libc::EPROTO) {
-                    if !more {
+                    if rearm {
                         self.arm_accept(key, fd);
                     }
                 } else if !more {
@@ -223,15 +235,41 @@ impl Uring {
 
 impl Driver for Uring {
     fn accept(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
-        self.listeners.insert(key, fd);
-        self.arm_accept(key, fd);
+        let l = self.listeners.entry(key).or_insert(Listening {
+            fd,
+            armed: false,
+            paused: false,
+        });
+        l.paused = false;
+        if !l.armed {
+            self.arm_accept(key, fd);
+        }
         Ok(())
     }
 
     fn stop_accept(&mut self, key: Key, _fd: RawFd) {
-        if self.listeners.remove(&key).is_some() {
-            self.cancel(key);
+        if let Some(l) = self.listeners.remove(&key) {
+            if l.armed {
+                self.cancel(key);
+            }
         }
+    }
+
+    fn pause_accept(&mut self, key: Key, _fd: RawFd) {
+        // Not cancelled: a connection the kernel takes meanwhile is delivered, not closed.
+        if let Some(l) = self.listeners.get_mut(&key) {
+            l.paused = true;
+        }
+    }
+
+    fn accept_next(&mut self, key: Key) -> Option<Event> {
+        // The next accept completes as an event of its own.
+        if let Some(l) = self.listeners.get(&key) {
+            if !l.armed && !l.paused {
+                self.arm_accept(key, l.fd);
+            }
+        }
+        None
     }
 
     fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration) {
