@@ -2,6 +2,7 @@
 //!
 //! - [`cli`]: command line (clap).
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
+//! - [`limits`]: per-source limits: one table of client sources shared by the loops.
 //! - [`addr`]: address newtypes, so a signature says which end it means.
 //! - [`metrics`]: metric names, handles, the registry (series follow the mappings), the
 //!   `/metrics` endpoint.
@@ -15,6 +16,7 @@
 pub mod addr;
 pub mod cli;
 pub mod control;
+pub mod limits;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;

@@ -66,6 +66,7 @@ fn same_terms(a: &Mapping, b: &Mapping) -> bool {
         && a.max_connections == b.max_connections
         && a.hold == b.hold
         && a.wake == b.wake
+        && a.per_source_max_connections == b.per_source_max_connections
         && a.ports == b.ports
 }
 

@@ -114,6 +114,24 @@ pub struct RelaySettings {
     /// retried, for mappings that set no `hold` of their own. Zero (the default): fail at
     /// once.
     pub hold: Duration,
+    /// Connections one client source (an IPv4 address, an IPv6 /64) may have open at once
+    /// over the whole relay; 0 (the default): no cap.
+    pub per_source_max_connections: u32,
+    /// New connections per source: a bucket of `burst` refilled over `period`; `None`
+    /// (the default, `""`): no limit.
+    pub per_source_rate: Option<SourceRate>,
+    /// Client CIDRs never limited per source. Default empty.
+    pub per_source_exempt: Vec<IpNet>,
+}
+
+/// `per_source_rate = "BURST/PERIOD"`: a bucket of `burst` new connections, refilled
+/// evenly over `period`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceRate {
+    /// At least 1.
+    pub burst: u32,
+    /// Greater than zero.
+    pub period: Duration,
 }
 
 impl Default for RelaySettings {
@@ -138,6 +156,9 @@ impl Default for RelaySettings {
             pipe_size: 1 << 20,
             max_pending_admissions: 1024,
             hold: Duration::ZERO,
+            per_source_max_connections: 0,
+            per_source_rate: None,
+            per_source_exempt: Vec::new(),
         }
     }
 }
@@ -166,6 +187,9 @@ pub struct Mapping {
     /// A command (argv, `{name}`, `{port}`, `{upstream}` not yet substituted) run once per
     /// waiting spell: when a held connection's first connect fails. Empty: none.
     pub wake: Vec<String>,
+    /// Connections one client source may have open at once to this mapping; `None` (or
+    /// 0): no cap of its own.
+    pub per_source_max_connections: Option<u32>,
 }
 
 impl Mapping {

@@ -121,6 +121,9 @@ listen = "127.0.0.1:8081"
             pipe_size: 1 << 20,
             max_pending_admissions: 64,
             hold: Duration::ZERO,
+            per_source_max_connections: 0,
+            per_source_rate: None,
+            per_source_exempt: vec![],
         },
         mappings: vec![
             Mapping {
@@ -131,6 +134,7 @@ listen = "127.0.0.1:8081"
                 max_connections: Some(64),
                 hold: None,
                 wake: vec![],
+                per_source_max_connections: None,
             },
             Mapping {
                 ports: 40000..=40009,
@@ -140,6 +144,7 @@ listen = "127.0.0.1:8081"
                 max_connections: None,
                 hold: None,
                 wake: vec![],
+                per_source_max_connections: None,
             },
             Mapping {
                 ports: 30000..=30000,
@@ -149,6 +154,7 @@ listen = "127.0.0.1:8081"
                 max_connections: None,
                 hold: None,
                 wake: vec![],
+                per_source_max_connections: None,
             },
         ],
         tls: vec![TlsEntry {
@@ -197,6 +203,9 @@ fn defaults_when_relay_is_absent() {
         pipe_size: 1 << 20,
         max_pending_admissions: 1024,
         hold: Duration::ZERO,
+        per_source_max_connections: 0,
+        per_source_rate: None,
+        per_source_exempt: vec![],
     };
     assert_eq!(config.relay, relay);
     assert_eq!(RelaySettings::default(), relay);
@@ -210,6 +219,7 @@ fn defaults_when_relay_is_absent() {
             max_connections: None,
             hold: None,
             wake: vec![],
+            per_source_max_connections: None,
         }]
     );
     assert!(config.tls.is_empty());
@@ -647,6 +657,56 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nwake = [\"/bin/start\", \"--id={id}\"]\n",
         r#"t.toml:4:23: unknown placeholder {id} in "wake": use {name}, {port} or {upstream}"#,
     ),
+    (
+        "per_source_rate without a slash",
+        "[relay]\nper_source_rate = \"30\"\n",
+        r#"t.toml:2:19: "per_source_rate" must be "BURST/PERIOD" (such as "30/10s"), or "" for no limit, got "30""#,
+    ),
+    (
+        "per_source_rate burst not a number",
+        "[relay]\nper_source_rate = \"many/10s\"\n",
+        r#"t.toml:2:19: "per_source_rate" must be "BURST/PERIOD" (such as "30/10s"), or "" for no limit: BURST "many" is not a whole number"#,
+    ),
+    (
+        "per_source_rate zero burst",
+        "[relay]\nper_source_rate = \"0/10s\"\n",
+        r#"t.toml:2:19: BURST of "per_source_rate" must be between 1 and 1000000, got 0"#,
+    ),
+    (
+        "per_source_rate zero period",
+        "[relay]\nper_source_rate = \"30/0s\"\n",
+        r#"t.toml:2:19: PERIOD of "per_source_rate" must be greater than 0s"#,
+    ),
+    (
+        "per_source_rate bad period",
+        "[relay]\nper_source_rate = \"30/soon\"\n",
+        r#"t.toml:2:19: invalid PERIOD "soon" in "per_source_rate": expected number at 0"#,
+    ),
+    (
+        "per_source_rate period past 10 years",
+        "[relay]\nper_source_rate = \"30/11y\"\n",
+        r#"t.toml:2:19: PERIOD "11y" of "per_source_rate" is longer than 10 years"#,
+    ),
+    (
+        "per_source_rate not a string",
+        "[relay]\nper_source_rate = 30\n",
+        r#"t.toml:2:19: "per_source_rate" must be "BURST/PERIOD" (such as "30/10s"), or "" for no limit"#,
+    ),
+    (
+        "per_source_max_connections negative",
+        "[relay]\nper_source_max_connections = -1\n",
+        r#"t.toml:2:30: "per_source_max_connections" must be between 0 and 4294967295, got -1"#,
+    ),
+    (
+        "map per_source_max_connections not a number",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nper_source_max_connections = \"8\"\n",
+        r#"t.toml:4:30: "per_source_max_connections" must be an integer"#,
+    ),
+    (
+        "per_source_exempt bad CIDR",
+        "[relay]\nper_source_exempt = [\"10.0.0.0/8\", \"10.1.0.0/99\"]\n",
+        r#"t.toml:2:36: invalid CIDR "10.1.0.0/99" in "per_source_exempt": prefix length must be 0-32"#,
+    ),
 ];
 
 #[test]
@@ -735,6 +795,16 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("wake with an empty program", &[code::EMPTY_VALUE]),
     ("wake argument not a string", &[code::WRONG_TYPE]),
     ("wake unknown placeholder", &[code::BAD_VALUE]),
+    ("per_source_rate without a slash", &[code::BAD_VALUE]),
+    ("per_source_rate burst not a number", &[code::BAD_VALUE]),
+    ("per_source_rate zero burst", &[code::OUT_OF_RANGE]),
+    ("per_source_rate zero period", &[code::OUT_OF_RANGE]),
+    ("per_source_rate bad period", &[code::BAD_DURATION]),
+    ("per_source_rate period past 10 years", &[code::OUT_OF_RANGE]),
+    ("per_source_rate not a string", &[code::WRONG_TYPE]),
+    ("per_source_max_connections negative", &[code::OUT_OF_RANGE]),
+    ("map per_source_max_connections not a number", &[code::WRONG_TYPE]),
+    ("per_source_exempt bad CIDR", &[code::BAD_CIDR]),
 ];
 
 fn codes(file: &str, text: &str) -> Vec<&'static str> {
@@ -1083,4 +1153,43 @@ fn man_page_names_every_key() {
         missing.is_empty(),
         "keys missing from the man page: {missing:?}"
     );
+}
+
+#[test]
+fn per_source_limits() {
+    let config = ok(r#"
+[relay]
+per_source_max_connections = 64
+per_source_rate = "60/60s"
+per_source_exempt = ["10.9.0.0/16", "2001:db8::/32"]
+
+[[map]]
+port = 20544
+to = "172.17.0.5:22"
+per_source_max_connections = 8
+
+[[map]]
+port = 20545
+to = "172.17.0.6:22"
+"#);
+    assert_eq!(config.relay.per_source_max_connections, 64);
+    assert_eq!(
+        config.relay.per_source_rate,
+        Some(SourceRate {
+            burst: 60,
+            period: Duration::from_secs(60)
+        })
+    );
+    assert_eq!(
+        config.relay.per_source_exempt,
+        vec![
+            "10.9.0.0/16".parse::<IpNet>().unwrap(),
+            "2001:db8::/32".parse().unwrap()
+        ]
+    );
+    assert_eq!(config.mappings[0].per_source_max_connections, Some(8));
+    assert_eq!(config.mappings[1].per_source_max_connections, None);
+    // "" is off, as when the key is absent.
+    let off = ok("[relay]\nper_source_rate = \"\"\n");
+    assert_eq!(off.relay.per_source_rate, None);
 }

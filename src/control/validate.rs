@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::spanned::{Item, Key, LineIndex, Table, Value};
-use super::{code, Config, Mapping, RelaySettings, RemovedMapping, TlsEntry, WsEntry};
+use super::{code, Config, Mapping, RelaySettings, RemovedMapping, SourceRate, TlsEntry, WsEntry};
 use crate::addr::UpstreamAddr;
 
 /// One problem, at a byte offset of the text.
@@ -43,6 +43,9 @@ pub(super) const RELAY_KEYS: &[&str] = &[
     "pipe_size",
     "max_pending_admissions",
     "hold",
+    "per_source_max_connections",
+    "per_source_rate",
+    "per_source_exempt",
 ];
 pub(super) const MAP_KEYS: &[&str] = &[
     "port",
@@ -52,6 +55,7 @@ pub(super) const MAP_KEYS: &[&str] = &[
     "max_connections",
     "hold",
     "wake",
+    "per_source_max_connections",
 ];
 pub(super) const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
 pub(super) const WS_KEYS: &[&str] = &["listen", "path", "tokens", "ping_interval"];
@@ -160,6 +164,7 @@ struct MapDraft {
     max_connections: Option<u32>,
     hold: Option<Duration>,
     wake: Option<Vec<String>>,
+    per_source_max_connections: Option<u32>,
 }
 
 impl MapDraft {
@@ -178,6 +183,7 @@ impl MapDraft {
             max_connections: self.max_connections,
             hold: self.hold,
             wake: self.wake.unwrap_or_default(),
+            per_source_max_connections: self.per_source_max_connections,
         })
     }
 }
@@ -412,6 +418,21 @@ impl Validator<'_> {
                         r.hold = d;
                     }
                 }
+                "per_source_max_connections" => {
+                    if let Some(n) = self.u32_at_least(item, at, name, 0) {
+                        r.per_source_max_connections = n;
+                    }
+                }
+                "per_source_rate" => {
+                    if let Some(rate) = self.source_rate(item, at) {
+                        r.per_source_rate = rate;
+                    }
+                }
+                "per_source_exempt" => {
+                    if let Some(nets) = self.cidrs(item, at, name) {
+                        r.per_source_exempt = nets;
+                    }
+                }
                 _ => self.err(
                     key_at,
                     code::UNKNOWN_KEY,
@@ -430,6 +451,7 @@ impl Validator<'_> {
             max_connections: None,
             hold: None,
             wake: None,
+            per_source_max_connections: None,
         };
         let (mut has_port, mut has_to, mut to_at) = (false, false, at);
         for (key, item) in table {
@@ -461,6 +483,9 @@ impl Validator<'_> {
                 "max_connections" => d.max_connections = self.u32_at_least(item, value_at, name, 1),
                 "hold" => d.hold = self.duration(item, value_at, name),
                 "wake" => d.wake = self.wake(item, value_at),
+                "per_source_max_connections" => {
+                    d.per_source_max_connections = self.u32_at_least(item, value_at, name, 0)
+                }
                 _ => self.err(
                     key_at,
                     code::UNKNOWN_KEY,
@@ -1021,6 +1046,70 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// `per_source_rate`: `""` (off) or `"BURST/PERIOD"`, BURST 1-1000000, PERIOD a
+    /// duration greater than zero.
+    fn source_rate(&mut self, item: &Item, at: usize) -> Option<Option<SourceRate>> {
+        const FORM: &str = "\"per_source_rate\" must be \"BURST/PERIOD\" (such as \"30/10s\"), or \"\" for no limit";
+        let Value::String(s) = &item.value else {
+            self.err(at, code::WRONG_TYPE, FORM);
+            return None;
+        };
+        if s.trim().is_empty() {
+            return Some(None);
+        }
+        let Some((burst, period)) = s.split_once('/') else {
+            self.err(at, code::BAD_VALUE, format!("{FORM}, got {s:?}"));
+            return None;
+        };
+        let Ok(burst) = burst.trim().parse::<u64>() else {
+            self.err(
+                at,
+                code::BAD_VALUE,
+                format!("{FORM}: BURST {burst:?} is not a whole number"),
+            );
+            return None;
+        };
+        if !(1..=1_000_000).contains(&burst) {
+            self.err(
+                at,
+                code::OUT_OF_RANGE,
+                format!("BURST of \"per_source_rate\" must be between 1 and 1000000, got {burst}"),
+            );
+            return None;
+        }
+        let period = match humantime::parse_duration(period.trim()) {
+            Ok(d) if d.is_zero() => {
+                self.err(
+                    at,
+                    code::OUT_OF_RANGE,
+                    "PERIOD of \"per_source_rate\" must be greater than 0s",
+                );
+                return None;
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.err(
+                    at,
+                    code::OUT_OF_RANGE,
+                    format!("PERIOD {period:?} of \"per_source_rate\" is longer than 10 years"),
+                );
+                return None;
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    at,
+                    code::BAD_DURATION,
+                    format!("invalid PERIOD {period:?} in \"per_source_rate\": {e}"),
+                );
+                return None;
+            }
+        };
+        Some(Some(SourceRate {
+            burst: burst as u32,
+            period,
+        }))
     }
 
     fn u32_at_least(&mut self, item: &Item, at: usize, name: &str, min: u32) -> Option<u32> {

@@ -44,6 +44,7 @@ pub const PENDING: &str = "portrelay_connections_pending";
 pub const LOOP_LAST_TURN: &str = "portrelay_loop_last_turn_seconds";
 pub const HELD: &str = "portrelay_connections_held";
 pub const WAKES: &str = "portrelay_wakes_total";
+pub const PER_SOURCE_TABLE_FULL: &str = "portrelay_per_source_table_full_total";
 
 /// Upstream connects take microseconds on a host bridge and seconds when an instance boots.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -90,6 +91,8 @@ label_set! {
         Shutdown => "shutdown",
         Ws => "ws",
         Auth => "auth",
+        PerSource => "per_source",
+        Rate => "rate",
     }
 }
 
@@ -403,12 +406,17 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
         LISTEN_FAILURES,
         "Listeners that could not be opened (bind or listen failed); the log names the port."
     );
+    describe_counter!(
+        PER_SOURCE_TABLE_FULL,
+        "Connections admitted without a per-source count because the table of sources was full."
+    );
     // Series that must exist before their first event, so that increase() and alerts see
     // the first one.
     for result in ["success", "failure"] {
         counter!(RELOADS, "result" => result).absolute(0);
     }
     counter!(LISTEN_FAILURES).absolute(0);
+    counter!(PER_SOURCE_TABLE_FULL).absolute(0);
     let g = global();
     g.pipes_in_use.set(0.0);
     g.pipes_idle.set(0.0);

@@ -16,6 +16,7 @@ use super::hold::{Holding, ReplayStep};
 use super::pipe::{Hold, PipePool};
 use super::route::Route;
 use crate::addr::ClientAddr;
+use crate::limits::SourcePermit;
 use crate::metrics::Via;
 use crate::sys;
 
@@ -196,8 +197,9 @@ pub struct Connection {
     pub via: Via,
     /// How the client end carries its bytes.
     pub codec: Codec,
-    /// Its places in the relay-wide and the mapping's cap, until it ends.
-    pub caps: Option<(Permit, MappingPermit)>,
+    /// Its places in the relay-wide and the mapping's cap, and in its source's counts,
+    /// until it ends.
+    pub caps: Option<(Permit, MappingPermit, SourcePermit)>,
     pub started: Instant,
     pub last_active: Instant,
     /// With a `hold`: its retry state, until the upstream's first byte.
@@ -216,7 +218,7 @@ pub struct Admitted {
     pub client_addr: ClientAddr,
     pub via: Via,
     pub codec: Codec,
-    pub caps: (Permit, MappingPermit),
+    pub caps: (Permit, MappingPermit, SourcePermit),
 }
 
 impl Connection {

@@ -30,6 +30,7 @@ use super::wake::{self, Wake};
 use super::{Command, Entrance, Mailbox, Shared};
 use crate::addr::ClientAddr;
 use crate::control::{RelaySettings, RemovedMapping};
+use crate::limits::{self, Policy, SourcePermit};
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
@@ -576,7 +577,8 @@ impl<D: Driver> EventLoop<D> {
     }
 
     /// The checks every connection passes before it is relayed: `allow` (against the real
-    /// client address), then the per-mapping cap. Then the upstream socket. `permit` is its
+    /// client address), then the per-mapping cap, then the per-source limits (against the
+    /// real client too). Then the upstream socket. `permit` is its
     /// place in the relay-wide cap, given back with a refusal.
     #[allow(clippy::result_large_err)]
     fn admit(
@@ -594,6 +596,17 @@ impl<D: Driver> EventLoop<D> {
         let Some(mapping_permit) = MappingPermit::acquire(&route.mapping) else {
             return Err((client, route, Rejection::Limit));
         };
+        let sources = &self.shared.sources;
+        let source_permit =
+            match Policy::of(&self.settings, route.mapping.per_source(), addr.0.ip()) {
+                None => SourcePermit::none(sources),
+                Some(policy) => {
+                    match sources.admit(addr.0.ip(), &policy, &route.mapping.name, route.port) {
+                        Ok(p) => p,
+                        Err(why) => return Err((client, route, why)),
+                    }
+                }
+            };
         let upstream = match self.upstream_socket(&route.upstream.0) {
             Ok(s) => s,
             Err(e) => {
@@ -610,7 +623,7 @@ impl<D: Driver> EventLoop<D> {
             client_addr: addr,
             via,
             codec,
-            caps: (permit, mapping_permit),
+            caps: (permit, mapping_permit, source_permit),
         };
         let mut conn = Connection::new(client, upstream.into(), admitted, self.now);
         if !hold.is_zero() {
@@ -989,7 +1002,11 @@ impl<D: Driver> EventLoop<D> {
         detail: &str,
         graceful: bool,
     ) {
-        if !graceful {
+        let by_source = limits::is_source_refusal(why);
+        if by_source {
+            // A FIN, as a server that is full would answer (limits logs it, in summary).
+            limits::close_gracefully(&client.fd);
+        } else if !graceful {
             let _ = SockRef::from(&client.fd).set_linger(Some(Duration::ZERO));
         }
         self.driver.retire(client.fd);
@@ -1000,6 +1017,9 @@ impl<D: Driver> EventLoop<D> {
                     c[why as usize].increment(1);
                 }
             }
+        }
+        if by_source {
+            return;
         }
         tracing::info!(
             client = %addr,

@@ -26,6 +26,7 @@ use anyhow::Context;
 use crate::addr::UpstreamAddr;
 use crate::control::diff::{self, PortChange};
 use crate::control::{Config, RelaySettings, RemovedMapping};
+use crate::limits::PerSourceTable;
 use crate::tls::{self, TlsEndpoint};
 
 mod admission;
@@ -104,6 +105,8 @@ pub struct Shared {
     max_connections: AtomicU32,
     pending: AtomicU32,
     max_pending: AtomicU32,
+    /// Live connections and rates per client source (`per_source_*`).
+    sources: Arc<PerSourceTable>,
 }
 
 /// What a listener leads to: one mapped host port, a TLS entry routing by SNI (and, with
@@ -212,6 +215,7 @@ impl Relay {
             max_connections: AtomicU32::new(config.relay.max_connections),
             pending: AtomicU32::new(0),
             max_pending: AtomicU32::new(config.relay.max_pending_admissions),
+            sources: Arc::default(),
         });
         let threads = threads.max(1);
         let max_pipes = (config.relay.max_pipes as usize).div_ceil(threads);

@@ -34,6 +34,8 @@ pub struct MappingState {
     pub held: AtomicU32,
     /// Its wake command is running (at most one at a time).
     pub waking: Arc<AtomicBool>,
+    /// Its own cap of connections per client source; `None`: none.
+    pub per_source_max_connections: Option<u32>,
     pub metrics: MappingMetrics,
 }
 
@@ -48,6 +50,7 @@ impl MappingState {
             wake: m.wake.clone(),
             held: AtomicU32::new(0),
             waking: Arc::default(),
+            per_source_max_connections: m.per_source_max_connections,
             metrics: MappingMetrics::new(&m.name),
         }
     }
@@ -73,6 +76,14 @@ impl MappingState {
 
     pub fn release(&self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Its cap per client source, with the scope its per-source counts go under: the
+    /// address of its live-connection count, which a reload that changes the mapping in
+    /// place carries over, and which no other mapping has while this one lives.
+    pub fn per_source(&self) -> Option<(crate::limits::MapScope, u32)> {
+        let scope = crate::limits::MapScope(Arc::as_ptr(&self.active) as usize);
+        self.per_source_max_connections.map(|max| (scope, max))
     }
 }
 
