@@ -20,6 +20,8 @@
 //! - `websocket`: SSH over WebSocket: websocat as ssh's ProxyCommand on `ws://` and
 //!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
 //!   metrics.
+//! - `limits`: per-source limits: one cap over all loops, real ssh past the cap, the PROXY
+//!   header's client as the source, the rate bucket, exempt CIDRs, reloads, `check` errors.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -39,6 +41,8 @@ mod control;
 mod hardening;
 #[path = "cases/harness.rs"]
 mod harness;
+#[path = "cases/limits.rs"]
+mod limits;
 #[path = "cases/metrics.rs"]
 mod metrics;
 #[path = "cases/ops.rs"]

@@ -800,10 +800,16 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("per_source_rate zero burst", &[code::OUT_OF_RANGE]),
     ("per_source_rate zero period", &[code::OUT_OF_RANGE]),
     ("per_source_rate bad period", &[code::BAD_DURATION]),
-    ("per_source_rate period past 10 years", &[code::OUT_OF_RANGE]),
+    (
+        "per_source_rate period past 10 years",
+        &[code::OUT_OF_RANGE],
+    ),
     ("per_source_rate not a string", &[code::WRONG_TYPE]),
     ("per_source_max_connections negative", &[code::OUT_OF_RANGE]),
-    ("map per_source_max_connections not a number", &[code::WRONG_TYPE]),
+    (
+        "map per_source_max_connections not a number",
+        &[code::WRONG_TYPE],
+    ),
     ("per_source_exempt bad CIDR", &[code::BAD_CIDR]),
 ];
 
