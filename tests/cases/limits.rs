@@ -304,32 +304,34 @@ fn exempt_and_reloaded_limits(backend: Backend) {
 }
 
 data_path_test!(a_mapping_cap_counts_its_own_connections);
-/// A mapping with `per_source_max_connections = 1` next to one without: 127.0.0.3 gets one
-/// connection to the first and several to the second.
+/// Mappings with `per_source_max_connections` 1 and 3, and one without: 127.0.0.3 gets
+/// one connection to the first, three to the second, and more to the third, each counted
+/// apart; 127.0.0.4 has its own budget.
 fn a_mapping_cap_counts_its_own_connections(backend: Backend) {
     let echo = Upstream::echo();
-    let ports = free_ports_in_a_row(2);
+    let ports = free_ports_in_a_row(3);
     let metrics = free_port();
+    let cap = |n: u32| format!("per_source_max_connections = {n}\n");
     let toml = relay_section(Some(metrics), "")
-        + &map_section(
-            ports,
-            echo.addr(),
-            "C.one",
-            "per_source_max_connections = 1\n",
-        )
-        + &map_section(ports + 1, echo.addr(), "C.many", "");
+        + &map_section(ports, echo.addr(), "C.one", &cap(1))
+        + &map_section(ports + 1, echo.addr(), "C.three", &cap(3))
+        + &map_section(ports + 2, echo.addr(), "C.free", "");
     let _relay = Relay::start(&toml, backend);
 
     let _one = admitted(CLIENT, ports);
     refused(CLIENT, ports);
-    let _many: Vec<TcpStream> = (0..3).map(|_| admitted(CLIENT, ports + 1)).collect();
+    let _three: Vec<TcpStream> = (0..3).map(|_| admitted(CLIENT, ports + 1)).collect();
+    refused(CLIENT, ports + 1);
+    let _free: Vec<TcpStream> = (0..5).map(|_| admitted(CLIENT, ports + 2)).collect();
     let _other = admitted(OTHER, ports);
-    wait_metric(
-        metrics,
-        REJECTED,
-        &[("reason", "per_source"), ("port", &ports.to_string())],
-        1.0,
-    );
+    for port in [ports, ports + 1] {
+        wait_metric(
+            metrics,
+            REJECTED,
+            &[("reason", "per_source"), ("port", &port.to_string())],
+            1.0,
+        );
+    }
 }
 
 /// `portrelay check` reports bad per-source values at their line and column, exit 1.
@@ -351,4 +353,30 @@ fn check_reports_bad_limits() {
         stderr.contains(":2:19: BURST of \"per_source_rate\" must be between 1 and 1000000, got 0"),
         "{stderr}"
     );
+}
+
+data_path_test!(held_connections_count_until_they_end);
+/// With a cap of 1, a connection held while its upstream refuses (`hold`) takes the
+/// source's place: a second is refused. A reload that retargets the mapping closes the held
+/// one (`removed_mapping = "close"`), and its place is free again.
+fn held_connections_count_until_they_end(backend: Backend) {
+    let echo = Upstream::echo();
+    let dead = free_ports_in_a_row(1);
+    let (port, metrics) = (free_ports_in_a_row(1), free_port());
+    let relay_part = relay_section(Some(metrics), "per_source_max_connections = 1\n");
+    let to_dead: std::net::SocketAddr = (Ipv4Addr::LOCALHOST, dead).into();
+    let toml = relay_part.clone() + &map_section(port, to_dead, "C.boot", "hold = \"60s\"\n");
+    let relay = Relay::start(&toml, backend);
+
+    let mut waiting = connect_from(CLIENT, port);
+    wait_metric(metrics, "portrelay_connections_held", &[], 1.0);
+    refused(CLIENT, port);
+
+    relay.rewrite(&(relay_part + &map_section(port, echo.addr(), "C.boot", "")));
+    relay.wait_reloaded(2, Duration::from_secs(10));
+    crate::util::net::expect_closed(&mut waiting, Duration::from_secs(10));
+    wait_active(metrics, port, 0.0);
+    let _now = admitted(CLIENT, port);
+    refused(CLIENT, port);
+    wait_metric(metrics, REJECTED, &[("reason", "per_source")], 2.0);
 }
