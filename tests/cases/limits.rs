@@ -380,3 +380,92 @@ fn held_connections_count_until_they_end(backend: Backend) {
     refused(CLIENT, port);
     wait_metric(metrics, REJECTED, &[("reason", "per_source")], 2.0);
 }
+
+/// A WebSocket upgrade from `src` for the mapping `name` at the `[[ws]]` entry on `ws`,
+/// which is answered `101`; then whether the connection is relayed (a binary frame comes
+/// back from the echo upstream) or closed with a FIN and nothing more.
+fn ws_upgrade(src: Ipv4Addr, ws: u16, name: &str) -> bool {
+    use std::io::Read;
+    let mut conn = connect_from(src, ws);
+    let req = format!(
+        "GET /ssh/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).expect("write the request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        conn.read_exact(&mut byte).expect("read the answer");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // A masked binary frame "ping" (mask key 0): the echo upstream sends it back.
+    if conn
+        .write_all(&[0x82, 0x84, 0, 0, 0, 0, b'p', b'i', b'n', b'g'])
+        .is_err()
+    {
+        return false;
+    }
+    let mut back = [0u8; 6];
+    match conn.read_exact(&mut back) {
+        Ok(()) => {
+            assert_eq!(&back, &[0x82, 4, b'p', b'i', b'n', b'g']);
+            std::mem::forget(conn); // held open until the test's relay ends
+            true
+        }
+        Err(e) => {
+            assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ),
+                "{e}"
+            );
+            false
+        }
+    }
+}
+
+data_path_test!(websocket_clients_are_sources);
+/// At a `[[ws]]` entry, with a cap of 1: the WebSocket client is the source, checked once
+/// its request has routed it (after the `101`, like the mapping's own cap): a second
+/// WebSocket from 127.0.0.3 is closed and never reaches the upstream; one from 127.0.0.4 is
+/// relayed; and the direct port shares 127.0.0.3's count.
+fn websocket_clients_are_sources(backend: Backend) {
+    let echo = Upstream::echo();
+    let (port, metrics) = (free_ports_in_a_row(1), free_port());
+    let ws = free_ports_in_a_row(1);
+    let toml = relay_section(Some(metrics), "per_source_max_connections = 1\n")
+        + &map_section(port, echo.addr(), "wsmap", "")
+        + &format!("[[ws]]\nlisten = \"127.0.0.1:{ws}\"\npath = \"/ssh/{{name}}\"\n");
+    let _relay = Relay::start(&toml, backend);
+
+    assert!(
+        ws_upgrade(CLIENT, ws, "wsmap"),
+        "the first from {CLIENT} is relayed"
+    );
+    assert!(
+        !ws_upgrade(CLIENT, ws, "wsmap"),
+        "a second from {CLIENT} is refused"
+    );
+    assert!(
+        ws_upgrade(OTHER, ws, "wsmap"),
+        "one from {OTHER} is relayed"
+    );
+    refused(CLIENT, port);
+    // Both refusals count on the mapping's port (the `[[ws]]` port counts none).
+    let port_label = port.to_string();
+    let s = wait_metric(
+        metrics,
+        REJECTED,
+        &[("reason", "per_source"), ("port", &port_label)],
+        2.0,
+    );
+    assert_eq!(s.sum(REJECTED, &[("reason", "per_source")]), 2.0);
+    assert_eq!(echo.accepted(), 2);
+}
