@@ -233,8 +233,19 @@ impl PerSourceTable {
         map: &str,
         port: u16,
     ) -> Result<SourcePermit, Rejection> {
+        self.admit_at(self.now(), ip, policy, map, port)
+    }
+
+    /// [`Self::admit`] at `now` on the table's clock (microseconds).
+    fn admit_at(
+        self: &Arc<Self>,
+        now: u64,
+        ip: IpAddr,
+        policy: &Policy,
+        map: &str,
+        port: u16,
+    ) -> Result<SourcePermit, Rejection> {
         let source = SourceKey::of(ip);
-        let now = self.now();
         let mut permit = SourcePermit {
             table: self.clone(),
             held: [None, None],
@@ -552,16 +563,21 @@ mod tests {
             rate: rate(3, Duration::from_millis(300)),
             ..Policy::default()
         };
+        let at = |ms: u64, a: &str| t.admit_at(ms * 1000, ip(a), &p, "m", 1).map(drop);
         for _ in 0..3 {
-            drop(t.admit(ip("10.0.0.1"), &p, "m", 1).unwrap());
+            at(1000, "10.0.0.1").unwrap();
         }
-        assert_eq!(
-            t.admit(ip("10.0.0.1"), &p, "m", 1).err(),
-            Some(Rejection::Rate)
-        );
-        assert!(t.admit(ip("10.0.0.2"), &p, "m", 1).is_ok());
-        std::thread::sleep(Duration::from_millis(110));
-        assert!(t.admit(ip("10.0.0.1"), &p, "m", 1).is_ok());
+        assert_eq!(at(1000, "10.0.0.1"), Err(Rejection::Rate));
+        assert!(at(1000, "10.0.0.2").is_ok());
+        // One token per 100 ms.
+        assert_eq!(at(1099, "10.0.0.1"), Err(Rejection::Rate));
+        assert!(at(1100, "10.0.0.1").is_ok());
+        assert_eq!(at(1150, "10.0.0.1"), Err(Rejection::Rate));
+        // After a whole period the burst is back, and no more.
+        for _ in 0..3 {
+            at(1500, "10.0.0.1").unwrap();
+        }
+        assert_eq!(at(1500, "10.0.0.1"), Err(Rejection::Rate));
     }
 
     #[test]
