@@ -581,8 +581,8 @@ impl<D: Driver> EventLoop<D> {
 
     /// The checks every connection passes before it is relayed: `allow` (against the real
     /// client address), then the per-mapping cap, then the per-source limits (against the
-    /// real client too). Then the upstream socket. `permit` is its
-    /// place in the relay-wide cap, given back with a refusal.
+    /// real client too). Then the upstream socket. `permit` is its place in the relay-wide
+    /// cap, given back with a refusal.
     #[allow(clippy::result_large_err)]
     fn admit(
         &mut self,
@@ -599,17 +599,15 @@ impl<D: Driver> EventLoop<D> {
         let Some(mapping_permit) = MappingPermit::acquire(&route.mapping) else {
             return Err((client, route, Rejection::Limit));
         };
+        let ip = addr.0.ip();
         let sources = &self.shared.sources;
-        let source_permit =
-            match Policy::of(&self.settings, route.mapping.per_source(), addr.0.ip()) {
-                None => SourcePermit::none(sources),
-                Some(policy) => {
-                    match sources.admit(addr.0.ip(), &policy, &route.mapping.name, route.port) {
-                        Ok(p) => p,
-                        Err(why) => return Err((client, route, why)),
-                    }
-                }
-            };
+        let source_permit = match Policy::of(&self.settings, route.mapping.per_source(), ip) {
+            None => SourcePermit::none(sources),
+            Some(policy) => match sources.admit(ip, &policy, &route.mapping.name, route.port) {
+                Ok(p) => p,
+                Err(why) => return Err((client, route, why)),
+            },
+        };
         let upstream = match self.upstream_socket(&route.upstream.0) {
             Ok(s) => s,
             Err(e) => {
