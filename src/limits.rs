@@ -288,6 +288,9 @@ impl PerSourceTable {
             Some(Rejection::PerSource)
         } else if let Some(rate) = rate {
             let (step, period) = rate_micros(rate);
+            // A bucket left emptier by an earlier, stricter rate is as empty as the
+            // rate in force allows, no emptier.
+            e.tat = e.tat.min(now + period);
             let tat = e.tat.max(now) + step;
             if tat - now > period {
                 Some(Rejection::Rate)
@@ -578,6 +581,14 @@ mod tests {
             at(1500, "10.0.0.1").unwrap();
         }
         assert_eq!(at(1500, "10.0.0.1"), Err(Rejection::Rate));
+        // A looser rate after a reload applies at once: one token per 10 ms now.
+        let looser = Policy {
+            rate: rate(3, Duration::from_millis(30)),
+            ..Policy::default()
+        };
+        let at = |ms: u64| t.admit_at(ms * 1000, ip("10.0.0.1"), &looser, "m", 1).map(drop);
+        assert_eq!(at(1500), Err(Rejection::Rate));
+        assert!(at(1510).is_ok());
     }
 
     #[test]
