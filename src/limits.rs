@@ -586,7 +586,10 @@ mod tests {
             rate: rate(3, Duration::from_millis(30)),
             ..Policy::default()
         };
-        let at = |ms: u64| t.admit_at(ms * 1000, ip("10.0.0.1"), &looser, "m", 1).map(drop);
+        let at = |ms: u64| {
+            t.admit_at(ms * 1000, ip("10.0.0.1"), &looser, "m", 1)
+                .map(drop)
+        };
         assert_eq!(at(1500), Err(Rejection::Rate));
         assert!(at(1510).is_ok());
     }
