@@ -12,7 +12,7 @@
 //! - `portrelay check` reports bad values with their line and column.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -190,10 +190,26 @@ fn v2_tcp4(src: Ipv4Addr) -> Vec<u8> {
     out
 }
 
+/// A PROXY v2 header for TCP over IPv6 from `src` (port 40000) to [2001:db8::ffff]:22.
+fn v2_tcp6(src: Ipv6Addr) -> Vec<u8> {
+    let mut out = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    out.extend_from_slice(&[0x21, 0x21, 0, 36]);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&"2001:db8::ffff".parse::<Ipv6Addr>().unwrap().octets());
+    out.extend_from_slice(&40000u16.to_be_bytes());
+    out.extend_from_slice(&22u16.to_be_bytes());
+    out
+}
+
 /// A connection from the trusted proxy for the client `client`: header, then an echo.
 fn through_proxy(port: u16, client: Ipv4Addr) -> (TcpStream, bool) {
+    through_proxy_with(port, &v2_tcp4(client))
+}
+
+/// A connection from the trusted proxy that sends `header`, then whether an echo comes back.
+fn through_proxy_with(port: u16, header: &[u8]) -> (TcpStream, bool) {
     let mut conn = connect_from(PROXY_SOURCE, port);
-    conn.write_all(&v2_tcp4(client)).expect("write header");
+    conn.write_all(header).expect("write header");
     conn.write_all(b"ping").expect("write");
     let mut buf = [0u8; 4];
     let ok = std::io::Read::read_exact(&mut conn, &mut buf).is_ok() && &buf == b"ping";
@@ -463,4 +479,63 @@ fn websocket_clients_are_sources(backend: Backend) {
     );
     assert_eq!(s.sum(REJECTED, &[("reason", "per_source")]), 2.0);
     assert_eq!(echo.accepted(), 2);
+}
+
+data_path_test!(ipv6_sources_are_64s);
+/// Behind a trusted proxy, with a cap of 2: IPv6 clients count per /64: 2001:db8:1:2::1
+/// and 2001:db8:1:2::2 share one budget (the third from that /64 is refused), while
+/// 2001:db8:1:3::1 has its own.
+fn ipv6_sources_are_64s(backend: Backend) {
+    let echo = Upstream::echo();
+    let (port, metrics) = (free_ports_in_a_row(1), free_port());
+    let extra =
+        format!("trusted_proxies = [\"{PROXY_SOURCE}/32\"]\nper_source_max_connections = 2\n");
+    let toml = relay_section(Some(metrics), &extra) + &map_section(port, echo.addr(), "C.v6", "");
+    let _relay = Relay::start(&toml, backend);
+
+    let v6 = |s: &str| v2_tcp6(s.parse().unwrap());
+    let (_a, ok) = through_proxy_with(port, &v6("2001:db8:1:2::1"));
+    assert!(ok);
+    let (_b, ok) = through_proxy_with(port, &v6("2001:db8:1:2::2"));
+    assert!(ok, "a second address of the /64 is within its budget of 2");
+    let (_c, ok) = through_proxy_with(port, &v6("2001:db8:1:2:ffff::3"));
+    assert!(!ok, "a third address of the same /64 is refused");
+    let (_d, ok) = through_proxy_with(port, &v6("2001:db8:1:3::1"));
+    assert!(ok, "another /64 has its own budget");
+    wait_metric(metrics, REJECTED, &[("reason", "per_source")], 1.0);
+    assert_eq!(echo.accepted(), 3);
+}
+
+data_path_test!(refusals_are_summed_up_in_the_log);
+/// A burst of refusals is one line at once, then one summary line 10 s later with the exact
+/// counts by reason and the number of distinct sources; no line per refusal.
+fn refusals_are_summed_up_in_the_log(backend: Backend) {
+    let echo = Upstream::echo();
+    let (port, metrics) = (free_ports_in_a_row(1), free_port());
+    let toml = relay_section(Some(metrics), "per_source_max_connections = 1\n")
+        + &map_section(port, echo.addr(), "C.log", "");
+    let relay = Relay::start(&toml, backend);
+
+    let sources = [CLIENT, OTHER, Ipv4Addr::new(127, 0, 0, 6)];
+    let _live: Vec<TcpStream> = sources.iter().map(|s| admitted(*s, port)).collect();
+    for i in 0..30 {
+        refused(sources[i % 3], port);
+    }
+    let summary = relay.wait_log(
+        |l| {
+            l.msg()
+                .starts_with("connections rejected by per-source limits")
+        },
+        Duration::from_secs(20),
+    );
+    assert_eq!(summary.num("per_source"), 30, "{summary}");
+    assert_eq!(summary.num("rate"), 0, "{summary}");
+    assert_eq!(summary.num("sources"), 3, "{summary}");
+    let lines = relay.log_lines();
+    let single = lines
+        .iter()
+        .filter(|l| l.msg().starts_with("connection rejected"))
+        .count();
+    assert_eq!(single, 1, "one line for the first refusal only: {lines:?}");
+    wait_metric(metrics, REJECTED, &[("reason", "per_source")], 30.0);
 }
