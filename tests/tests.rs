@@ -21,7 +21,8 @@
 //!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
 //!   metrics.
 //! - `limits`: per-source limits: one cap over all loops, real ssh past the cap, the PROXY
-//!   header's client as the source, the rate bucket, exempt CIDRs, reloads, `check` errors.
+//!   header's client (IPv6 per /64) and the WebSocket client as the source, the rate
+//!   bucket, exempt CIDRs, reloads, held connections, the log summary, `check` errors.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine

@@ -5,10 +5,13 @@
 //!   connect, while 127.0.0.4 still connects; closing one frees its place; counters exact;
 //! - the real ssh client against real sshd: past the cap `ssh -b 127.0.0.3` is closed, `-b
 //!   127.0.0.4` logs in;
-//! - behind a trusted proxy the source is the PROXY header's address, not the proxy's;
+//! - behind a trusted proxy the source is the PROXY header's address, not the proxy's, and
+//!   IPv6 clients count per /64; at a `[[ws]]` entry the WebSocket client is the source;
 //! - the rate bucket refuses the burst's excess and admits again after its refill;
 //! - exempt CIDRs are never refused; a reload applies new limits to new connections;
-//! - a mapping's own cap counts only that mapping's connections;
+//! - a mapping's own cap counts only that mapping's connections; held connections count
+//!   until a reload closes them;
+//! - refusals are logged once, then summed up every 10 s;
 //! - `portrelay check` reports bad values with their line and column.
 
 use std::io::Write;
