@@ -185,3 +185,23 @@ pub fn page_size_and_ticks() -> (u64, u64) {
         if ticks > 0 { ticks as u64 } else { 100 },
     )
 }
+
+/// Blocks until `fd` is readable (or reports an error or hang-up), retrying on EINTR.
+pub fn wait_readable(fd: RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
