@@ -205,3 +205,35 @@ pub fn wait_readable(fd: RawFd) -> io::Result<()> {
         }
     }
 }
+
+/// The address an accept filled in: the kernel writes it and its length in place.
+#[derive(Clone, Copy)]
+pub struct PeerAddr {
+    pub storage: libc::sockaddr_storage,
+    pub len: libc::socklen_t,
+}
+
+impl Default for PeerAddr {
+    fn default() -> PeerAddr {
+        PeerAddr {
+            // SAFETY: all-zero bytes are a valid sockaddr_storage (family AF_UNSPEC).
+            storage: unsafe { std::mem::zeroed() },
+            len: std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        }
+    }
+}
+
+impl PeerAddr {
+    /// The address, if accept filled in an IPv4 or IPv6 one.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        // SAFETY: `storage` is a sockaddr_storage the kernel filled, `len` bytes of it.
+        let addr = unsafe { socket2::SockAddr::new(self.storage, self.len) };
+        addr.as_socket()
+    }
+}
+
+impl std::fmt::Debug for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.socket_addr())
+    }
+}

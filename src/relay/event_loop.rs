@@ -16,7 +16,7 @@ use socket2::{SockRef, Socket};
 use super::admission::{
     AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes, WsRequest,
 };
-use super::backend::driver::{Driver, Event, Key, Tag, ATTEMPTS};
+use super::backend::driver::{Driver, Event, Key, PeerAddr, Tag, ATTEMPTS};
 use super::codec::Codec;
 use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
 use super::hold::Holding;
@@ -196,18 +196,18 @@ impl<D: Driver> EventLoop<D> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Wake => self.take_commands(),
-            Event::Accepted(key, fd) => {
+            Event::Accepted(key, fd, peer) => {
                 // The listener's other waiting connections one at a time, each admitted
                 // (its upstream socket taken, the next one made) before the next is taken,
                 // and none once the next upstream socket cannot be made: at the fd limit a
                 // client waits in the listen queue rather than being taken without one.
-                self.accepted(key, fd);
+                self.accepted(key, fd, peer);
                 for _ in 1..ACCEPT_BATCH {
                     if self.listeners.paused() {
                         break;
                     }
                     match self.driver.accept_next(key) {
-                        Some(Event::Accepted(key, fd)) => self.accepted(key, fd),
+                        Some(Event::Accepted(key, fd, peer)) => self.accepted(key, fd, peer),
                         Some(other) => return self.handle(other),
                         None => break,
                     }
@@ -359,14 +359,18 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn accepted(&mut self, key: Key, fd: OwnedFd) {
+    fn accepted(&mut self, key: Key, fd: OwnedFd, peer: PeerAddr) {
         let Some(l) = self.listeners.get(key) else {
             return;
         };
         let port = l.listener.port;
         let entrance = l.entrance.clone();
         let socket = Socket::from(fd);
-        let Ok(Some(peer)) = socket.peer_addr().map(|a| a.as_socket()) else {
+        // The address accept gave; asked again only if it gave none.
+        let Some(peer) = peer
+            .socket_addr()
+            .or_else(|| socket.peer_addr().ok()?.as_socket())
+        else {
             return; // gone already
         };
         let peer = ClientAddr(peer);

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
+pub use crate::sys::PeerAddr;
+
 /// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
 /// event for a reused slot is recognised as stale), which operation or socket, and (for an
 /// upstream socket) which connect attempt: a held connection gets a new upstream socket per
@@ -64,8 +66,9 @@ impl Key {
 
 #[derive(Debug)]
 pub enum Event {
-    /// A connection accepted on the listener named by the key (non-blocking, close-on-exec).
-    Accepted(Key, OwnedFd),
+    /// A connection accepted on the listener named by the key (non-blocking, close-on-exec),
+    /// and its peer's address as accept gave it.
+    Accepted(Key, OwnedFd, PeerAddr),
     /// Accepting on that listener failed; the driver has stopped accepting on it.
     AcceptFailed(Key, io::Error),
     /// The upstream connect started with [`Driver::connect`] finished.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, SockRef};
 
-use super::driver::{Driver, Event, Key, Tag};
+use super::driver::{Driver, Event, Key, PeerAddr, Tag};
 
 pub struct Epoll {
     epfd: OwnedFd,
@@ -64,18 +64,21 @@ impl Epoll {
     /// One connection from a listener that reported some: `None` when its queue is empty.
     fn accept_one(&mut self, key: Key, fd: RawFd) -> Option<Event> {
         loop {
-            // SAFETY: null address pointers are allowed; `fd` is an open listening socket.
+            let mut peer = PeerAddr::default();
+            // SAFETY: `peer` holds a sockaddr_storage and its length, both live for the
+            // call; `fd` is an open listening socket.
             let ret = unsafe {
                 libc::accept4(
                     fd,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
+                    (&mut peer.storage as *mut libc::sockaddr_storage).cast(),
+                    &mut peer.len,
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 )
             };
             if ret >= 0 {
                 // SAFETY: accept4 returned a new fd that nobody else owns.
-                return Some(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(ret) }));
+                let fd = unsafe { OwnedFd::from_raw_fd(ret) };
+                return Some(Event::Accepted(key, fd, peer));
             }
             let err = io::Error::last_os_error();
             match err.raw_os_error() {

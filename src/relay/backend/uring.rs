@@ -13,7 +13,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::SockAddr;
 
-use super::driver::{Driver, Event, Key, Tag};
+use super::driver::{Driver, Event, Key, PeerAddr, Tag};
 
 const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
 
@@ -31,6 +31,9 @@ pub struct Uring {
     ring: IoUring,
     /// Listeners being accepted on, to re-arm the accept once it completes.
     listeners: HashMap<Key, Listening>,
+    /// The address boxes of stopped listeners whose accept the kernel has not given back
+    /// yet (it may still write the address): freed when that completion comes.
+    stopped: HashMap<Key, Box<PeerAddr>>,
     /// Upstream sockets being connected, to watch them once connected.
     connecting: HashMap<Key, RawFd>,
     /// Connect arguments the kernel reads when the entries are submitted (it copies both
@@ -50,6 +53,9 @@ struct Listening {
     armed: bool,
     /// Not re-armed when that accept completes (`pause_accept`).
     paused: bool,
+    /// Where the kernel writes the peer's address of the accept in flight (boxed: it must
+    /// not move while the accept is armed).
+    peer: Box<PeerAddr>,
 }
 
 /// Whether io_uring can run this backend here: creates a ring with the flags the loops use
@@ -92,6 +98,7 @@ impl Uring {
         let mut u = Uring {
             ring,
             listeners: HashMap::new(),
+            stopped: HashMap::new(),
             connecting: HashMap::new(),
             args: Vec::new(),
             wake,
@@ -156,10 +163,19 @@ impl Uring {
     /// pending accept in each loop the kernel gives the next connection to a loop that is
     /// waiting for one, i.e. not busy.
     fn arm_accept(&mut self, key: Key, fd: RawFd) {
-        if let Some(l) = self.listeners.get_mut(&key) {
-            l.armed = true;
-        }
-        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+        let Some(l) = self.listeners.get_mut(&key) else {
+            return;
+        };
+        l.armed = true;
+        *l.peer = PeerAddr::default();
+        let (addr, len) = (
+            (&mut l.peer.storage as *mut libc::sockaddr_storage).cast(),
+            &mut l.peer.len as *mut libc::socklen_t,
+        );
+        // The kernel writes `addr` and `len` when the accept completes: they live in the
+        // listener's box until then (a stopped listener's accept is cancelled and reaped
+        // before the box goes, see `stop_accept` and `close`).
+        let e = opcode::Accept::new(types::Fd(fd), addr, len)
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(key.0);
@@ -183,7 +199,9 @@ impl Uring {
             }
             Tag::Listener => {
                 let Some(l) = self.listeners.get_mut(&key) else {
-                    // Stopped: an fd that raced the cancel is closed here.
+                    // Stopped: its accept is back, and an fd that raced the cancel is
+                    // closed here.
+                    self.stopped.remove(&key);
                     if res >= 0 {
                         // SAFETY: the kernel returned a new fd that nobody else owns.
                         drop(unsafe { OwnedFd::from_raw_fd(res) });
@@ -195,7 +213,8 @@ impl Uring {
                 if res >= 0 {
                     // Armed again by `accept_next`, once the loop has admitted this one.
                     // SAFETY: the kernel returned a new fd that nobody else owns.
-                    out.push(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(res) }));
+                    let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                    out.push(Event::Accepted(key, fd, *l.peer));
                 } else if matches!(-res, libc::ECONNABORTED | libc::EINTR | libc::EPROTO) {
                     if rearm {
                         self.arm_accept(key, fd);
@@ -235,10 +254,11 @@ impl Uring {
 
 impl Driver for Uring {
     fn accept(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
-        let l = self.listeners.entry(key).or_insert(Listening {
+        let l = self.listeners.entry(key).or_insert_with(|| Listening {
             fd,
             armed: false,
             paused: false,
+            peer: Box::default(),
         });
         l.paused = false;
         if !l.armed {
@@ -250,6 +270,7 @@ impl Driver for Uring {
     fn stop_accept(&mut self, key: Key, _fd: RawFd) {
         if let Some(l) = self.listeners.remove(&key) {
             if l.armed {
+                self.stopped.insert(key, l.peer);
                 self.cancel(key);
             }
         }
@@ -376,14 +397,23 @@ impl Driver for Uring {
                 .user_data(marker),
         );
         let ts = types::Timespec::from(Duration::from_millis(100));
+        let mut cancelled = false;
         for _ in 0..20 {
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
             if self.ring.completion().any(|c| c.user_data() == marker) {
+                cancelled = true;
                 break;
             }
         }
+        if !cancelled {
+            // An accept may still be in the kernel, which would write its address box
+            // later: leak the boxes rather than free memory the kernel may write.
+            self.listeners.drain().for_each(|(_, l)| std::mem::forget(l.peer));
+            self.stopped.drain().for_each(|(_, b)| std::mem::forget(b));
+        }
         self.listeners.clear();
+        self.stopped.clear();
         self.connecting.clear();
     }
 }
