@@ -3,6 +3,7 @@
 //! - [`cli`]: command line (clap).
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`addr`]: address newtypes, so a signature says which end it means.
+//! - [`logging`]: log lines to stderr, batched per turn on the event loops.
 //! - [`metrics`]: metric names, handles, the registry (series follow the mappings), the
 //!   `/metrics` endpoint.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
@@ -15,6 +16,7 @@
 pub mod addr;
 pub mod cli;
 pub mod control;
+pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;

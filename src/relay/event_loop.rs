@@ -153,6 +153,8 @@ impl<D: Driver> EventLoop<D> {
             let timeout =
                 Some(timeout.map_or(metrics::LOOP_TURN_MAX, |t| t.min(metrics::LOOP_TURN_MAX)));
             let mut events = std::mem::take(&mut self.events);
+            // This turn's log lines, in one write, before the loop may sleep.
+            crate::logging::flush();
             self.driver.wait(timeout, &mut events)?;
             self.now = Instant::now();
             health.turned();

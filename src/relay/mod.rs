@@ -567,6 +567,8 @@ fn run_loop(
         }
     };
     let _ = ready.send(Ok(()));
+    // Written out when the loop ends, however it ends (the guard also unwinds).
+    let batch = crate::logging::batch_here();
     let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(Ok(())) => return Ok(()),
         Ok(Err(e)) => format!("{e}"),
@@ -584,5 +586,6 @@ fn run_loop(
         error = %why,
         "an event loop failed; exiting so that the supervisor restarts the relay"
     );
+    drop(batch); // exit runs no destructors
     std::process::exit(70)
 }

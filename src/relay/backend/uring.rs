@@ -409,7 +409,9 @@ impl Driver for Uring {
         if !cancelled {
             // An accept may still be in the kernel, which would write its address box
             // later: leak the boxes rather than free memory the kernel may write.
-            self.listeners.drain().for_each(|(_, l)| std::mem::forget(l.peer));
+            self.listeners
+                .drain()
+                .for_each(|(_, l)| std::mem::forget(l.peer));
             self.stopped.drain().for_each(|(_, b)| std::mem::forget(b));
         }
         self.listeners.clear();
