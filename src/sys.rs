@@ -237,3 +237,26 @@ impl std::fmt::Debug for PeerAddr {
         write!(f, "{:?}", self.socket_addr())
     }
 }
+
+/// One integer socket option, as setsockopt(2) takes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOpt {
+    pub level: i32,
+    pub name: i32,
+    pub value: i32,
+}
+
+/// setsockopt(2) of one `int` option.
+pub fn set_int_option(fd: RawFd, o: &SockOpt) -> io::Result<()> {
+    // SAFETY: `o.value` is a live c_int for the call and its size is passed with it.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            o.level,
+            o.name,
+            (&o.value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}

@@ -23,7 +23,7 @@ use super::hold::Holding;
 use super::listeners::Listeners;
 use super::pipe::PipePool;
 use super::reserve::Reserve;
-use super::route::{tune, Route};
+use super::route::{socket_options, Route};
 use super::slab::Slab;
 use super::timers::{Timer, Timers};
 use super::wake::{self, Wake};
@@ -640,11 +640,13 @@ impl<D: Driver> EventLoop<D> {
                 .max(Duration::from_millis(1)),
             None => self.settings.connect_timeout,
         };
+        // TCP_NODELAY and keepalive, set by the driver with the connect (see `tune`).
         self.driver.connect(
             key.with_tag(Tag::Upstream).with_attempt(c.attempt),
             fd,
             &route.upstream_sockaddr,
             timeout,
+            socket_options(self.settings.tcp_keepalive).as_slice(),
         );
         self.arm_idle_sweep();
         self.arm_ping_sweep(key);
@@ -738,9 +740,7 @@ impl<D: Driver> EventLoop<D> {
             self.listeners.pause(&mut self.driver);
             self.timers.add(self.now, ACCEPT_BACKOFF, Timer::Reserve);
         }
-        let s = s?;
-        tune(&SockRef::from(&s), self.settings.tcp_keepalive);
-        Ok(s)
+        s
     }
 
     fn connected(&mut self, key: Key, result: io::Result<()>) {

@@ -383,14 +383,14 @@ impl Relay {
             .is_some_and(|c| c.relay.tcp_keepalive != keepalive)
         {
             for l in self.listeners.values() {
-                route::tune(&socket2::SockRef::from(&l.socket), keepalive);
+                route::tune(l.fd(), keepalive);
             }
         }
         for addr in to_open {
             let entrance = entrances[&addr].clone();
             match Listener::bind(addr) {
                 Ok(l) => {
-                    route::tune(&socket2::SockRef::from(&l.socket), keepalive);
+                    route::tune(l.fd(), keepalive);
                     let l = Arc::new(l);
                     cmds.push(Command::Listen(l.clone(), entrance));
                     self.listeners.insert(addr, l);

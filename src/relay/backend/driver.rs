@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
-pub use crate::sys::PeerAddr;
+pub use crate::sys::{PeerAddr, SockOpt};
 
 /// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
 /// event for a reused slot is recognised as stale), which operation or socket, and (for an
@@ -126,7 +126,15 @@ pub trait Driver {
     /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
     /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
     /// is watched as by [`Driver::watch`].
-    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration);
+    /// `options` are set on the socket before the connect starts.
+    fn connect(
+        &mut self,
+        key: Key,
+        fd: RawFd,
+        addr: &SockAddr,
+        timeout: Duration,
+        options: &[SockOpt],
+    );
     /// Reports readiness changes of a connected socket as [`Event::Ready`] until `unwatch`.
     /// (After a successful connect the upstream socket is already watched.)
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;

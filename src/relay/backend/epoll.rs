@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, SockRef};
 
-use super::driver::{Driver, Event, Key, PeerAddr, Tag};
+use super::driver::{Driver, Event, Key, PeerAddr, SockOpt, Tag};
 
 pub struct Epoll {
     epfd: OwnedFd,
@@ -136,7 +136,17 @@ impl Driver for Epoll {
         self.stop_accept(key, fd);
     }
 
-    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration) {
+    fn connect(
+        &mut self,
+        key: Key,
+        fd: RawFd,
+        addr: &SockAddr,
+        timeout: Duration,
+        options: &[SockOpt],
+    ) {
+        for o in options {
+            let _ = crate::sys::set_int_option(fd, o);
+        }
         // SAFETY: `addr` points to a valid sockaddr of `addr.len()` bytes for the call.
         let ret = unsafe { libc::connect(fd, addr.as_ptr(), addr.len()) };
         let err = io::Error::last_os_error();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::SockAddr;
 
-use super::driver::{Driver, Event, Key, PeerAddr, Tag};
+use super::driver::{Driver, Event, Key, PeerAddr, SockOpt, Tag};
 
 const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
 
@@ -42,6 +42,13 @@ pub struct Uring {
     #[allow(clippy::vec_box)]
     args: Vec<Box<(SockAddr, types::Timespec)>>,
     wake: RawFd,
+    /// Socket options go through the ring with the connect (SOCKET_URING_OP_SETSOCKOPT,
+    /// Linux 6.7), not as setsockopt syscalls: probed when the ring is made.
+    ring_sockopt: bool,
+    /// The option values ring setsockopts point to. The kernel reads a value only when
+    /// its request runs, which for a linked one is later than the submit (deferred task
+    /// work), so they are never freed: one set per distinct setting, a few bytes each.
+    option_values: Vec<&'static [libc::c_int; 6]>,
     /// Completions reaped but not yet handled (while making room to submit).
     completions: Vec<(u64, i32, u32)>,
 }
@@ -102,10 +109,58 @@ impl Uring {
             connecting: HashMap::new(),
             args: Vec::new(),
             wake,
+            ring_sockopt: false,
+            option_values: Vec::new(),
             completions: Vec::with_capacity(1024),
         };
+        u.ring_sockopt = u.probe_ring_sockopt();
         u.poll(Key::new(Tag::Wake, 0, 0), wake, libc::POLLIN as u32);
         Ok(u)
+    }
+
+    /// Whether a setsockopt through the ring works here: sets TCP_NODELAY on a scratch
+    /// socket and reads it back.
+    fn probe_ring_sockopt(&mut self) -> bool {
+        let Ok(s) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
+            return false;
+        };
+        let one: libc::c_int = 1;
+        let marker = Key::new(Tag::Ignore, u32::MAX, 1).0;
+        let e = opcode::SetSockOpt::new(
+            types::Fd(std::os::fd::AsRawFd::as_raw_fd(&s)),
+            libc::IPPROTO_TCP as u32,
+            libc::TCP_NODELAY as u32,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+        .build()
+        .user_data(marker);
+        // SAFETY: `one` and the socket outlive the request: it is waited for below.
+        if unsafe { self.ring.submission().push(&e) }.is_err()
+            || self.ring.submit_and_wait(1).is_err()
+        {
+            return false;
+        }
+        let res = self
+            .ring
+            .completion()
+            .find(|c| c.user_data() == marker)
+            .map(|c| c.result());
+        res == Some(0) && s.nodelay().unwrap_or(false)
+    }
+
+    /// The interned, never-freed copy of `options`' values (see `option_values`).
+    fn values_of(&mut self, options: &[SockOpt]) -> &'static [libc::c_int; 6] {
+        let mut values = [0; 6];
+        for (v, o) in values.iter_mut().zip(options) {
+            *v = o.value;
+        }
+        if let Some(v) = self.option_values.iter().find(|v| ***v == values) {
+            return v;
+        }
+        let v: &'static [libc::c_int; 6] = Box::leak(Box::new(values));
+        self.option_values.push(v);
+        v
     }
 
     fn push(&mut self, entry: squeue::Entry) {
@@ -293,15 +348,48 @@ impl Driver for Uring {
         None
     }
 
-    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration) {
-        // Both entries must land in the same submission for the link to hold: make room.
+    fn connect(
+        &mut self,
+        key: Key,
+        fd: RawFd,
+        addr: &SockAddr,
+        timeout: Duration,
+        options: &[SockOpt],
+    ) {
+        let ring_options = if self.ring_sockopt && options.len() <= 6 {
+            options
+        } else {
+            for o in options {
+                let _ = crate::sys::set_int_option(fd, o);
+            }
+            &[]
+        };
+        // The connect and its timeout must land in the same submission for the link to
+        // hold: make room.
         let room = {
             let sq = self.ring.submission();
             sq.capacity() - sq.len()
         };
-        if room < 2 {
+        if room < 2 + ring_options.len() {
             let _ = self.ring.submit();
             self.submitted();
+        }
+        // The options first, not linked: an unlinked request runs when it is submitted,
+        // naming the socket by its number then (a linked one would run later, when the
+        // number may be another socket's, see `retire`); then the connect linked to its
+        // timeout. An option's result is not needed (as with the syscalls).
+        let values = self.values_of(ring_options);
+        for (o, value) in ring_options.iter().zip(values.iter()) {
+            let e = opcode::SetSockOpt::new(
+                types::Fd(fd),
+                o.level as u32,
+                o.name as u32,
+                (value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+            .build()
+            .user_data(key.with_tag(Tag::Ignore).0);
+            self.push(e);
         }
         let args = Box::new((addr.clone(), types::Timespec::from(timeout)));
         let connect = opcode::Connect::new(types::Fd(fd), args.0.as_ptr(), args.0.len())
@@ -456,14 +544,22 @@ mod tests {
         let mut ring = Uring::new(wake.as_raw_fd()).unwrap();
         let timeout = Duration::from_secs(5);
 
+        let options = crate::relay::route::socket_options(Some(Duration::from_secs(77)));
+        let options = options.as_slice();
         let first = socket();
         let first_key = Key::new(Tag::Upstream, 1, 1);
-        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout);
+        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout, options);
         ring.unwatch(first_key, first.as_raw_fd());
         ring.retire(first.into());
         let second = socket();
         let second_key = Key::new(Tag::Upstream, 2, 1);
-        ring.connect(second_key, second.as_raw_fd(), &addr(&new), timeout);
+        ring.connect(
+            second_key,
+            second.as_raw_fd(),
+            &addr(&new),
+            timeout,
+            options,
+        );
 
         let deadline = Instant::now() + timeout;
         let mut events = Vec::new();
@@ -485,6 +581,26 @@ mod tests {
         assert_eq!(connected, Ok(()), "the second socket's connect");
         let peer: SocketAddr = second.peer_addr().unwrap().as_socket().unwrap();
         assert_eq!(peer, new.local_addr().unwrap(), "the second socket's peer");
+        // The options went with the connect (through the ring where it can).
+        assert!(second.nodelay().unwrap(), "TCP_NODELAY");
+        assert!(second.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            second.keepalive_time().unwrap(),
+            Duration::from_secs(77),
+            "TCP_KEEPIDLE"
+        );
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release.split(|c: char| !c.is_ascii_digit());
+        let version = (
+            v.next().and_then(|n| n.parse().ok()).unwrap_or(0u32),
+            v.next().and_then(|n| n.parse().ok()).unwrap_or(0u32),
+        );
+        if version >= (6, 7) {
+            assert!(
+                ring.ring_sockopt,
+                "Linux {version:?}: setsockopt through the ring"
+            );
+        }
         // The first socket's own connect may have reached the old upstream before its
         // cancellation: never from the second socket.
         let second_local: SocketAddr = second.local_addr().unwrap().as_socket().unwrap();
