@@ -1,8 +1,9 @@
-//! The io_uring backend: accept, connect linked to a timeout, multishot poll for
-//! readiness. Bytes never move through io_uring: the loop calls splice(2) inline when a
-//! socket is ready (`IORING_OP_SPLICE` on sockets always runs on an io-wq thread; see
-//! DESIGN.md). So no request here ever needs an io-wq worker; the worker count is capped at
-//! one as a safety net.
+//! The io_uring backend: accept, connect linked to a timeout (its socket options set through
+//! the ring in the same submission), multishot poll for readiness, close. Bytes never move
+//! through io_uring: the loop calls splice(2) inline when a socket is ready
+//! (`IORING_OP_SPLICE` on sockets always runs on an io-wq thread; see docs/internals.md).
+//! So no request here ever needs an io-wq worker; the worker count is capped at one as a
+//! safety net.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
