@@ -114,6 +114,10 @@ pub struct RelaySettings {
     /// retried, for mappings that set no `hold` of their own. Zero (the default): fail at
     /// once.
     pub hold: Duration,
+    /// The admin socket (`portrelay sessions`, `portrelay kill`): an absolute path, at most
+    /// 107 bytes; `None` when `""` (the default), so that several relays on one host never
+    /// collide.
+    pub admin_socket: Option<PathBuf>,
 }
 
 impl Default for RelaySettings {
@@ -138,6 +142,7 @@ impl Default for RelaySettings {
             pipe_size: 1 << 20,
             max_pending_admissions: 1024,
             hold: Duration::ZERO,
+            admin_socket: None,
         }
     }
 }

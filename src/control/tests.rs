@@ -121,6 +121,7 @@ listen = "127.0.0.1:8081"
             pipe_size: 1 << 20,
             max_pending_admissions: 64,
             hold: Duration::ZERO,
+            admin_socket: None,
         },
         mappings: vec![
             Mapping {
@@ -197,6 +198,7 @@ fn defaults_when_relay_is_absent() {
         pipe_size: 1 << 20,
         max_pending_admissions: 1024,
         hold: Duration::ZERO,
+        admin_socket: None,
     };
     assert_eq!(config.relay, relay);
     assert_eq!(RelaySettings::default(), relay);
@@ -492,6 +494,21 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         r#"t.toml:2:19: "removed_mapping" must be "close" or "keep", got "drop""#,
     ),
     (
+        "admin_socket relative",
+        "[relay]\nadmin_socket = \"run/admin.sock\"\n",
+        r#"t.toml:2:16: "admin_socket" must be an absolute path (or "" for none), got "run/admin.sock""#,
+    ),
+    (
+        "admin_socket too long for a unix socket address",
+        "[relay]\nadmin_socket = \"/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\n",
+        r#"t.toml:2:16: "admin_socket" must name a file, in at most 107 bytes, got "/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa""#,
+    ),
+    (
+        "admin_socket wrong type",
+        "[relay]\nadmin_socket = true\n",
+        r#"t.toml:2:16: "admin_socket" must be a string: an absolute path, or "" for none"#,
+    ),
+    (
         "watch wrong type (a datetime)",
         "[relay]\nwatch = 1979-05-27\n",
         r#"t.toml:2:9: "watch" must be true or false"#,
@@ -697,6 +714,9 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("pipe_size too big", &[code::OUT_OF_RANGE]),
     ("max_connections wrong type", &[code::WRONG_TYPE]),
     ("removed_mapping", &[code::BAD_VALUE]),
+    ("admin_socket relative", &[code::BAD_VALUE]),
+    ("admin_socket too long for a unix socket address", &[code::BAD_VALUE]),
+    ("admin_socket wrong type", &[code::WRONG_TYPE]),
     ("watch wrong type (a datetime)", &[code::WRONG_TYPE]),
     ("duplicate port", &[code::DUPLICATE_PORT]),
     ("overlapping ranges", &[code::OVERLAPPING_PORTS]),
