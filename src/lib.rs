@@ -1,6 +1,7 @@
 //! portrelay: a kernel-assisted TCP relay for SSH on multi-instance hosts.
 //!
 //! - [`cli`]: command line (clap).
+//! - [`admin`]: the admin socket (`portrelay sessions`, `portrelay kill`): server and client.
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`addr`]: address newtypes, so a signature says which end it means.
 //! - [`logging`]: log lines to stderr, batched per turn on the event loops.
@@ -14,6 +15,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
 pub mod cli;
 pub mod control;
 pub mod logging;

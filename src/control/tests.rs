@@ -715,7 +715,10 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("max_connections wrong type", &[code::WRONG_TYPE]),
     ("removed_mapping", &[code::BAD_VALUE]),
     ("admin_socket relative", &[code::BAD_VALUE]),
-    ("admin_socket too long for a unix socket address", &[code::BAD_VALUE]),
+    (
+        "admin_socket too long for a unix socket address",
+        &[code::BAD_VALUE],
+    ),
     ("admin_socket wrong type", &[code::WRONG_TYPE]),
     ("watch wrong type (a datetime)", &[code::WRONG_TYPE]),
     ("duplicate port", &[code::DUPLICATE_PORT]),

@@ -32,6 +32,8 @@ use crate::addr::ClientAddr;
 use crate::control::{RelaySettings, RemovedMapping};
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
+mod admin;
+
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections a loop takes from one listener before it turns to its other work.
@@ -333,6 +335,12 @@ impl<D: Driver> EventLoop<D> {
                             self.finish(Key::new(Tag::Client, slot, generation));
                         }
                     }
+                }
+                Command::Sessions(answer) => {
+                    let _ = answer.send(self.sessions());
+                }
+                Command::Kill(selector, answer) => {
+                    let _ = answer.send(self.kill(&selector));
                 }
                 Command::Barrier(ack) => {
                     self.driver.flush();
@@ -951,6 +959,7 @@ impl<D: Driver> EventLoop<D> {
         let r = &c.route;
         r.metrics.active.decrement(1.0);
         tracing::info!(
+            id = c.id,
             client = %c.client_addr,
             via = c.via.label(),
             port = r.port,

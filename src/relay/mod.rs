@@ -11,6 +11,7 @@
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
 //! - `hold`, `wake`: held connections while an instance boots, and its wake command.
+//! - `sessions`: listing and ending live connections for the admin socket.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -38,6 +39,7 @@ mod listeners;
 mod pipe;
 mod reserve;
 mod route;
+mod sessions;
 mod slab;
 mod timers;
 mod wake;
@@ -46,6 +48,7 @@ use crate::sys;
 use backend::{epoll, uring};
 
 pub use route::{Listener, MappingState, Route};
+pub use sessions::{NoAnswer, Sessions};
 
 /// Which io backend the loops use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -140,6 +143,13 @@ pub enum Command {
     Barrier(mpsc::Sender<()>),
     /// Stop accepting; let connections finish for up to `grace`, then close them.
     Shutdown { grace: Duration },
+    /// Answer with a snapshot of the loop's live connections.
+    Sessions(mpsc::Sender<Vec<crate::admin::protocol::Session>>),
+    /// End the live connections the selector names (reason `killed`); answer with their ids.
+    Kill(
+        Arc<crate::admin::protocol::Selector>,
+        mpsc::Sender<Vec<u64>>,
+    ),
 }
 
 /// A loop's inbox: commands behind a lock, and an eventfd that wakes the loop.
@@ -252,6 +262,13 @@ impl Relay {
         };
         relay.apply(config)?;
         Ok(relay)
+    }
+
+    /// A handle for listing and ending live connections (the admin socket's).
+    pub fn sessions(&self) -> Sessions {
+        Sessions {
+            mailboxes: self.mailboxes.clone(),
+        }
     }
 
     pub fn listener_count(&self) -> usize {
@@ -516,6 +533,8 @@ impl Command {
             Command::CloseConnections(c) => Command::CloseConnections(c.clone()),
             Command::Barrier(tx) => Command::Barrier(tx.clone()),
             Command::Shutdown { grace } => Command::Shutdown { grace: *grace },
+            Command::Sessions(tx) => Command::Sessions(tx.clone()),
+            Command::Kill(s, tx) => Command::Kill(s.clone(), tx.clone()),
         }
     }
 }
