@@ -20,6 +20,8 @@
 //! - `websocket`: SSH over WebSocket: websocat as ssh's ProxyCommand on `ws://` and
 //!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
 //!   metrics.
+//! - `admin`: the admin socket: `portrelay sessions` and `portrelay kill` with real ssh and
+//!   sshd's own log, `--map` and `--client`, a PROXY header's client, bad admin clients.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -31,6 +33,8 @@ mod util;
 
 // The test modules live in tests/cases/: Cargo would build each file directly under tests/
 // as a test binary of its own.
+#[path = "cases/admin.rs"]
+mod admin;
 #[path = "cases/booting.rs"]
 mod booting;
 #[path = "cases/control.rs"]

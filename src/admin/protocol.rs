@@ -84,8 +84,12 @@ struct RawRequest {
 
 /// A request line (without its newline) → the request, or the text of the error reply.
 pub fn parse(line: &[u8]) -> Result<Request, String> {
-    let raw: RawRequest =
-        serde_json::from_slice(line).map_err(|e| format!("not a request object: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("a request is a JSON object".into());
+    }
+    let raw: RawRequest = serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))?;
     match raw.v {
         Some(VERSION) => {}
         Some(v) => {
@@ -241,18 +245,49 @@ mod tests {
     #[test]
     fn bad_requests_get_their_error_text() {
         let cases = [
-            ("sessions", "not a request object: expected value at line 1 column 1"),
-            ("[1]", "not a request object: invalid type: sequence, expected struct RawRequest at line 1 column 0"),
-            (r#"{"op":"sessions"}"#, "missing \"v\" (this relay speaks 1)"),
-            (r#"{"v":2,"op":"sessions"}"#, "unsupported version 2; this relay speaks 1"),
+            ("sessions", "not JSON: expected value at line 1 column 1"),
+            ("[1]", "a request is a JSON object"),
+            (
+                r#"{"v":"1","op":"sessions"}"#,
+                "bad request: invalid type: string \"1\", expected u32",
+            ),
+            (
+                r#"{"op":"sessions"}"#,
+                "missing \"v\" (this relay speaks 1)",
+            ),
+            (
+                r#"{"v":2,"op":"sessions"}"#,
+                "unsupported version 2; this relay speaks 1",
+            ),
             (r#"{"v":1}"#, "missing \"op\""),
-            (r#"{"v":1,"op":"upgrade"}"#, "unknown op \"upgrade\" (known: \"sessions\", \"kill\")"),
-            (r#"{"v":1,"op":"kill"}"#, "\"kill\" takes exactly one of \"ids\", \"map\" and \"client\""),
-            (r#"{"v":1,"op":"kill","ids":[1],"map":"a"}"#, "\"kill\" takes exactly one of \"ids\", \"map\" and \"client\""),
-            (r#"{"v":1,"op":"kill","ids":[]}"#, "\"ids\" must name at least one connection"),
-            (r#"{"v":1,"op":"kill","client":"10.0.0.0/33"}"#, "\"client\" must be ADDR or ADDR/PREFIX, got \"10.0.0.0/33\""),
-            (r#"{"v":1,"op":"sessions","ids":[1]}"#, "\"sessions\" takes only \"map\""),
-            (r#"{"v":1,"op":"sessions","x":1}"#, "not a request object: unknown field `x`, expected one of `v`, `op`, `map`, `ids`, `client` at line 1 column 27"),
+            (
+                r#"{"v":1,"op":"upgrade"}"#,
+                "unknown op \"upgrade\" (known: \"sessions\", \"kill\")",
+            ),
+            (
+                r#"{"v":1,"op":"kill"}"#,
+                "\"kill\" takes exactly one of \"ids\", \"map\" and \"client\"",
+            ),
+            (
+                r#"{"v":1,"op":"kill","ids":[1],"map":"a"}"#,
+                "\"kill\" takes exactly one of \"ids\", \"map\" and \"client\"",
+            ),
+            (
+                r#"{"v":1,"op":"kill","ids":[]}"#,
+                "\"ids\" must name at least one connection",
+            ),
+            (
+                r#"{"v":1,"op":"kill","client":"10.0.0.0/33"}"#,
+                "\"client\" must be ADDR or ADDR/PREFIX, got \"10.0.0.0/33\"",
+            ),
+            (
+                r#"{"v":1,"op":"sessions","ids":[1]}"#,
+                "\"sessions\" takes only \"map\"",
+            ),
+            (
+                r#"{"v":1,"op":"sessions","x":1}"#,
+                "bad request: unknown field `x`, expected one of `v`, `op`, `map`, `ids`, `client`",
+            ),
         ];
         for (line, want) in cases {
             assert_eq!(parse(line.as_bytes()), Err(want.to_string()), "{line}");
