@@ -42,6 +42,9 @@ const ACCEPT_BATCH: usize = 64;
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A slot of the loop's table: a client socket being admitted, or a relayed connection.
+/// Unboxed: boxing the connection would cost an allocation per connection, to save space
+/// only in slots of pending admissions (which `max_pending_admissions` bounds).
+#[allow(clippy::large_enum_variant)]
 enum Entry {
     Pending(Pending),
     Relay(Connection),
