@@ -340,9 +340,10 @@ fn answer(line: &[u8], sessions: &Sessions) -> Reply {
             },
             Err(e) => Reply::error(e.to_string()),
         },
-        Request::Kill(selector) => match sessions.kill(selector) {
+        Request::Kill(selector) => match sessions.kill(selector.clone()) {
             Ok(killed) => {
-                tracing::info!(killed = killed.len(), ids = ?killed, "admin socket: connections killed");
+                // Each one has its close line; this says who asked for what.
+                tracing::info!(killed = killed.len(), selector = ?selector, "admin socket: kill");
                 Reply::Killed {
                     v: protocol::VERSION,
                     killed,
