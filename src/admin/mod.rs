@@ -332,6 +332,8 @@ fn answer(line: &[u8], sessions: &Sessions) -> Reply {
             return Reply::error(why);
         }
     };
+    #[cfg(debug_assertions)]
+    inject_fault(&request);
     match request {
         Request::Sessions { map } => match sessions.list(map.as_deref()) {
             Ok(sessions) => Reply::Sessions {
@@ -351,5 +353,16 @@ fn answer(line: &[u8], sessions: &Sessions) -> Reply {
             }
             Err(e) => Reply::error(e.to_string()),
         },
+    }
+}
+
+/// Debug builds only (the tests' binary): with `PORTRELAY_TEST_FAULT=admin-panic`, a
+/// `sessions` request for the mapping `panic` panics as a bug would, so that the tests can
+/// check that only its admin connection ends. Release builds have no such switch.
+#[cfg(debug_assertions)]
+fn inject_fault(request: &Request) {
+    let asked = matches!(request, Request::Sessions { map: Some(m) } if m == "panic");
+    if asked && std::env::var("PORTRELAY_TEST_FAULT").as_deref() == Ok("admin-panic") {
+        panic!("injected fault");
     }
 }

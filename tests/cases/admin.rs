@@ -181,6 +181,14 @@ fn ssh_session_is_listed_and_killed(backend: Backend) {
         Duration::from_secs(10),
     );
     assert_eq!(closed.reason(), "killed", "{}", closed.raw);
+    // The close line's counters are the ones `sessions` showed, moved on since.
+    for key in ["bytes_client_to_upstream", "bytes_upstream_to_client"] {
+        assert!(
+            closed.num(key) >= s[key].as_u64().unwrap(),
+            "{key}: {}",
+            closed.raw
+        );
+    }
     assert!(sessions(&socket, None).is_empty());
     // An id that is gone: nothing ended, and the command says so.
     let (code, stdout, _) = portrelay(&["kill", &id.to_string()], &socket);
@@ -397,6 +405,33 @@ fn bad_admin_clients_do_not_disturb_the_relay(backend: Backend) {
     assert!(scrape.value("portrelay_admin_requests_total", &[("result", "ok")]) >= 3.0);
 }
 data_path_test!(bad_admin_clients_do_not_disturb_the_relay);
+
+/// A panic while answering a request (a bug) is logged and ends only that admin connection:
+/// the next request is answered, and relayed connections go on.
+fn a_panicking_request_ends_only_its_connection(backend: Backend) {
+    let echo = Upstream::echo();
+    let dir = socket_dir();
+    let socket = dir.path().join("admin.sock");
+    let port = free_port();
+    let toml = relay_section(None, &admin_line(&socket)) + &map_section(port, echo.addr(), "E", "");
+    let relay = Relay::start_with_env(&toml, backend, &[("PORTRELAY_TEST_FAULT", "admin-panic")]);
+    let mut relayed = echo_client(A3, port);
+    assert_eq!(
+        raw_request(
+            &socket,
+            b"{\"v\":1,\"op\":\"sessions\",\"map\":\"panic\"}\n"
+        ),
+        "",
+        "a reply from a request that panicked"
+    );
+    relay.wait_log(
+        |l| l.msg() == "admin socket: a request panicked; its connection is closed",
+        Duration::from_secs(10),
+    );
+    assert_eq!(sessions(&socket, None).len(), 1);
+    roundtrip(&mut relayed, b"unaffected");
+}
+data_path_test!(a_panicking_request_ends_only_its_connection);
 
 /// The admin socket's file: mode 0600; a stale one (no relay answers) is replaced, a live
 /// one is not taken over; a reload moves it live; it is removed at exit.
