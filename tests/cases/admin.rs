@@ -462,6 +462,25 @@ fn socket_file_mode_stale_live_reload_and_exit() {
     assert!(stderr.contains(&want), "{stderr}");
     assert!(sessions(&socket, None).is_empty());
 
+    // No directory, or a file that is not a socket: the start fails, and the file stays.
+    let missing = dir.path().join("no-such-dir/admin.sock");
+    let plain = dir.path().join("plain-file");
+    std::fs::write(&plain, "keep me").unwrap();
+    for (path, why) in [
+        (&missing, "its directory does not exist"),
+        (
+            &plain,
+            "a file that is not a socket is there; not replacing it",
+        ),
+    ] {
+        let (status, stderr) = crate::util::ControlFile::new(&toml(path))
+            .run_expecting_exit(&["--io-backend", "epoll"]);
+        assert!(!status.success());
+        let want = format!("admin socket {}: {why}", path.display());
+        assert!(stderr.contains(&want), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "keep me");
+
     // A reload moves it: the new path answers, the old one is gone.
     let moved: PathBuf = dir.path().join("moved.sock");
     let generation = relay.generation();
