@@ -131,9 +131,18 @@ fn options(cmd: &Command) -> impl Iterator<Item = &Arg> {
     cmd.get_arguments().filter(|a| a.get_id() != "help")
 }
 
-/// `\fB\-\-config\fR \fIFILE\fR`.
+/// `\fB\-\-config\fR \fIFILE\fR`, `\fB\-\-json\fR` (a flag), `\fIID\fR...` (a positional).
 fn option(arg: &Arg) -> String {
-    let long = arg.get_long().expect("every option is long");
+    let Some(long) = arg.get_long() else {
+        let name = match arg.get_value_names() {
+            Some([name]) => name.to_string(),
+            _ => arg.get_id().to_string().to_uppercase(),
+        };
+        return format!("\\fI{}\\fR...", escape(&name));
+    };
+    if !arg.get_action().takes_values() {
+        return format!("\\fB\\-\\-{}\\fR", escape(long));
+    }
     let values: Vec<String> = arg
         .get_possible_values()
         .iter()

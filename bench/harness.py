@@ -602,8 +602,11 @@ stream {{
         if c.name.startswith("portrelay"):
             backend = c.name.split("-")[1]
             m = "".join(f'[[map]]\nport = {p}\nto = "127.0.0.1:{u}"\nname = "{k}"\n' for p, u, k in maps)
+            # A directory of its own: the relay watches the control file's directory, and
+            # the logs written into {t} would wake its watcher at every line.
+            os.makedirs(f"{t}/{c.name}-conf", exist_ok=True)
             cfg = self.write_file(
-                f"{t}/{c.name}.toml",
+                f"{t}/{c.name}-conf/{c.name}.toml",
                 f"""[relay]
 bind = ["127.0.0.1"]
 metrics = ""

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub const DEFAULT_CONFIG: &str = "/etc/portrelay/portrelay.toml";
+/// Where `sessions` and `kill` look for the relay (what the packaged control file sets).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/portrelay/admin.sock";
 
 /// `--version`: the crate version and the git commit it was built from, with ", dirty"
 /// when the tree had changes not in that commit (set by build.rs; "git unknown" without git).
@@ -38,6 +40,35 @@ pub enum Command {
         /// on stdout, one per error, or a summary when the file is valid.
         #[arg(long, value_enum, default_value = "text")]
         format: CheckFormat,
+    },
+    /// List the running relay's live connections (through its admin socket).
+    Sessions {
+        /// The relay's admin socket (its control file's admin_socket).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// Only the connections of this mapping.
+        #[arg(long, value_name = "NAME")]
+        map: Option<String>,
+        /// One JSON array of objects instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End live connections of the running relay (both peers are reset; the close log line
+    /// says reason killed) and print how many it ended.
+    #[command(group(clap::ArgGroup::new("selector").required(true).multiple(false)))]
+    Kill {
+        /// The relay's admin socket (its control file's admin_socket).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// Connection ids, as `portrelay sessions` shows them.
+        #[arg(value_name = "ID", group = "selector")]
+        ids: Vec<u64>,
+        /// Every connection of this mapping.
+        #[arg(long, value_name = "NAME", group = "selector")]
+        map: Option<String>,
+        /// Every connection whose real client is in ADDR[/PREFIX].
+        #[arg(long, value_name = "ADDR[/PREFIX]", group = "selector")]
+        client: Option<String>,
     },
 }
 

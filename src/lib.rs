@@ -1,9 +1,11 @@
 //! portrelay: a kernel-assisted TCP relay for SSH on multi-instance hosts.
 //!
 //! - [`cli`]: command line (clap).
+//! - [`admin`]: the admin socket (`portrelay sessions`, `portrelay kill`): server and client.
 //! - [`control`]: the control file: parse with line:col errors, validate into [`control::Config`].
 //! - [`limits`]: per-source limits: one table of client sources shared by the loops.
 //! - [`addr`]: address newtypes, so a signature says which end it means.
+//! - [`logging`]: log lines to stderr, batched per turn on the event loops.
 //! - [`metrics`]: metric names, handles, the registry (series follow the mappings), the
 //!   `/metrics` endpoint.
 //! - [`proxy_protocol`]: PROXY v1/v2 headers: incremental, capped parser.
@@ -14,9 +16,11 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+pub mod admin;
 pub mod cli;
 pub mod control;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;

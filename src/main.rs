@@ -11,6 +11,7 @@ use clap::Parser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use portrelay::admin::{self, protocol::Selector};
 use portrelay::cli::{CheckFormat, Cli, Command, IoBackend, LogFormat, RunArgs};
 use portrelay::control;
 use portrelay::relay::{self, Relay};
@@ -19,6 +20,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config, format } => check(&config, format),
+        Command::Sessions {
+            admin_socket,
+            map,
+            json,
+        } => print_or_fail(
+            admin::client::sessions(&admin_socket, map, json).map(|text| (text, true)),
+        ),
+        Command::Kill {
+            admin_socket,
+            ids,
+            map,
+            client,
+        } => {
+            let selector = match (map, client) {
+                (Some(map), _) => Selector::Map(map),
+                (None, Some(client)) => match admin::protocol::parse_client(&client) {
+                    Ok(net) => Selector::Client(net),
+                    Err(e) => {
+                        eprintln!("portrelay kill: --client: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => Selector::Ids(ids),
+            };
+            print_or_fail(admin::client::kill(&admin_socket, selector))
+        }
         Command::Run(args) => {
             init_logging(args.log_format);
             match run(args) {
@@ -28,6 +55,24 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Prints what an admin command answered; exit 1 when it failed or found less than asked.
+fn print_or_fail(result: Result<(String, bool), admin::client::ClientError>) -> ExitCode {
+    match result {
+        Ok((text, complete)) => {
+            print!("{text}");
+            if complete {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("portrelay: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -103,7 +148,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(portrelay::logging::Writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -143,6 +188,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = portrelay::metrics::install()?;
     portrelay::metrics::set_backend(backend.name());
     let metrics_addr = config.relay.metrics;
+    let admin_socket = config.relay.admin_socket.clone();
     let watch = Arc::new(AtomicBool::new(config.relay.watch));
     let mappings = config.mappings.len();
     let wanted_listeners = config.mappings.len() + config.tls.len();
@@ -154,6 +200,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // that serves nothing, which a supervisor should see as a failed start.
         anyhow::bail!("no listener could be opened (see the errors above); not starting");
     }
+    let sessions = relay.sessions();
+    let mut admin = match &admin_socket {
+        Some(path) => Some(admin::Server::start(path, sessions.clone())?),
+        None => None,
+    };
     let mut generation = 1u64;
     portrelay::metrics::set_generation(generation, mappings);
     if let Some(addr) = metrics_addr {
@@ -206,7 +257,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     for event in rx {
         match event {
             ControlEvent::Signal(SIGHUP) | ControlEvent::FileChanged => {
-                reload(&mut relay, &args.config, &mut generation, &watch)
+                if let Some(wanted) = reload(&mut relay, &args.config, &mut generation, &watch) {
+                    admin::Server::follow(&mut admin, wanted.as_deref(), &sessions);
+                }
             }
             ControlEvent::WatchdogTick => {
                 // Ping only while every loop answers: a stuck loop lets systemd restart us.
@@ -221,13 +274,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // The socket file goes first: nothing asks a relay that is draining.
+    drop(admin);
     relay.shutdown()?;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Loads the control file again and applies it; a file that fails keeps what runs.
-fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBool) {
+/// Returns the admin socket the applied file asks for (`None`: it was not applied).
+fn reload(
+    relay: &mut Relay,
+    path: &Path,
+    generation: &mut u64,
+    watch: &AtomicBool,
+) -> Option<Option<std::path::PathBuf>> {
+    let mut admin_socket = None;
     let mut reloading = vec![sd_notify::NotifyState::Reloading];
     if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
         reloading.push(now);
@@ -250,6 +312,7 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
             let loaded_ms = started.elapsed().as_secs_f64() * 1000.0;
             let mappings = config.mappings.len();
             watch.store(config.relay.watch, Ordering::Relaxed);
+            let wanted = config.relay.admin_socket.clone();
             let live = portrelay::metrics::live(&config);
             let applied = match relay.apply(config) {
                 Ok(a) => a,
@@ -257,9 +320,10 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
                     portrelay::metrics::reload(false);
                     tracing::error!(error = %format!("{e:#}"), generation = *generation, "reload failed; the running mappings stay in force");
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-                    return;
+                    return None;
                 }
             };
+            admin_socket = Some(wanted);
             *generation += 1;
             portrelay::metrics::set_live(live);
             portrelay::metrics::reload(true);
@@ -276,4 +340,5 @@ fn reload(relay: &mut Relay, path: &Path, generation: &mut u64, watch: &AtomicBo
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    admin_socket
 }

@@ -185,3 +185,78 @@ pub fn page_size_and_ticks() -> (u64, u64) {
         if ticks > 0 { ticks as u64 } else { 100 },
     )
 }
+
+/// Blocks until `fd` is readable (or reports an error or hang-up), retrying on EINTR.
+pub fn wait_readable(fd: RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The address an accept filled in: the kernel writes it and its length in place.
+#[derive(Clone, Copy)]
+pub struct PeerAddr {
+    pub storage: libc::sockaddr_storage,
+    pub len: libc::socklen_t,
+}
+
+impl Default for PeerAddr {
+    fn default() -> PeerAddr {
+        PeerAddr {
+            // SAFETY: all-zero bytes are a valid sockaddr_storage (family AF_UNSPEC).
+            storage: unsafe { std::mem::zeroed() },
+            len: std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+        }
+    }
+}
+
+impl PeerAddr {
+    /// The address, if accept filled in an IPv4 or IPv6 one.
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        // SAFETY: `storage` is a sockaddr_storage the kernel filled, `len` bytes of it.
+        let addr = unsafe { socket2::SockAddr::new(self.storage, self.len) };
+        addr.as_socket()
+    }
+}
+
+impl std::fmt::Debug for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.socket_addr())
+    }
+}
+
+/// One integer socket option, as setsockopt(2) takes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOpt {
+    pub level: i32,
+    pub name: i32,
+    pub value: i32,
+}
+
+/// setsockopt(2) of one `int` option.
+pub fn set_int_option(fd: RawFd, o: &SockOpt) -> io::Result<()> {
+    // SAFETY: `o.value` is a live c_int for the call and its size is passed with it.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            o.level,
+            o.name,
+            (&o.value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}

@@ -20,6 +20,8 @@
 //! - `websocket`: SSH over WebSocket: websocat as ssh's ProxyCommand on `ws://` and
 //!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
 //!   metrics.
+//! - `admin`: the admin socket: `portrelay sessions` and `portrelay kill` with real ssh and
+//!   sshd's own log, `--map` and `--client`, a PROXY header's client, bad admin clients.
 //! - `limits`: per-source limits: one cap over all loops, real ssh past the cap, the PROXY
 //!   header's client (IPv6 per /64) and the WebSocket client as the source, the rate
 //!   bucket, exempt CIDRs, reloads, held connections, the log summary, `check` errors.
@@ -34,6 +36,8 @@ mod util;
 
 // The test modules live in tests/cases/: Cargo would build each file directly under tests/
 // as a test binary of its own.
+#[path = "cases/admin.rs"]
+mod admin;
 #[path = "cases/booting.rs"]
 mod booting;
 #[path = "cases/control.rs"]

@@ -114,6 +114,10 @@ pub struct RelaySettings {
     /// retried, for mappings that set no `hold` of their own. Zero (the default): fail at
     /// once.
     pub hold: Duration,
+    /// The admin socket (`portrelay sessions`, `portrelay kill`): an absolute path, at most
+    /// 107 bytes; `None` when `""` (the default), so that several relays on one host never
+    /// collide.
+    pub admin_socket: Option<PathBuf>,
     /// Connections one client source (an IPv4 address, an IPv6 /64) may have open at once
     /// over the whole relay; 0 (the default): no cap.
     pub per_source_max_connections: u32,
@@ -156,6 +160,7 @@ impl Default for RelaySettings {
             pipe_size: 1 << 20,
             max_pending_admissions: 1024,
             hold: Duration::ZERO,
+            admin_socket: None,
             per_source_max_connections: 0,
             per_source_rate: None,
             per_source_exempt: Vec::new(),

@@ -23,6 +23,28 @@ pub(super) struct Problem {
     pub message: String,
 }
 
+/// `admin_socket`: `""` is none; otherwise an absolute path that fits a unix socket
+/// address (108 bytes with its terminating NUL). Whether its directory exists is seen at
+/// start, where the relay binds it (`check` may run where that directory is not made yet).
+fn admin_socket_path(s: &str) -> Result<Option<PathBuf>, String> {
+    const MAX: usize = 107;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let path = PathBuf::from(s);
+    if !path.is_absolute() {
+        return Err(format!(
+            "\"admin_socket\" must be an absolute path (or \"\" for none), got {s:?}"
+        ));
+    }
+    if s.len() > MAX || path.file_name().is_none() || s.contains('\0') {
+        return Err(format!(
+            "\"admin_socket\" must name a file, in at most {MAX} bytes, got {s:?}"
+        ));
+    }
+    Ok(Some(path))
+}
+
 /// The longest duration a key may hold: every deadline the relay computes from one stays
 /// far from `Instant`'s limits (humantime accepts values past them).
 const MAX_DURATION: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
@@ -43,6 +65,7 @@ pub(super) const RELAY_KEYS: &[&str] = &[
     "pipe_size",
     "max_pending_admissions",
     "hold",
+    "admin_socket",
     "per_source_max_connections",
     "per_source_rate",
     "per_source_exempt",
@@ -418,6 +441,17 @@ impl Validator<'_> {
                         r.hold = d;
                     }
                 }
+                "admin_socket" => match &item.value {
+                    Value::String(s) => match admin_socket_path(s) {
+                        Ok(path) => r.admin_socket = path,
+                        Err(why) => self.err(at, code::BAD_VALUE, why),
+                    },
+                    _ => self.err(
+                        at,
+                        code::WRONG_TYPE,
+                        "\"admin_socket\" must be a string: an absolute path, or \"\" for none",
+                    ),
+                },
                 "per_source_max_connections" => {
                     if let Some(n) = self.u32_at_least(item, at, name, 0) {
                         r.per_source_max_connections = n;

@@ -7,12 +7,15 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchMask};
+
+use crate::sys;
 
 /// How long after a complete write more changes are waited for before one reload.
 const SETTLE: Duration = Duration::from_millis(50);
@@ -69,7 +72,14 @@ pub fn spawn(
             let mut state = FileState::default();
             let ours = |n: Option<&std::ffi::OsStr>| n == Some(name.as_os_str());
             loop {
-                match inotify.read_events_blocking(&mut buf) {
+                // Wait, then read without blocking: the crate's blocking read switches the
+                // fd's O_NONBLOCK off and on again around every read (4 fcntl per event).
+                if let Err(e) = sys::wait_readable(inotify.as_raw_fd()) {
+                    tracing::error!(error = %e, dir = %dir.display(), "watching the control file failed; SIGHUP still reloads");
+                    return;
+                }
+                match inotify.read_events(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     Ok(events) => events
                         .filter(|e| ours(e.name))
                         .for_each(|e| state.see(e.mask)),

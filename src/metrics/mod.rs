@@ -44,6 +44,7 @@ pub const PENDING: &str = "portrelay_connections_pending";
 pub const LOOP_LAST_TURN: &str = "portrelay_loop_last_turn_seconds";
 pub const HELD: &str = "portrelay_connections_held";
 pub const WAKES: &str = "portrelay_wakes_total";
+pub const ADMIN_REQUESTS: &str = "portrelay_admin_requests_total";
 pub const PER_SOURCE_TABLE_FULL: &str = "portrelay_per_source_table_full_total";
 
 /// Upstream connects take microseconds on a host bridge and seconds when an instance boots.
@@ -232,6 +233,11 @@ pub fn pending_admission() -> &'static Gauge {
     &global().pending_admission
 }
 
+/// One admin socket request answered: `ok`, or `error` (a bad or unanswerable request).
+pub fn admin_request(ok: bool) {
+    counter!(ADMIN_REQUESTS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
 pub fn reload(success: bool) {
     counter!(RELOADS, "result" => if success { "success" } else { "failure" }).increment(1);
 }
@@ -401,6 +407,10 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
     describe_counter!(
         WAKES,
         "Wake commands run (once per waiting spell of a mapping), by result."
+    );
+    describe_counter!(
+        ADMIN_REQUESTS,
+        "Admin socket requests answered, by result (error: a bad request, or a loop that did not answer)."
     );
     describe_counter!(
         LISTEN_FAILURES,

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,8 @@ pub enum CloseReason {
     Reload,
     /// `shutdown_grace` ran out after SIGTERM.
     Shutdown,
+    /// `portrelay kill` ended it.
+    Killed,
     /// Anything else, with what failed: `error: connect: timed out`, `error: …`.
     Error(String),
 }
@@ -67,6 +70,7 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Reload => "reload",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Killed => "killed",
             CloseReason::Error(what) => return write!(f, "error: {what}"),
         })
     }
@@ -186,7 +190,13 @@ pub enum Turn {
     Yield,
 }
 
+/// The next connection id: relay-wide (one relay per process), so that ids are unique
+/// across the loops and never reused while the relay runs.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 pub struct Connection {
+    /// Given at admission; what `portrelay sessions` shows and `portrelay kill` takes.
+    pub id: u64,
     pub client: Side,
     pub upstream: Side,
     pub connected: bool,
@@ -231,6 +241,7 @@ impl Connection {
             caps,
         } = admitted;
         Connection {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             client,
             upstream: Side::new(upstream),
             connected: false,
@@ -586,6 +597,7 @@ mod tests {
             (CloseReason::Idle, "idle"),
             (CloseReason::Reload, "reload"),
             (CloseReason::Shutdown, "shutdown"),
+            (CloseReason::Killed, "killed"),
             (
                 CloseReason::of(&io::Error::from_raw_os_error(libc::EPIPE)),
                 "reset",

@@ -16,14 +16,14 @@ use socket2::{SockRef, Socket};
 use super::admission::{
     AdmissionPermit, MappingPermit, Pending, Permit, Stage, Step, TlsRoutes, WsRequest,
 };
-use super::backend::driver::{Driver, Event, Key, Tag, ATTEMPTS};
+use super::backend::driver::{Driver, Event, Key, PeerAddr, Tag, ATTEMPTS};
 use super::codec::Codec;
 use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
 use super::hold::Holding;
 use super::listeners::Listeners;
 use super::pipe::PipePool;
 use super::reserve::Reserve;
-use super::route::{tune, Route};
+use super::route::{socket_options, Route};
 use super::slab::Slab;
 use super::timers::{Timer, Timers};
 use super::wake::{self, Wake};
@@ -33,6 +33,8 @@ use crate::control::{RelaySettings, RemovedMapping};
 use crate::limits::{self, Policy, SourcePermit};
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
+mod admin;
+
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections a loop takes from one listener before it turns to its other work.
@@ -41,8 +43,8 @@ const ACCEPT_BATCH: usize = 64;
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A slot of the loop's table: a client socket being admitted, or a relayed connection.
-/// Not boxed: most slots hold a connection, so a box would add an allocation per connection
-/// and save nothing.
+/// Unboxed: boxing the connection would cost an allocation per connection, to save space
+/// only in slots of pending admissions (which `max_pending_admissions` bounds).
 #[allow(clippy::large_enum_variant)]
 enum Entry {
     Pending(Pending),
@@ -157,6 +159,8 @@ impl<D: Driver> EventLoop<D> {
             let timeout =
                 Some(timeout.map_or(metrics::LOOP_TURN_MAX, |t| t.min(metrics::LOOP_TURN_MAX)));
             let mut events = std::mem::take(&mut self.events);
+            // This turn's log lines, in one write, before the loop may sleep.
+            crate::logging::flush();
             self.driver.wait(timeout, &mut events)?;
             self.now = Instant::now();
             health.turned();
@@ -200,18 +204,18 @@ impl<D: Driver> EventLoop<D> {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Wake => self.take_commands(),
-            Event::Accepted(key, fd) => {
+            Event::Accepted(key, fd, peer) => {
                 // The listener's other waiting connections one at a time, each admitted
                 // (its upstream socket taken, the next one made) before the next is taken,
                 // and none once the next upstream socket cannot be made: at the fd limit a
                 // client waits in the listen queue rather than being taken without one.
-                self.accepted(key, fd);
+                self.accepted(key, fd, peer);
                 for _ in 1..ACCEPT_BATCH {
                     if self.listeners.paused() {
                         break;
                     }
                     match self.driver.accept_next(key) {
-                        Some(Event::Accepted(key, fd)) => self.accepted(key, fd),
+                        Some(Event::Accepted(key, fd, peer)) => self.accepted(key, fd, peer),
                         Some(other) => return self.handle(other),
                         None => break,
                     }
@@ -336,6 +340,12 @@ impl<D: Driver> EventLoop<D> {
                         }
                     }
                 }
+                Command::Sessions(answer) => {
+                    let _ = answer.send(self.sessions());
+                }
+                Command::Kill(selector, answer) => {
+                    let _ = answer.send(self.kill(&selector));
+                }
                 Command::Barrier(ack) => {
                     self.driver.flush();
                     let _ = ack.send(());
@@ -363,14 +373,18 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    fn accepted(&mut self, key: Key, fd: OwnedFd) {
+    fn accepted(&mut self, key: Key, fd: OwnedFd, peer: PeerAddr) {
         let Some(l) = self.listeners.get(key) else {
             return;
         };
         let port = l.listener.port;
         let entrance = l.entrance.clone();
         let socket = Socket::from(fd);
-        let Ok(Some(peer)) = socket.peer_addr().map(|a| a.as_socket()) else {
+        // The address accept gave; asked again only if it gave none.
+        let Some(peer) = peer
+            .socket_addr()
+            .or_else(|| socket.peer_addr().ok()?.as_socket())
+        else {
             return; // gone already
         };
         let peer = ClientAddr(peer);
@@ -648,11 +662,13 @@ impl<D: Driver> EventLoop<D> {
                 .max(Duration::from_millis(1)),
             None => self.settings.connect_timeout,
         };
+        // TCP_NODELAY and keepalive, set by the driver with the connect (see `tune`).
         self.driver.connect(
             key.with_tag(Tag::Upstream).with_attempt(c.attempt),
             fd,
             &route.upstream_sockaddr,
             timeout,
+            socket_options(self.settings.tcp_keepalive).as_slice(),
         );
         self.arm_idle_sweep();
         self.arm_ping_sweep(key);
@@ -746,9 +762,7 @@ impl<D: Driver> EventLoop<D> {
             self.listeners.pause(&mut self.driver);
             self.timers.add(self.now, ACCEPT_BACKOFF, Timer::Reserve);
         }
-        let s = s?;
-        tune(&SockRef::from(&s), self.settings.tcp_keepalive);
-        Ok(s)
+        s
     }
 
     fn connected(&mut self, key: Key, result: io::Result<()>) {
@@ -959,6 +973,7 @@ impl<D: Driver> EventLoop<D> {
         let r = &c.route;
         r.metrics.active.decrement(1.0);
         tracing::info!(
+            id = c.id,
             client = %c.client_addr,
             via = c.via.label(),
             port = r.port,

@@ -11,6 +11,7 @@
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
 //! - `hold`, `wake`: held connections while an instance boots, and its wake command.
+//! - `sessions`: listing and ending live connections for the admin socket.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -39,6 +40,7 @@ mod listeners;
 mod pipe;
 mod reserve;
 mod route;
+mod sessions;
 mod slab;
 mod timers;
 mod wake;
@@ -47,6 +49,7 @@ use crate::sys;
 use backend::{epoll, uring};
 
 pub use route::{Listener, MappingState, Route};
+pub use sessions::{NoAnswer, Sessions};
 
 /// Which io backend the loops use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -143,6 +146,13 @@ pub enum Command {
     Barrier(mpsc::Sender<()>),
     /// Stop accepting; let connections finish for up to `grace`, then close them.
     Shutdown { grace: Duration },
+    /// Answer with a snapshot of the loop's live connections.
+    Sessions(mpsc::Sender<Vec<crate::admin::protocol::Session>>),
+    /// End the live connections the selector names (reason `killed`); answer with their ids.
+    Kill(
+        Arc<crate::admin::protocol::Selector>,
+        mpsc::Sender<Vec<u64>>,
+    ),
 }
 
 /// A loop's inbox: commands behind a lock, and an eventfd that wakes the loop.
@@ -256,6 +266,13 @@ impl Relay {
         };
         relay.apply(config)?;
         Ok(relay)
+    }
+
+    /// A handle for listing and ending live connections (the admin socket's).
+    pub fn sessions(&self) -> Sessions {
+        Sessions {
+            mailboxes: self.mailboxes.clone(),
+        }
     }
 
     pub fn listener_count(&self) -> usize {
@@ -387,14 +404,14 @@ impl Relay {
             .is_some_and(|c| c.relay.tcp_keepalive != keepalive)
         {
             for l in self.listeners.values() {
-                route::tune(&socket2::SockRef::from(&l.socket), keepalive);
+                route::tune(l.fd(), keepalive);
             }
         }
         for addr in to_open {
             let entrance = entrances[&addr].clone();
             match Listener::bind(addr) {
                 Ok(l) => {
-                    route::tune(&socket2::SockRef::from(&l.socket), keepalive);
+                    route::tune(l.fd(), keepalive);
                     let l = Arc::new(l);
                     cmds.push(Command::Listen(l.clone(), entrance));
                     self.listeners.insert(addr, l);
@@ -520,6 +537,8 @@ impl Command {
             Command::CloseConnections(c) => Command::CloseConnections(c.clone()),
             Command::Barrier(tx) => Command::Barrier(tx.clone()),
             Command::Shutdown { grace } => Command::Shutdown { grace: *grace },
+            Command::Sessions(tx) => Command::Sessions(tx.clone()),
+            Command::Kill(s, tx) => Command::Kill(s.clone(), tx.clone()),
         }
     }
 }
@@ -571,6 +590,8 @@ fn run_loop(
         }
     };
     let _ = ready.send(Ok(()));
+    // Written out when the loop ends, however it ends (the guard also unwinds).
+    let batch = crate::logging::batch_here();
     let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(Ok(())) => return Ok(()),
         Ok(Err(e)) => format!("{e}"),
@@ -588,5 +609,6 @@ fn run_loop(
         error = %why,
         "an event loop failed; exiting so that the supervisor restarts the relay"
     );
+    drop(batch); // exit runs no destructors
     std::process::exit(70)
 }

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use socket2::{Domain, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::addr::{ListenAddr, UpstreamAddr};
 use crate::control::Mapping;
 use crate::metrics::{MappingMetrics, PortMetrics};
+use crate::sys::{self, SockOpt};
 
 /// The state of one `[[map]]` entry that all its ports and loops share.
 #[derive(Debug)]
@@ -153,21 +154,56 @@ pub const KEEPALIVE_PROBES: u32 = 6;
 /// data (retransmissions, which alone take ~15 min). Set on each listener, whose accepted
 /// sockets inherit them (a few setsockopt per listener instead of per connection), and on
 /// each upstream socket.
-pub fn tune(s: &SockRef<'_>, keepalive: Option<Duration>) {
-    let _ = s.set_nodelay(true);
+pub fn tune(fd: RawFd, keepalive: Option<Duration>) {
+    for o in socket_options(keepalive).as_slice() {
+        let _ = sys::set_int_option(fd, o);
+    }
+}
+
+/// The options [`tune`] sets, in order: at most six.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOptions {
+    opts: [SockOpt; 6],
+    len: usize,
+}
+
+impl SocketOptions {
+    fn push(&mut self, level: i32, name: i32, value: i32) {
+        self.opts[self.len] = SockOpt { level, name, value };
+        self.len += 1;
+    }
+    pub fn as_slice(&self) -> &[SockOpt] {
+        &self.opts[..self.len]
+    }
+}
+
+/// What [`tune`] sets for `keepalive`, for a backend that sets them its own way.
+pub fn socket_options(keepalive: Option<Duration>) -> SocketOptions {
+    let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as i32;
+    let mut o = SocketOptions::default();
+    o.push(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
     match keepalive {
         Some(t) => {
             let interval = t.min(Duration::from_secs(10));
-            let ka = TcpKeepalive::new()
-                .with_time(t)
-                .with_interval(interval)
-                .with_retries(KEEPALIVE_PROBES);
-            let _ = s.set_tcp_keepalive(&ka);
-            let _ = s.set_tcp_user_timeout(Some(t + interval * KEEPALIVE_PROBES));
+            let user_timeout = (t + interval * KEEPALIVE_PROBES).as_millis();
+            o.push(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+            o.push(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(t));
+            o.push(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(interval));
+            o.push(
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPCNT,
+                KEEPALIVE_PROBES as i32,
+            );
+            o.push(
+                libc::IPPROTO_TCP,
+                libc::TCP_USER_TIMEOUT,
+                user_timeout.min(i32::MAX as u128) as i32,
+            );
         }
         None => {
-            let _ = s.set_keepalive(false);
-            let _ = s.set_tcp_user_timeout(None);
+            o.push(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0);
+            o.push(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 0);
         }
     }
+    o
 }

@@ -197,6 +197,9 @@ fn man_page_renders_with_commands_keys_and_signals() {
     for want in [
         "portrelay run [--config FILE] [--io-backend auto|uring|epoll] [--threads N]",
         "portrelay check [--config FILE] [--format text|json]",
+        "portrelay sessions [--admin-socket PATH] [--map NAME] [--json]",
+        "portrelay kill [--admin-socket PATH] [ID...] [--map NAME] [--client ADDR[/PREFIX]]",
+        "/run/portrelay/admin.sock",
         "CONTROL FILE",
         "max_pending_admissions = 1024",
         "removed_mapping",

@@ -429,6 +429,33 @@ fn sigterm_grace_expires(backend: Backend) {
     assert_eq!(line.reason(), "shutdown", "{line}");
 }
 
+data_path_test!(sigterm_logs_every_close);
+/// Every connection closed at shutdown has its close line in the log when the relay has
+/// exited: the event loops write their lines out in batches, and none is lost at the end.
+fn sigterm_logs_every_close(backend: Backend) {
+    const CONNECTIONS: usize = 200;
+    let echo = Upstream::echo();
+    let (mut relay, port) = relay_one(echo.addr(), "many", "shutdown_grace = \"1s\"", backend);
+    let mut live: Vec<TcpStream> = (0..CONNECTIONS).map(|_| connect(port)).collect();
+    for (i, c) in live.iter_mut().enumerate() {
+        roundtrip(c, format!("connection {i}").as_bytes());
+    }
+    relay.sigterm();
+    let status = relay.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let closed = relay.wait_logs(
+        |l| l.is_closed_on(port),
+        CONNECTIONS,
+        Duration::from_secs(5),
+    );
+    assert!(
+        closed.iter().all(|l| l.reason() == "shutdown"),
+        "close reasons at shutdown: {:?}",
+        closed.iter().map(|l| l.reason()).collect::<Vec<_>>()
+    );
+    drop(live);
+}
+
 data_path_test!(limits_refuse_at_once);
 /// `max_connections` of a mapping and of the whole relay: past the cap a connection is reset
 /// at once (never left waiting in the accept queue), logged as rejected (limit), and once a

@@ -55,7 +55,7 @@ impl Backend {
 }
 
 /// Whether the kernel lets this process create an io_uring that has the opcodes the relay
-/// uses (DESIGN.md: accept, connect with a linked timeout, poll, cancel).
+/// uses (accept, connect with a linked timeout, poll, cancel).
 fn probe_uring() -> Option<String> {
     use io_uring::{opcode, IoUring, Probe};
     if let Ok(value) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {

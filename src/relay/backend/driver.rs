@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
+pub use crate::sys::{PeerAddr, SockOpt};
+
 /// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
 /// event for a reused slot is recognised as stale), which operation or socket, and (for an
 /// upstream socket) which connect attempt: a held connection gets a new upstream socket per
@@ -64,8 +66,9 @@ impl Key {
 
 #[derive(Debug)]
 pub enum Event {
-    /// A connection accepted on the listener named by the key (non-blocking, close-on-exec).
-    Accepted(Key, OwnedFd),
+    /// A connection accepted on the listener named by the key (non-blocking, close-on-exec),
+    /// and its peer's address as accept gave it.
+    Accepted(Key, OwnedFd, PeerAddr),
     /// Accepting on that listener failed; the driver has stopped accepting on it.
     AcceptFailed(Key, io::Error),
     /// The upstream connect started with [`Driver::connect`] finished.
@@ -123,7 +126,15 @@ pub trait Driver {
     /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
     /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
     /// is watched as by [`Driver::watch`].
-    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration);
+    /// `options` are set on the socket before the connect starts.
+    fn connect(
+        &mut self,
+        key: Key,
+        fd: RawFd,
+        addr: &SockAddr,
+        timeout: Duration,
+        options: &[SockOpt],
+    );
     /// Reports readiness changes of a connected socket as [`Event::Ready`] until `unwatch`.
     /// (After a successful connect the upstream socket is already watched.)
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;

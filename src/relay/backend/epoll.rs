@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, SockRef};
 
-use super::driver::{Driver, Event, Key, Tag};
-
-/// Connections taken from one listener per readiness report, so one busy port cannot starve
-/// the loop; the listener is level-triggered, so the rest come on the next wait.
+use super::driver::{Driver, Event, Key, PeerAddr, SockOpt, Tag};
 
 pub struct Epoll {
     epfd: OwnedFd,
@@ -67,18 +64,21 @@ impl Epoll {
     /// One connection from a listener that reported some: `None` when its queue is empty.
     fn accept_one(&mut self, key: Key, fd: RawFd) -> Option<Event> {
         loop {
-            // SAFETY: null address pointers are allowed; `fd` is an open listening socket.
+            let mut peer = PeerAddr::default();
+            // SAFETY: `peer` holds a sockaddr_storage and its length, both live for the
+            // call; `fd` is an open listening socket.
             let ret = unsafe {
                 libc::accept4(
                     fd,
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
+                    (&mut peer.storage as *mut libc::sockaddr_storage).cast(),
+                    &mut peer.len,
                     libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 )
             };
             if ret >= 0 {
                 // SAFETY: accept4 returned a new fd that nobody else owns.
-                return Some(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(ret) }));
+                let fd = unsafe { OwnedFd::from_raw_fd(ret) };
+                return Some(Event::Accepted(key, fd, peer));
             }
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
@@ -136,7 +136,17 @@ impl Driver for Epoll {
         self.stop_accept(key, fd);
     }
 
-    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration) {
+    fn connect(
+        &mut self,
+        key: Key,
+        fd: RawFd,
+        addr: &SockAddr,
+        timeout: Duration,
+        options: &[SockOpt],
+    ) {
+        for o in options {
+            let _ = crate::sys::set_int_option(fd, o);
+        }
         // SAFETY: `addr` points to a valid sockaddr of `addr.len()` bytes for the call.
         let ret = unsafe { libc::connect(fd, addr.as_ptr(), addr.len()) };
         let err = io::Error::last_os_error();

@@ -1,8 +1,9 @@
-//! The io_uring backend: accept, connect linked to a timeout, multishot poll for
-//! readiness. Bytes never move through io_uring: the loop calls splice(2) inline when a
-//! socket is ready (`IORING_OP_SPLICE` on sockets always runs on an io-wq thread; see
-//! DESIGN.md). So no request here ever needs an io-wq worker; the worker count is capped at
-//! one as a safety net.
+//! The io_uring backend: accept, connect linked to a timeout (its socket options set through
+//! the ring in the same submission), multishot poll for readiness, close. Bytes never move
+//! through io_uring: the loop calls splice(2) inline when a socket is ready
+//! (`IORING_OP_SPLICE` on sockets always runs on an io-wq thread; see docs/internals.md).
+//! So no request here ever needs an io-wq worker; the worker count is capped at one as a
+//! safety net.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::SockAddr;
 
-use super::driver::{Driver, Event, Key, Tag};
+use super::driver::{Driver, Event, Key, PeerAddr, SockOpt, Tag};
 
 const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
 
@@ -31,6 +32,9 @@ pub struct Uring {
     ring: IoUring,
     /// Listeners being accepted on, to re-arm the accept once it completes.
     listeners: HashMap<Key, Listening>,
+    /// The address boxes of stopped listeners whose accept the kernel has not given back
+    /// yet (it may still write the address): freed when that completion comes.
+    stopped: HashMap<Key, Box<PeerAddr>>,
     /// Upstream sockets being connected, to watch them once connected.
     connecting: HashMap<Key, RawFd>,
     /// Connect arguments the kernel reads when the entries are submitted (it copies both
@@ -39,6 +43,13 @@ pub struct Uring {
     #[allow(clippy::vec_box)]
     args: Vec<Box<(SockAddr, types::Timespec)>>,
     wake: RawFd,
+    /// Socket options go through the ring with the connect (SOCKET_URING_OP_SETSOCKOPT,
+    /// Linux 6.7), not as setsockopt syscalls: probed when the ring is made.
+    ring_sockopt: bool,
+    /// The option values ring setsockopts point to. The kernel reads a value only when
+    /// its request runs, which for a linked one is later than the submit (deferred task
+    /// work), so they are never freed: one set per distinct setting, a few bytes each.
+    option_values: Vec<&'static [libc::c_int; 6]>,
     /// Completions reaped but not yet handled (while making room to submit).
     completions: Vec<(u64, i32, u32)>,
 }
@@ -50,6 +61,9 @@ struct Listening {
     armed: bool,
     /// Not re-armed when that accept completes (`pause_accept`).
     paused: bool,
+    /// Where the kernel writes the peer's address of the accept in flight (boxed: it must
+    /// not move while the accept is armed).
+    peer: Box<PeerAddr>,
 }
 
 /// Whether io_uring can run this backend here: creates a ring with the flags the loops use
@@ -92,13 +106,62 @@ impl Uring {
         let mut u = Uring {
             ring,
             listeners: HashMap::new(),
+            stopped: HashMap::new(),
             connecting: HashMap::new(),
             args: Vec::new(),
             wake,
+            ring_sockopt: false,
+            option_values: Vec::new(),
             completions: Vec::with_capacity(1024),
         };
+        u.ring_sockopt = u.probe_ring_sockopt();
         u.poll(Key::new(Tag::Wake, 0, 0), wake, libc::POLLIN as u32);
         Ok(u)
+    }
+
+    /// Whether a setsockopt through the ring works here: sets TCP_NODELAY on a scratch
+    /// socket and reads it back.
+    fn probe_ring_sockopt(&mut self) -> bool {
+        let Ok(s) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
+            return false;
+        };
+        let one: libc::c_int = 1;
+        let marker = Key::new(Tag::Ignore, u32::MAX, 1).0;
+        let e = opcode::SetSockOpt::new(
+            types::Fd(std::os::fd::AsRawFd::as_raw_fd(&s)),
+            libc::IPPROTO_TCP as u32,
+            libc::TCP_NODELAY as u32,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+        .build()
+        .user_data(marker);
+        // SAFETY: `one` and the socket outlive the request: it is waited for below.
+        if unsafe { self.ring.submission().push(&e) }.is_err()
+            || self.ring.submit_and_wait(1).is_err()
+        {
+            return false;
+        }
+        let res = self
+            .ring
+            .completion()
+            .find(|c| c.user_data() == marker)
+            .map(|c| c.result());
+        res == Some(0) && s.nodelay().unwrap_or(false)
+    }
+
+    /// The interned, never-freed copy of `options`' values (see `option_values`).
+    fn values_of(&mut self, options: &[SockOpt]) -> &'static [libc::c_int; 6] {
+        let mut values = [0; 6];
+        for (v, o) in values.iter_mut().zip(options) {
+            *v = o.value;
+        }
+        if let Some(v) = self.option_values.iter().find(|v| ***v == values) {
+            return v;
+        }
+        let v: &'static [libc::c_int; 6] = Box::leak(Box::new(values));
+        self.option_values.push(v);
+        v
     }
 
     fn push(&mut self, entry: squeue::Entry) {
@@ -156,10 +219,19 @@ impl Uring {
     /// pending accept in each loop the kernel gives the next connection to a loop that is
     /// waiting for one, i.e. not busy.
     fn arm_accept(&mut self, key: Key, fd: RawFd) {
-        if let Some(l) = self.listeners.get_mut(&key) {
-            l.armed = true;
-        }
-        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+        let Some(l) = self.listeners.get_mut(&key) else {
+            return;
+        };
+        l.armed = true;
+        *l.peer = PeerAddr::default();
+        let (addr, len) = (
+            (&mut l.peer.storage as *mut libc::sockaddr_storage).cast(),
+            &mut l.peer.len as *mut libc::socklen_t,
+        );
+        // The kernel writes `addr` and `len` when the accept completes: they live in the
+        // listener's box until then (a stopped listener's accept is cancelled and reaped
+        // before the box goes, see `stop_accept` and `close`).
+        let e = opcode::Accept::new(types::Fd(fd), addr, len)
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
             .build()
             .user_data(key.0);
@@ -183,7 +255,9 @@ impl Uring {
             }
             Tag::Listener => {
                 let Some(l) = self.listeners.get_mut(&key) else {
-                    // Stopped: an fd that raced the cancel is closed here.
+                    // Stopped: its accept is back, and an fd that raced the cancel is
+                    // closed here.
+                    self.stopped.remove(&key);
                     if res >= 0 {
                         // SAFETY: the kernel returned a new fd that nobody else owns.
                         drop(unsafe { OwnedFd::from_raw_fd(res) });
@@ -195,7 +269,8 @@ impl Uring {
                 if res >= 0 {
                     // Armed again by `accept_next`, once the loop has admitted this one.
                     // SAFETY: the kernel returned a new fd that nobody else owns.
-                    out.push(Event::Accepted(key, unsafe { OwnedFd::from_raw_fd(res) }));
+                    let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                    out.push(Event::Accepted(key, fd, *l.peer));
                 } else if matches!(-res, libc::ECONNABORTED | libc::EINTR | libc::EPROTO) {
                     if rearm {
                         self.arm_accept(key, fd);
@@ -235,10 +310,11 @@ impl Uring {
 
 impl Driver for Uring {
     fn accept(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
-        let l = self.listeners.entry(key).or_insert(Listening {
+        let l = self.listeners.entry(key).or_insert_with(|| Listening {
             fd,
             armed: false,
             paused: false,
+            peer: Box::default(),
         });
         l.paused = false;
         if !l.armed {
@@ -250,6 +326,7 @@ impl Driver for Uring {
     fn stop_accept(&mut self, key: Key, _fd: RawFd) {
         if let Some(l) = self.listeners.remove(&key) {
             if l.armed {
+                self.stopped.insert(key, l.peer);
                 self.cancel(key);
             }
         }
@@ -272,15 +349,48 @@ impl Driver for Uring {
         None
     }
 
-    fn connect(&mut self, key: Key, fd: RawFd, addr: &SockAddr, timeout: Duration) {
-        // Both entries must land in the same submission for the link to hold: make room.
+    fn connect(
+        &mut self,
+        key: Key,
+        fd: RawFd,
+        addr: &SockAddr,
+        timeout: Duration,
+        options: &[SockOpt],
+    ) {
+        let ring_options = if self.ring_sockopt && options.len() <= 6 {
+            options
+        } else {
+            for o in options {
+                let _ = crate::sys::set_int_option(fd, o);
+            }
+            &[]
+        };
+        // The connect and its timeout must land in the same submission for the link to
+        // hold: make room.
         let room = {
             let sq = self.ring.submission();
             sq.capacity() - sq.len()
         };
-        if room < 2 {
+        if room < 2 + ring_options.len() {
             let _ = self.ring.submit();
             self.submitted();
+        }
+        // The options first, not linked: an unlinked request runs when it is submitted,
+        // naming the socket by its number then (a linked one would run later, when the
+        // number may be another socket's, see `retire`); then the connect linked to its
+        // timeout. An option's result is not needed (as with the syscalls).
+        let values = self.values_of(ring_options);
+        for (o, value) in ring_options.iter().zip(values.iter()) {
+            let e = opcode::SetSockOpt::new(
+                types::Fd(fd),
+                o.level as u32,
+                o.name as u32,
+                (value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+            .build()
+            .user_data(key.with_tag(Tag::Ignore).0);
+            self.push(e);
         }
         let args = Box::new((addr.clone(), types::Timespec::from(timeout)));
         let connect = opcode::Connect::new(types::Fd(fd), args.0.as_ptr(), args.0.len())
@@ -376,14 +486,25 @@ impl Driver for Uring {
                 .user_data(marker),
         );
         let ts = types::Timespec::from(Duration::from_millis(100));
+        let mut cancelled = false;
         for _ in 0..20 {
             let args = types::SubmitArgs::new().timespec(&ts);
             let _ = self.ring.submitter().submit_with_args(1, &args);
             if self.ring.completion().any(|c| c.user_data() == marker) {
+                cancelled = true;
                 break;
             }
         }
+        if !cancelled {
+            // An accept may still be in the kernel, which would write its address box
+            // later: leak the boxes rather than free memory the kernel may write.
+            self.listeners
+                .drain()
+                .for_each(|(_, l)| std::mem::forget(l.peer));
+            self.stopped.drain().for_each(|(_, b)| std::mem::forget(b));
+        }
         self.listeners.clear();
+        self.stopped.clear();
         self.connecting.clear();
     }
 }
@@ -424,14 +545,22 @@ mod tests {
         let mut ring = Uring::new(wake.as_raw_fd()).unwrap();
         let timeout = Duration::from_secs(5);
 
+        let options = crate::relay::route::socket_options(Some(Duration::from_secs(77)));
+        let options = options.as_slice();
         let first = socket();
         let first_key = Key::new(Tag::Upstream, 1, 1);
-        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout);
+        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout, options);
         ring.unwatch(first_key, first.as_raw_fd());
         ring.retire(first.into());
         let second = socket();
         let second_key = Key::new(Tag::Upstream, 2, 1);
-        ring.connect(second_key, second.as_raw_fd(), &addr(&new), timeout);
+        ring.connect(
+            second_key,
+            second.as_raw_fd(),
+            &addr(&new),
+            timeout,
+            options,
+        );
 
         let deadline = Instant::now() + timeout;
         let mut events = Vec::new();
@@ -453,6 +582,26 @@ mod tests {
         assert_eq!(connected, Ok(()), "the second socket's connect");
         let peer: SocketAddr = second.peer_addr().unwrap().as_socket().unwrap();
         assert_eq!(peer, new.local_addr().unwrap(), "the second socket's peer");
+        // The options went with the connect (through the ring where it can).
+        assert!(second.nodelay().unwrap(), "TCP_NODELAY");
+        assert!(second.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            second.keepalive_time().unwrap(),
+            Duration::from_secs(77),
+            "TCP_KEEPIDLE"
+        );
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release.split(|c: char| !c.is_ascii_digit());
+        let version = (
+            v.next().and_then(|n| n.parse().ok()).unwrap_or(0u32),
+            v.next().and_then(|n| n.parse().ok()).unwrap_or(0u32),
+        );
+        if version >= (6, 7) {
+            assert!(
+                ring.ring_sockopt,
+                "Linux {version:?}: setsockopt through the ring"
+            );
+        }
         // The first socket's own connect may have reached the old upstream before its
         // cancellation: never from the second socket.
         let second_local: SocketAddr = second.local_addr().unwrap().as_socket().unwrap();
