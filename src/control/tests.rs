@@ -131,6 +131,7 @@ listen = "127.0.0.1:8081"
                 max_connections: Some(64),
                 hold: None,
                 wake: vec![],
+                source: Source::Relay,
             },
             Mapping {
                 ports: 40000..=40009,
@@ -140,6 +141,7 @@ listen = "127.0.0.1:8081"
                 max_connections: None,
                 hold: None,
                 wake: vec![],
+                source: Source::Relay,
             },
             Mapping {
                 ports: 30000..=30000,
@@ -149,6 +151,7 @@ listen = "127.0.0.1:8081"
                 max_connections: None,
                 hold: None,
                 wake: vec![],
+                source: Source::Relay,
             },
         ],
         tls: vec![TlsEntry {
@@ -210,6 +213,7 @@ fn defaults_when_relay_is_absent() {
             max_connections: None,
             hold: None,
             wake: vec![],
+            source: Source::Relay,
         }]
     );
     assert!(config.tls.is_empty());
@@ -492,6 +496,16 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         r#"t.toml:2:19: "removed_mapping" must be "close" or "keep", got "drop""#,
     ),
     (
+        "source not relay or client",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = \"proxy\"\n",
+        r#"t.toml:4:10: "source" must be "relay" or "client", got "proxy""#,
+    ),
+    (
+        "source wrong type",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = true\n",
+        r#"t.toml:4:10: "source" must be "relay" or "client""#,
+    ),
+    (
         "watch wrong type (a datetime)",
         "[relay]\nwatch = 1979-05-27\n",
         r#"t.toml:2:9: "watch" must be true or false"#,
@@ -697,6 +711,8 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
     ("pipe_size too big", &[code::OUT_OF_RANGE]),
     ("max_connections wrong type", &[code::WRONG_TYPE]),
     ("removed_mapping", &[code::BAD_VALUE]),
+    ("source not relay or client", &[code::BAD_VALUE]),
+    ("source wrong type", &[code::WRONG_TYPE]),
     ("watch wrong type (a datetime)", &[code::WRONG_TYPE]),
     ("duplicate port", &[code::DUPLICATE_PORT]),
     ("overlapping ranges", &[code::OVERLAPPING_PORTS]),
@@ -1083,4 +1099,11 @@ fn man_page_names_every_key() {
         missing.is_empty(),
         "keys missing from the man page: {missing:?}"
     );
+}
+
+#[test]
+fn source_client_is_read() {
+    let config = ok("[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = \"client\"\n\n[[map]]\nport = 2\nto = \"10.0.0.6:22\"\nsource = \"relay\"\n");
+    let sources: Vec<Source> = config.mappings.iter().map(|m| m.source).collect();
+    assert_eq!(sources, [Source::Client, Source::Relay]);
 }

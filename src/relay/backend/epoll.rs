@@ -15,7 +15,6 @@ use super::driver::{Driver, Event, Key, Tag};
 
 /// Connections taken from one listener per readiness report, so one busy port cannot starve
 /// the loop; the listener is level-triggered, so the rest come on the next wait.
-
 pub struct Epoll {
     epfd: OwnedFd,
     events: Vec<libc::epoll_event>,
