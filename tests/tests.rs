@@ -20,6 +20,8 @@
 //! - `websocket`: SSH over WebSocket: websocat as ssh's ProxyCommand on `ws://` and
 //!   `wss://`, tokens and refusals, a raw client for the frame protocol, half-close,
 //!   metrics.
+//! - `transparent`: `source = "client"` in network namespaces the test makes: sshd sees the
+//!   client's address (ssh, scp), the fallbacks by reason, `scripts/transparent-routing`.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -53,5 +55,7 @@ mod relay;
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;
+#[path = "cases/transparent.rs"]
+mod transparent;
 #[path = "cases/websocket.rs"]
 mod websocket;
