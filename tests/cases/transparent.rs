@@ -6,10 +6,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::util::files::{assert_same_file, random_file};
-use crate::util::metrics::Scrape;
+use crate::util::metrics::{wait_metric, Scrape};
 use crate::util::net::free_port;
 use crate::util::netns::{
     self, addr, Lab, Netns, CLIENT_V4, HOST_CLIENT_SIDE_V4, HOST_CLIENT_SIDE_V6,
@@ -37,22 +38,35 @@ struct Setup {
 }
 
 fn setup(routing: bool) -> Setup {
+    let mut s = setup_unlaunched(routing);
+    let (lab, sshd) = (&s.lab, &mut s.sshd);
+    lab.instance.enter(|| sshd.launch());
+    s
+}
+
+/// [`setup`] with sshd prepared but not started (an instance still booting).
+fn setup_unlaunched(routing: bool) -> Setup {
     let lab = Lab::new();
     if routing {
         lab.host.run(&[&script(), "up"]);
     }
-    let mut sshd = Sshd::prepare_at(SocketAddr::new(addr(INSTANCE_V4), 22));
-    lab.instance.enter(|| sshd.launch());
+    let sshd = Sshd::prepare_at(SocketAddr::new(addr(INSTANCE_V4), 22));
     Setup { lab, sshd }
 }
 
 /// The relay in the host namespace, listening on every address there, with one mapping
 /// `MAP` (`source = "client"`) from a port to the instance's sshd. Its port and metrics port.
 fn start_relay(s: &Setup, backend: Backend, how: Start) -> (Relay, u16, u16) {
+    start_relay_with(s, backend, how, "")
+}
+
+/// [`start_relay`] with `extra` lines in the mapping.
+fn start_relay_with(s: &Setup, backend: Backend, how: Start, extra: &str) -> (Relay, u16, u16) {
     let (port, metrics) = (free_port(), free_port());
+    let extra = format!("source = \"client\"\n{extra}");
     let toml = relay_section(Some(metrics), "")
         .replace("bind = [\"127.0.0.1\"]", "bind = [\"0.0.0.0\", \"::\"]")
-        + &map_section(port, s.sshd.addr(), MAP, "source = \"client\"\n");
+        + &map_section(port, s.sshd.addr(), MAP, &extra);
     let relay = s.lab.host.enter(|| Relay::start_with(&toml, backend, how));
     (relay, port, metrics)
 }
@@ -151,6 +165,54 @@ fn sshd_sees_the_client(backend: Backend) {
     assert!(fallback_logs(&relay).is_empty(), "{:?}", relay.logs());
 }
 data_path_test!(sshd_sees_the_client);
+
+/// A held connection (its instance still booting) makes a new upstream socket for each
+/// attempt: each binds the client's address too.
+fn a_held_connection_connects_from_the_client(backend: Backend) {
+    if !netns::available("transparent::a_held_connection_connects_from_the_client") {
+        return;
+    }
+    let s = setup_unlaunched(true);
+    let (_relay, port, metrics) =
+        start_relay_with(&s, backend, Start::default(), "hold = \"30s\"\n");
+    // ssh's ConnectTimeout (10 s) bounds its wait for the banner.
+    let ssh = s.lab.client.enter(|| {
+        s.sshd
+            .ssh_at(addr(HOST_CLIENT_SIDE_V4), port)
+            .arg("echo $SSH_CLIENT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ssh")
+    });
+    // The first connect was refused: the connection is held, retrying.
+    s.lab
+        .host
+        .enter(|| wait_metric(metrics, "portrelay_connections_held", &[("map", MAP)], 1.0));
+    let Setup { lab, mut sshd } = s;
+    lab.instance.enter(|| sshd.launch());
+    let out = ssh.wait_with_output().expect("ssh output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "ssh: {stderr}");
+    assert!(
+        stdout.starts_with(&format!("{CLIENT_V4} ")),
+        "sshd saw {stdout:?}\n{}",
+        sshd.log()
+    );
+    let scrape = lab.host.enter(|| Scrape::take(metrics));
+    for r in REASONS {
+        assert_eq!(
+            scrape.value(FALLBACKS, &[("map", MAP), ("reason", r)]),
+            0.0,
+            "{r}"
+        );
+    }
+}
+data_path_test!(a_held_connection_connects_from_the_client);
 
 /// A loopback client, an IPv6 client of the IPv4 instance and a client on the host's own
 /// address connect from the relay's address, each counted under its reason and logged
