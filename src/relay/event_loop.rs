@@ -753,6 +753,14 @@ impl<D: Driver> EventLoop<D> {
             return; // an earlier attempt's socket, gone
         }
         let key = key.with_tag(Tag::Client);
+        if let (Err(e), Some(t)) = (&result, &c.route.mapping.transparent) {
+            t.connect_failed(
+                &c.route.mapping.name,
+                c.upstream.fd.as_fd(),
+                c.client_addr.0,
+                e,
+            );
+        }
         match result {
             Ok(()) => {
                 if let Some(h) = c.hold.as_mut() {

@@ -42,6 +42,8 @@ pub struct Transparent {
     fallbacks: [metrics::Counter; Fallback::COUNT],
     /// Whether a fallback of each reason has been logged for this mapping.
     logged: [AtomicBool; Fallback::COUNT],
+    /// Whether a timed-out connect from a client's address has been logged.
+    timeout_logged: AtomicBool,
 }
 
 impl Transparent {
@@ -50,6 +52,7 @@ impl Transparent {
         (m.source == Source::Client).then(|| Transparent {
             fallbacks: fallback_counters(&m.name),
             logged: Default::default(),
+            timeout_logged: AtomicBool::new(false),
         })
     }
 
@@ -76,6 +79,34 @@ impl Transparent {
                     "source = \"client\" falls back to the relay's address (logged once per mapping and reason)"
                 );
             }
+        }
+    }
+
+    /// An upstream connect failed: when it timed out from the client's address, says
+    /// (once per mapping) what that usually means. The connection fails like any other
+    /// whose connect fails (or, held, retries).
+    pub fn connect_failed(
+        &self,
+        map: &str,
+        socket: BorrowedFd<'_>,
+        client: SocketAddr,
+        e: &io::Error,
+    ) {
+        let timed_out =
+            e.kind() == io::ErrorKind::TimedOut || e.raw_os_error() == Some(libc::ETIMEDOUT);
+        let from_client = SockRef::from(&socket)
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .is_some_and(|a| a.ip().to_canonical() == client.ip().to_canonical());
+        if timed_out && from_client && !self.timeout_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                map,
+                client = %client,
+                "an upstream connect from the client's address timed out: without the host \
+                 routing (scripts/transparent-routing up) the instance's answers never reach \
+                 the relay (logged once per mapping)"
+            );
         }
     }
 }

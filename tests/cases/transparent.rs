@@ -214,6 +214,48 @@ fn a_held_connection_connects_from_the_client(backend: Backend) {
 }
 data_path_test!(a_held_connection_connects_from_the_client);
 
+/// Without the host routing the instance's answers go past the relay: the transparent
+/// connect times out (`connect_timeout`, 1 s here) and fails like any connect, counted as
+/// `timeout`, and the relay says once what is likely missing. Nothing falls back.
+fn without_the_routing_the_connect_times_out(backend: Backend) {
+    if !netns::available("transparent::without_the_routing_the_connect_times_out") {
+        return;
+    }
+    let s = setup(false);
+    let (relay, port, metrics) = start_relay(&s, backend, Start::default());
+    let out = s.lab.client.enter(|| {
+        process::run(
+            s.sshd
+                .ssh_at(addr(HOST_CLIENT_SIDE_V4), port)
+                .arg("echo $SSH_CLIENT"),
+            Duration::from_secs(60),
+        )
+    });
+    assert!(!out.status.success(), "ssh got through: {}", out.stdout);
+    let hint = relay.wait_log(
+        |l| {
+            l.msg()
+                .contains("an upstream connect from the client's address timed out")
+        },
+        Duration::from_secs(10),
+    );
+    assert_eq!(hint.str("map"), Some(MAP), "{hint}");
+    let failures = s.lab.host.enter(|| {
+        wait_metric(
+            metrics,
+            "portrelay_upstream_connect_failures_total",
+            &[("map", MAP), ("reason", "timeout")],
+            1.0,
+        )
+    });
+    assert_eq!(
+        failures.sum("portrelay_upstream_connect_failures_total", &[("map", MAP)]),
+        1.0
+    );
+    assert_eq!(fallbacks(&s, metrics), counts(&[]));
+}
+data_path_test!(without_the_routing_the_connect_times_out);
+
 /// A loopback client, an IPv6 client of the IPv4 instance and a client on the host's own
 /// address connect from the relay's address, each counted under its reason and logged
 /// once per reason.
