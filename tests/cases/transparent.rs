@@ -4,7 +4,8 @@
 //! the relay's address (a loopback client, one of the other family, one local to the host,
 //! a relay without the capability), counted exactly. Also the routing script itself.
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use crate::util::netns::{
 };
 use crate::util::process;
 use crate::util::relay::{data_path_test, map_section, relay_section, Start};
-use crate::util::{Backend, Relay, Sshd};
+use crate::util::{poll, Backend, Relay, Sshd};
 
 const FALLBACKS: &str = "portrelay_transparent_fallbacks_total";
 const REASONS: [&str; 5] = ["loopback", "family", "local", "permission", "bind"];
@@ -57,14 +58,20 @@ fn setup_unlaunched(routing: bool) -> Setup {
 /// The relay in the host namespace, listening on every address there, with one mapping
 /// `MAP` (`source = "client"`) from a port to the instance's sshd. Its port and metrics port.
 fn start_relay(s: &Setup, backend: Backend, how: Start) -> (Relay, u16, u16) {
-    start_relay_with(s, backend, how, "")
+    start_relay_with(s, backend, how, "", "")
 }
 
-/// [`start_relay`] with `extra` lines in the mapping.
-fn start_relay_with(s: &Setup, backend: Backend, how: Start, extra: &str) -> (Relay, u16, u16) {
+/// [`start_relay`] with `relay` lines in `[relay]` and `extra` lines in the mapping.
+fn start_relay_with(
+    s: &Setup,
+    backend: Backend,
+    how: Start,
+    relay: &str,
+    extra: &str,
+) -> (Relay, u16, u16) {
     let (port, metrics) = (free_port(), free_port());
     let extra = format!("source = \"client\"\n{extra}");
-    let toml = relay_section(Some(metrics), "")
+    let toml = relay_section(Some(metrics), relay)
         .replace("bind = [\"127.0.0.1\"]", "bind = [\"0.0.0.0\", \"::\"]")
         + &map_section(port, s.sshd.addr(), MAP, &extra);
     let relay = s.lab.host.enter(|| Relay::start_with(&toml, backend, how));
@@ -174,7 +181,7 @@ fn a_held_connection_connects_from_the_client(backend: Backend) {
     }
     let s = setup_unlaunched(true);
     let (_relay, port, metrics) =
-        start_relay_with(&s, backend, Start::default(), "hold = \"30s\"\n");
+        start_relay_with(&s, backend, Start::default(), "", "hold = \"30s\"\n");
     // ssh's ConnectTimeout (10 s) bounds its wait for the banner.
     let ssh = s.lab.client.enter(|| {
         s.sshd
@@ -255,6 +262,46 @@ fn without_the_routing_the_connect_times_out(backend: Backend) {
     assert_eq!(fallbacks(&s, metrics), counts(&[]));
 }
 data_path_test!(without_the_routing_the_connect_times_out);
+
+/// Behind a trusted proxy the source is the address in its PROXY header (here one that no
+/// link of the host has: the routing delivers the answers all the same).
+fn a_proxied_client_is_the_source(backend: Backend) {
+    if !netns::available("transparent::a_proxied_client_is_the_source") {
+        return;
+    }
+    let s = setup(true);
+    let trusted = format!("trusted_proxies = [\"{CLIENT_V4}/32\"]");
+    let (_relay, port, metrics) = start_relay_with(&s, backend, Start::default(), &trusted, "");
+    let banner = s.lab.client.enter(|| {
+        let mut conn = TcpStream::connect((addr(HOST_CLIENT_SIDE_V4), port)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            conn,
+            "PROXY TCP4 198.51.100.7 {HOST_CLIENT_SIDE_V4} 40000 {port}\r\n"
+        )
+        .unwrap();
+        let mut banner = String::new();
+        BufReader::new(conn)
+            .read_line(&mut banner)
+            .expect("sshd's banner");
+        banner
+    });
+    assert!(banner.starts_with("SSH-2.0-"), "{banner:?}");
+    let seen = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+        s.sshd
+            .log()
+            .contains("Connection from 198.51.100.7 port 40000 on 172.31.0.2 port 22")
+            .then_some(())
+    });
+    assert!(
+        seen.is_some(),
+        "sshd saw the PROXY header's client:\n{}",
+        s.sshd.log()
+    );
+    assert_eq!(fallbacks(&s, metrics), counts(&[]));
+}
+data_path_test!(a_proxied_client_is_the_source);
 
 /// A loopback client, an IPv6 client of the IPv4 instance and a client on the host's own
 /// address connect from the relay's address, each counted under its reason and logged
