@@ -14,8 +14,8 @@ use crate::util::files::{assert_same_file, random_file};
 use crate::util::metrics::{wait_metric, Scrape};
 use crate::util::net::free_port;
 use crate::util::netns::{
-    self, addr, Lab, Netns, CLIENT_V4, HOST_CLIENT_SIDE_V4, HOST_CLIENT_SIDE_V6,
-    HOST_INSTANCE_SIDE_V4, INSTANCE_V4,
+    self, addr, Lab, Netns, CLIENT_V4, CLIENT_V6, HOST_CLIENT_SIDE_V4, HOST_CLIENT_SIDE_V6,
+    HOST_INSTANCE_SIDE_V4, INSTANCE_V4, INSTANCE_V6,
 };
 use crate::util::process;
 use crate::util::relay::{data_path_test, map_section, relay_section, Start};
@@ -172,6 +172,27 @@ fn sshd_sees_the_client(backend: Backend) {
     assert!(fallback_logs(&relay).is_empty(), "{:?}", relay.logs());
 }
 data_path_test!(sshd_sees_the_client);
+
+/// The same over IPv6: a client at fd00:10::2 reaches an sshd at [fd00:31::2]:22 from its
+/// own address.
+fn sshd_sees_the_ipv6_client(backend: Backend) {
+    if !netns::available("transparent::sshd_sees_the_ipv6_client") {
+        return;
+    }
+    let lab = Lab::new();
+    lab.host.run(&[&script(), "up"]);
+    let mut sshd = Sshd::prepare_at(SocketAddr::new(addr(INSTANCE_V6), 22));
+    lab.instance.enter(|| sshd.launch());
+    let s = Setup { lab, sshd };
+    let (_relay, port, metrics) = start_relay(&s, backend, Start::default());
+    let seen = ssh_client(&s, &s.lab.client, addr(HOST_CLIENT_SIDE_V6), port);
+    assert!(
+        seen.starts_with(&format!("{CLIENT_V6} ")),
+        "sshd saw {seen:?}"
+    );
+    assert_eq!(fallbacks(&s, metrics), counts(&[]));
+}
+data_path_test!(sshd_sees_the_ipv6_client);
 
 /// A held connection (its instance still booting) makes a new upstream socket for each
 /// attempt: each binds the client's address too.

@@ -165,6 +165,16 @@ impl Lab {
             host: Netns::new("host"),
             instance: Netns::new("inst"),
         };
+        // No duplicate address detection on the links to come: their link-local addresses
+        // would stay tentative for a second or more, and IPv6 neighbour discovery with them.
+        for ns in [&lab.client, &lab.host, &lab.instance] {
+            for key in [
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ] {
+                ns.run(&["sysctl", "-q", "-w", key]);
+            }
+        }
         lab.link(&lab.client, "to-client", "10.10.0", "fd00:10:");
         lab.link(&lab.instance, "to-instance", "172.31.0", "fd00:31:");
         for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
