@@ -155,7 +155,17 @@ fn host_addresses() -> Rc<Addresses> {
         match &*c {
             Some((at, a)) if at.elapsed() < ADDRESSES_TTL => a.clone(),
             _ => {
-                let a = Rc::new(sys::interface_addresses().unwrap_or_default());
+                let a = Rc::new(sys::interface_addresses().unwrap_or_else(|e| {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %e,
+                            "cannot read the host's interface addresses (getifaddrs); \
+                             source = \"client\" cannot tell local clients (logged once)"
+                        );
+                    }
+                    Vec::new()
+                }));
                 *c = Some((Instant::now(), a.clone()));
                 a
             }
