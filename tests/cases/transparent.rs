@@ -194,6 +194,47 @@ fn sshd_sees_the_ipv6_client(backend: Backend) {
 }
 data_path_test!(sshd_sees_the_ipv6_client);
 
+/// A reload that turns `source = "client"` on applies to the next connection, and its
+/// fallback series appear (at 0).
+fn a_reload_turns_the_client_source_on(backend: Backend) {
+    if !netns::available("transparent::a_reload_turns_the_client_source_on") {
+        return;
+    }
+    let s = setup(true);
+    let (port, metrics) = (free_port(), free_port());
+    let file = |source: &str| {
+        relay_section(Some(metrics), "").replace("bind = [\"127.0.0.1\"]", "bind = [\"0.0.0.0\"]")
+            + &map_section(
+                port,
+                s.sshd.addr(),
+                MAP,
+                &format!("source = \"{source}\"\n"),
+            )
+    };
+    let relay = s.lab.host.enter(|| Relay::start(&file("relay"), backend));
+    let seen = ssh_client(&s, &s.lab.client, addr(HOST_CLIENT_SIDE_V4), port);
+    assert!(
+        seen.starts_with(&format!("{HOST_INSTANCE_SIDE_V4} ")),
+        "sshd saw {seen:?}"
+    );
+    let scrape = s.lab.host.enter(|| Scrape::take(metrics));
+    assert_eq!(scrape.sum(FALLBACKS, &[]), 0.0);
+    assert!(
+        scrape.matching(FALLBACKS, &[]).next().is_none(),
+        "no series for source = relay"
+    );
+
+    relay.rewrite(&file("client"));
+    relay.wait_reloaded(2, Duration::from_secs(10));
+    let seen = ssh_client(&s, &s.lab.client, addr(HOST_CLIENT_SIDE_V4), port);
+    assert!(
+        seen.starts_with(&format!("{CLIENT_V4} ")),
+        "sshd saw {seen:?}"
+    );
+    assert_eq!(fallbacks(&s, metrics), counts(&[]));
+}
+data_path_test!(a_reload_turns_the_client_source_on);
+
 /// A held connection (its instance still booting) makes a new upstream socket for each
 /// attempt: each binds the client's address too.
 fn a_held_connection_connects_from_the_client(backend: Backend) {
