@@ -22,6 +22,8 @@
 //!   metrics.
 //! - `admin`: the admin socket: `portrelay sessions` and `portrelay kill` with real ssh and
 //!   sshd's own log, `--map` and `--client`, a PROXY header's client, bad admin clients.
+//! - `transparent`: `source = "client"` in network namespaces the test makes: sshd sees the
+//!   client's address (ssh, scp), the fallbacks by reason, `scripts/transparent-routing`.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -57,5 +59,7 @@ mod relay;
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;
+#[path = "cases/transparent.rs"]
+mod transparent;
 #[path = "cases/websocket.rs"]
 mod websocket;

@@ -171,6 +171,18 @@ pub struct Mapping {
     /// A command (argv, `{name}`, `{port}`, `{upstream}` not yet substituted) run once per
     /// waiting spell: when a held connection's first connect fails. Empty: none.
     pub wake: Vec<String>,
+    /// The address its upstream connects come from (`source`). Default [`Source::Relay`].
+    pub source: Source,
+}
+
+/// Where a mapping's upstream connects come from (`source`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// The relay's own address (a plain connect).
+    #[default]
+    Relay,
+    /// The real client's address (`IP_TRANSPARENT`), where that can work.
+    Client,
 }
 
 impl Mapping {

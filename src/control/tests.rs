@@ -132,6 +132,7 @@ listen = "127.0.0.1:8081"
                 max_connections: Some(64),
                 hold: None,
                 wake: vec![],
+                source: Source::Relay,
             },
             Mapping {
                 ports: 40000..=40009,
@@ -141,6 +142,7 @@ listen = "127.0.0.1:8081"
                 max_connections: None,
                 hold: None,
                 wake: vec![],
+                source: Source::Relay,
             },
             Mapping {
                 ports: 30000..=30000,
@@ -150,6 +152,7 @@ listen = "127.0.0.1:8081"
                 max_connections: None,
                 hold: None,
                 wake: vec![],
+                source: Source::Relay,
             },
         ],
         tls: vec![TlsEntry {
@@ -212,6 +215,7 @@ fn defaults_when_relay_is_absent() {
             max_connections: None,
             hold: None,
             wake: vec![],
+            source: Source::Relay,
         }]
     );
     assert!(config.tls.is_empty());
@@ -509,6 +513,16 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         r#"t.toml:2:16: "admin_socket" must be a string: an absolute path, or "" for none"#,
     ),
     (
+        "source not relay or client",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = \"proxy\"\n",
+        r#"t.toml:4:10: "source" must be "relay" or "client", got "proxy""#,
+    ),
+    (
+        "source wrong type",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = true\n",
+        r#"t.toml:4:10: "source" must be "relay" or "client""#,
+    ),
+    (
         "watch wrong type (a datetime)",
         "[relay]\nwatch = 1979-05-27\n",
         r#"t.toml:2:9: "watch" must be true or false"#,
@@ -720,6 +734,8 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
         &[code::BAD_VALUE],
     ),
     ("admin_socket wrong type", &[code::WRONG_TYPE]),
+    ("source not relay or client", &[code::BAD_VALUE]),
+    ("source wrong type", &[code::WRONG_TYPE]),
     ("watch wrong type (a datetime)", &[code::WRONG_TYPE]),
     ("duplicate port", &[code::DUPLICATE_PORT]),
     ("overlapping ranges", &[code::OVERLAPPING_PORTS]),
@@ -1106,4 +1122,11 @@ fn man_page_names_every_key() {
         missing.is_empty(),
         "keys missing from the man page: {missing:?}"
     );
+}
+
+#[test]
+fn source_client_is_read() {
+    let config = ok("[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = \"client\"\n\n[[map]]\nport = 2\nto = \"10.0.0.6:22\"\nsource = \"relay\"\n");
+    let sources: Vec<Source> = config.mappings.iter().map(|m| m.source).collect();
+    assert_eq!(sources, [Source::Client, Source::Relay]);
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::spanned::{Item, Key, LineIndex, Table, Value};
-use super::{code, Config, Mapping, RelaySettings, RemovedMapping, TlsEntry, WsEntry};
+use super::{code, Config, Mapping, RelaySettings, RemovedMapping, Source, TlsEntry, WsEntry};
 use crate::addr::UpstreamAddr;
 
 /// One problem, at a byte offset of the text.
@@ -75,6 +75,7 @@ pub(super) const MAP_KEYS: &[&str] = &[
     "max_connections",
     "hold",
     "wake",
+    "source",
 ];
 pub(super) const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
 pub(super) const WS_KEYS: &[&str] = &["listen", "path", "tokens", "ping_interval"];
@@ -183,6 +184,7 @@ struct MapDraft {
     max_connections: Option<u32>,
     hold: Option<Duration>,
     wake: Option<Vec<String>>,
+    source: Option<Source>,
 }
 
 impl MapDraft {
@@ -201,6 +203,7 @@ impl MapDraft {
             max_connections: self.max_connections,
             hold: self.hold,
             wake: self.wake.unwrap_or_default(),
+            source: self.source.unwrap_or_default(),
         })
     }
 }
@@ -464,6 +467,7 @@ impl Validator<'_> {
             max_connections: None,
             hold: None,
             wake: None,
+            source: None,
         };
         let (mut has_port, mut has_to, mut to_at) = (false, false, at);
         for (key, item) in table {
@@ -495,6 +499,7 @@ impl Validator<'_> {
                 "max_connections" => d.max_connections = self.u32_at_least(item, value_at, name, 1),
                 "hold" => d.hold = self.duration(item, value_at, name),
                 "wake" => d.wake = self.wake(item, value_at),
+                "source" => d.source = self.source_key(item, value_at),
                 _ => self.err(
                     key_at,
                     code::UNKNOWN_KEY,
@@ -1074,6 +1079,23 @@ impl Validator<'_> {
                     code::OUT_OF_RANGE,
                     format!("\"{name}\" must be between {min} and {}, got {n}", u32::MAX),
                 );
+                None
+            }
+        }
+    }
+
+    /// `source`: `"relay"` or `"client"`.
+    fn source_key(&mut self, item: &Item, at: usize) -> Option<Source> {
+        const FORMS: &str = "\"source\" must be \"relay\" or \"client\"";
+        match &item.value {
+            Value::String(s) if s == "relay" => Some(Source::Relay),
+            Value::String(s) if s == "client" => Some(Source::Client),
+            Value::String(s) => {
+                self.err(at, code::BAD_VALUE, format!("{FORMS}, got {s:?}"));
+                None
+            }
+            _ => {
+                self.err(at, code::WRONG_TYPE, FORMS);
                 None
             }
         }

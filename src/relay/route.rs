@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use super::transparent::Transparent;
 use crate::addr::{ListenAddr, UpstreamAddr};
 use crate::control::Mapping;
 use crate::metrics::{MappingMetrics, PortMetrics};
@@ -36,6 +37,8 @@ pub struct MappingState {
     /// Its wake command is running (at most one at a time).
     pub waking: Arc<AtomicBool>,
     pub metrics: MappingMetrics,
+    /// With `source = "client"`: how its upstream connects bind the client's address.
+    pub transparent: Option<Transparent>,
 }
 
 impl MappingState {
@@ -50,6 +53,7 @@ impl MappingState {
             held: AtomicU32::new(0),
             waking: Arc::default(),
             metrics: MappingMetrics::new(&m.name),
+            transparent: Transparent::of(m),
         }
     }
 
