@@ -1,5 +1,5 @@
 //! Thin syscall wrappers the data path needs and std lacks: pipes and splice(2), eventfd,
-//! the open-file limit. Every call is non-blocking; every `unsafe` names its invariants.
+//! the open-file limit, socket options, the host's interface addresses. Every call is non-blocking; every `unsafe` names its invariants.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -259,4 +259,47 @@ pub fn set_int_option(fd: RawFd, o: &SockOpt) -> io::Result<()> {
         )
     })
     .map(drop)
+}
+
+/// The addresses of this host's interfaces (in the calling thread's network namespace),
+/// each with its prefix length.
+pub fn interface_addresses() -> io::Result<Vec<(std::net::IpAddr, u8)>> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list that freeifaddrs below frees.
+    cvt(unsafe { libc::getifaddrs(&mut head) })?;
+    let mut out = Vec::new();
+    let mut at = head;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs made, not yet freed; its address
+        // and netmask pointers are null or point at a sockaddr of the family they name
+        // (sockaddr_in for AF_INET, sockaddr_in6 for AF_INET6), owned by the list.
+        unsafe {
+            let ifa = &*at;
+            let (addr, mask) = (ifa.ifa_addr, ifa.ifa_netmask);
+            if !addr.is_null() && !mask.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let a = &*(addr as *const libc::sockaddr_in);
+                        let m = &*(mask as *const libc::sockaddr_in);
+                        let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                        let prefix = u32::from_be(m.sin_addr.s_addr).count_ones() as u8;
+                        out.push((IpAddr::V4(ip), prefix));
+                    }
+                    libc::AF_INET6 => {
+                        let a = &*(addr as *const libc::sockaddr_in6);
+                        let m = &*(mask as *const libc::sockaddr_in6);
+                        let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                        let prefix = u128::from_be_bytes(m.sin6_addr.s6_addr).count_ones() as u8;
+                        out.push((IpAddr::V6(ip), prefix));
+                    }
+                    _ => {}
+                }
+            }
+            at = ifa.ifa_next;
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and nothing refers to the list past here.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }

@@ -25,6 +25,8 @@
 //! - `limits`: per-source limits: one cap over all loops, real ssh past the cap, the PROXY
 //!   header's client (IPv6 per /64) and the WebSocket client as the source, the rate
 //!   bucket, exempt CIDRs, reloads, held connections, the log summary, `check` errors.
+//! - `transparent`: `source = "client"` in network namespaces the test makes: sshd sees the
+//!   client's address (ssh, scp), the fallbacks by reason, `scripts/transparent-routing`.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -62,5 +64,7 @@ mod relay;
 mod reload;
 #[path = "cases/ssh.rs"]
 mod ssh;
+#[path = "cases/transparent.rs"]
+mod transparent;
 #[path = "cases/websocket.rs"]
 mod websocket;

@@ -18,7 +18,7 @@ pub const MISSING_KEY: &str = "missing_key";
 pub const WRONG_TYPE: &str = "wrong_type";
 /// An empty value where one is needed (`name`, `sni_suffix`, `cert`, `key`, `wake`).
 pub const EMPTY_VALUE: &str = "empty_value";
-/// A string that is not one of the forms its key accepts (`removed_mapping`, a `[[ws]]`
+/// A string that is not one of the forms its key accepts (`removed_mapping`, `source`, a `[[ws]]`
 /// `path` without `{name}`, an unknown placeholder in `wake`).
 pub const BAD_VALUE: &str = "bad_value";
 /// A duration string that does not parse.

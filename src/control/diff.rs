@@ -17,7 +17,7 @@ pub enum PortChange {
     /// Same port, new upstream: new connections go to the new upstream at once (the
     /// listener stays open); old ones follow `removed_mapping`.
     Retarget,
-    /// Same port and upstream; name, `allow` or limits changed: new connections see the
+    /// Same port and upstream; name, `allow`, limits or `source` changed: new connections see the
     /// change, live ones are untouched.
     Update,
 }
@@ -67,6 +67,7 @@ fn same_terms(a: &Mapping, b: &Mapping) -> bool {
         && a.hold == b.hold
         && a.wake == b.wake
         && a.per_source_max_connections == b.per_source_max_connections
+        && a.source == b.source
         && a.ports == b.ports
 }
 
@@ -135,6 +136,21 @@ mod tests {
                 name = "b"
                 "#,
                 vec![(2001, Retarget)],
+            ),
+            (
+                "source changed",
+                r#"
+                [[map]]
+                port = 2000
+                to = "127.0.0.1:22"
+                name = "a"
+                source = "client"
+                [[map]]
+                port = 2001
+                to = "127.0.0.1:23"
+                name = "b"
+                "#,
+                vec![(2000, Update)],
             ),
             (
                 "renamed and allow changed",

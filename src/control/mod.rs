@@ -195,6 +195,18 @@ pub struct Mapping {
     /// Connections one client source may have open at once to this mapping; `None` (or
     /// 0): no cap of its own.
     pub per_source_max_connections: Option<u32>,
+    /// The address its upstream connects come from (`source`). Default [`Source::Relay`].
+    pub source: Source,
+}
+
+/// Where a mapping's upstream connects come from (`source`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Source {
+    /// The relay's own address (a plain connect).
+    #[default]
+    Relay,
+    /// The real client's address (`IP_TRANSPARENT`), where that can work.
+    Client,
 }
 
 impl Mapping {

@@ -136,6 +136,7 @@ listen = "127.0.0.1:8081"
                 hold: None,
                 wake: vec![],
                 per_source_max_connections: None,
+                source: Source::Relay,
             },
             Mapping {
                 ports: 40000..=40009,
@@ -146,6 +147,7 @@ listen = "127.0.0.1:8081"
                 hold: None,
                 wake: vec![],
                 per_source_max_connections: None,
+                source: Source::Relay,
             },
             Mapping {
                 ports: 30000..=30000,
@@ -156,6 +158,7 @@ listen = "127.0.0.1:8081"
                 hold: None,
                 wake: vec![],
                 per_source_max_connections: None,
+                source: Source::Relay,
             },
         ],
         tls: vec![TlsEntry {
@@ -222,6 +225,7 @@ fn defaults_when_relay_is_absent() {
             hold: None,
             wake: vec![],
             per_source_max_connections: None,
+            source: Source::Relay,
         }]
     );
     assert!(config.tls.is_empty());
@@ -519,6 +523,16 @@ const ERROR_CASES: &[(&str, &str, &str)] = &[
         r#"t.toml:2:16: "admin_socket" must be a string: an absolute path, or "" for none"#,
     ),
     (
+        "source not relay or client",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = \"proxy\"\n",
+        r#"t.toml:4:10: "source" must be "relay" or "client", got "proxy""#,
+    ),
+    (
+        "source wrong type",
+        "[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = true\n",
+        r#"t.toml:4:10: "source" must be "relay" or "client""#,
+    ),
+    (
         "watch wrong type (a datetime)",
         "[relay]\nwatch = 1979-05-27\n",
         r#"t.toml:2:9: "watch" must be true or false"#,
@@ -780,6 +794,8 @@ const ERROR_CODES: &[(&str, &[&str])] = &[
         &[code::BAD_VALUE],
     ),
     ("admin_socket wrong type", &[code::WRONG_TYPE]),
+    ("source not relay or client", &[code::BAD_VALUE]),
+    ("source wrong type", &[code::WRONG_TYPE]),
     ("watch wrong type (a datetime)", &[code::WRONG_TYPE]),
     ("duplicate port", &[code::DUPLICATE_PORT]),
     ("overlapping ranges", &[code::OVERLAPPING_PORTS]),
@@ -1221,4 +1237,11 @@ to = "172.17.0.6:22"
     // "" is off, as when the key is absent.
     let off = ok("[relay]\nper_source_rate = \"\"\n");
     assert_eq!(off.relay.per_source_rate, None);
+}
+
+#[test]
+fn source_client_is_read() {
+    let config = ok("[[map]]\nport = 1\nto = \"10.0.0.5:22\"\nsource = \"client\"\n\n[[map]]\nport = 2\nto = \"10.0.0.6:22\"\nsource = \"relay\"\n");
+    let sources: Vec<Source> = config.mappings.iter().map(|m| m.source).collect();
+    assert_eq!(sources, [Source::Client, Source::Relay]);
 }

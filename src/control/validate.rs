@@ -11,7 +11,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::spanned::{Item, Key, LineIndex, Table, Value};
-use super::{code, Config, Mapping, RelaySettings, RemovedMapping, SourceRate, TlsEntry, WsEntry};
+use super::{
+    code, Config, Mapping, RelaySettings, RemovedMapping, Source, SourceRate, TlsEntry, WsEntry,
+};
 use crate::addr::UpstreamAddr;
 
 /// One problem, at a byte offset of the text.
@@ -79,6 +81,7 @@ pub(super) const MAP_KEYS: &[&str] = &[
     "hold",
     "wake",
     "per_source_max_connections",
+    "source",
 ];
 pub(super) const TLS_KEYS: &[&str] = &["listen", "cert", "key", "sni_suffix"];
 pub(super) const WS_KEYS: &[&str] = &["listen", "path", "tokens", "ping_interval"];
@@ -188,6 +191,7 @@ struct MapDraft {
     hold: Option<Duration>,
     wake: Option<Vec<String>>,
     per_source_max_connections: Option<u32>,
+    source: Option<Source>,
 }
 
 impl MapDraft {
@@ -207,6 +211,7 @@ impl MapDraft {
             hold: self.hold,
             wake: self.wake.unwrap_or_default(),
             per_source_max_connections: self.per_source_max_connections,
+            source: self.source.unwrap_or_default(),
         })
     }
 }
@@ -486,6 +491,7 @@ impl Validator<'_> {
             hold: None,
             wake: None,
             per_source_max_connections: None,
+            source: None,
         };
         let (mut has_port, mut has_to, mut to_at) = (false, false, at);
         for (key, item) in table {
@@ -520,6 +526,7 @@ impl Validator<'_> {
                 "per_source_max_connections" => {
                     d.per_source_max_connections = self.u32_at_least(item, value_at, name, 0)
                 }
+                "source" => d.source = self.source_key(item, value_at),
                 _ => self.err(
                     key_at,
                     code::UNKNOWN_KEY,
@@ -1163,6 +1170,23 @@ impl Validator<'_> {
                     code::OUT_OF_RANGE,
                     format!("\"{name}\" must be between {min} and {}, got {n}", u32::MAX),
                 );
+                None
+            }
+        }
+    }
+
+    /// `source`: `"relay"` or `"client"`.
+    fn source_key(&mut self, item: &Item, at: usize) -> Option<Source> {
+        const FORMS: &str = "\"source\" must be \"relay\" or \"client\"";
+        match &item.value {
+            Value::String(s) if s == "relay" => Some(Source::Relay),
+            Value::String(s) if s == "client" => Some(Source::Client),
+            Value::String(s) => {
+                self.err(at, code::BAD_VALUE, format!("{FORMS}, got {s:?}"));
+                None
+            }
+            _ => {
+                self.err(at, code::WRONG_TYPE, FORMS);
                 None
             }
         }

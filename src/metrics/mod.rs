@@ -46,6 +46,7 @@ pub const HELD: &str = "portrelay_connections_held";
 pub const WAKES: &str = "portrelay_wakes_total";
 pub const ADMIN_REQUESTS: &str = "portrelay_admin_requests_total";
 pub const PER_SOURCE_TABLE_FULL: &str = "portrelay_per_source_table_full_total";
+pub const TRANSPARENT_FALLBACKS: &str = "portrelay_transparent_fallbacks_total";
 
 /// Upstream connects take microseconds on a host bridge and seconds when an instance boots.
 const CONNECT_BUCKETS: &[f64] = &[
@@ -115,6 +116,26 @@ label_set! {
         Unreachable => "unreachable",
         Other => "other",
     }
+}
+
+label_set! {
+    /// Why a connection of a `source = "client"` mapping used the relay's address (the
+    /// `reason` label of [`TRANSPARENT_FALLBACKS`]).
+    Fallback {
+        Loopback => "loopback",
+        Family => "family",
+        Local => "local",
+        Permission => "permission",
+        Bind => "bind",
+    }
+}
+
+/// The fallback counters of one `source = "client"` mapping, one per [`Fallback`]: made
+/// with the mapping, so that its series show 0 before the first fallback.
+pub fn fallback_counters(map: &str) -> [Counter; Fallback::COUNT] {
+    let m = map.to_string();
+    Fallback::ALL
+        .map(|r| counter!(TRANSPARENT_FALLBACKS, "map" => m.clone(), "reason" => r.label()))
 }
 
 /// The rejection counters of one port, one per [`Rejection`].
@@ -411,6 +432,10 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
     describe_counter!(
         ADMIN_REQUESTS,
         "Admin socket requests answered, by result (error: a bad request, or a loop that did not answer)."
+    );
+    describe_counter!(
+        TRANSPARENT_FALLBACKS,
+        "Connections of source = \"client\" mappings that used the relay's address, by reason."
     );
     describe_counter!(
         LISTEN_FAILURES,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -651,8 +651,16 @@ impl<D: Driver> EventLoop<D> {
         let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
             return;
         };
-        let fd = c.upstream.fd.as_raw_fd();
         let route = c.route.clone();
+        if let Some(t) = &route.mapping.transparent {
+            t.bind(
+                &route.mapping.name,
+                c.upstream.fd.as_fd(),
+                c.client_addr.0,
+                route.upstream.0,
+            );
+        }
+        let fd = c.upstream.fd.as_raw_fd();
         // A held connection's attempt ends by its hold's end at the latest.
         let timeout = match &c.hold {
             Some(h) => self
@@ -773,6 +781,14 @@ impl<D: Driver> EventLoop<D> {
             return; // an earlier attempt's socket, gone
         }
         let key = key.with_tag(Tag::Client);
+        if let (Err(e), Some(t)) = (&result, &c.route.mapping.transparent) {
+            t.connect_failed(
+                &c.route.mapping.name,
+                c.upstream.fd.as_fd(),
+                c.client_addr.0,
+                e,
+            );
+        }
         match result {
             Ok(()) => {
                 if let Some(h) = c.hold.as_mut() {

@@ -43,6 +43,7 @@ mod route;
 mod sessions;
 mod slab;
 mod timers;
+mod transparent;
 mod wake;
 
 use crate::sys;
@@ -207,6 +208,7 @@ impl Relay {
     /// Starts `threads` loops on `backend`, then applies `config`: returns once every loop
     /// is accepting on every listener that could be opened (the others are logged).
     pub fn start(config: Config, backend: Backend, threads: usize) -> anyhow::Result<Relay> {
+        transparent::probe(&config.mappings);
         let nofile = sys::raise_nofile_limit().unwrap_or(0);
         // Each connection holds 2 fds (one in admission holds 1, and counts in the cap
         // too), each pipe 2; leave room for listeners and the rest.
@@ -285,6 +287,7 @@ impl Relay {
     /// connections of removed and retargeted ports. Ports that do not change, and their
     /// connections, are not touched. Returns once every loop has applied it.
     pub fn apply(&mut self, new: Config) -> anyhow::Result<Applied> {
+        transparent::probe(&new.mappings);
         // Everything that can fail on the file's account fails here, before any change.
         let mut ws_endpoints = Vec::new();
         for entry in &new.ws {

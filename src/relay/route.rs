@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use super::transparent::Transparent;
 use crate::addr::{ListenAddr, UpstreamAddr};
 use crate::control::Mapping;
 use crate::metrics::{MappingMetrics, PortMetrics};
@@ -38,6 +39,8 @@ pub struct MappingState {
     /// Its own cap of connections per client source; `None`: none.
     pub per_source_max_connections: Option<u32>,
     pub metrics: MappingMetrics,
+    /// With `source = "client"`: how its upstream connects bind the client's address.
+    pub transparent: Option<Transparent>,
 }
 
 impl MappingState {
@@ -53,6 +56,7 @@ impl MappingState {
             waking: Arc::default(),
             per_source_max_connections: m.per_source_max_connections,
             metrics: MappingMetrics::new(&m.name),
+            transparent: Transparent::of(m),
         }
     }
 

@@ -10,6 +10,7 @@
 //!   hole, client helpers.
 //! - [`files`]: random files, comparing files, SHA-256.
 //! - [`process`]: run a command with a deadline.
+//! - [`netns`]: network namespaces a test makes (deleted on drop), the transparent-source lab.
 //!
 //! Nothing here sleeps to wait for readiness: every wait polls a condition with a short
 //! interval under a deadline, and panics with what it saw when the deadline passes.
@@ -22,6 +23,7 @@ pub mod haproxy;
 pub mod log;
 pub mod metrics;
 pub mod net;
+pub mod netns;
 pub mod process;
 pub mod relay;
 pub mod sshd;

@@ -265,6 +265,9 @@ pub struct Start {
     /// Run the relay under a seccomp filter that fails `io_uring_setup` with EPERM, as
     /// Docker's default profile does.
     pub deny_io_uring: bool,
+    /// A program (and its arguments) that runs the relay: `program` and the relay's
+    /// arguments follow it (say `setpriv --bounding-set=-net_admin --`). Empty: none.
+    pub wrapper: Vec<String>,
 }
 
 /// The harness's relays run this many event loops.
@@ -278,6 +281,7 @@ impl Default for Start {
             env: Vec::new(),
             program: PathBuf::from(BIN),
             deny_io_uring: false,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -352,7 +356,14 @@ impl Relay {
     pub fn start_with(toml: &str, backend: Backend, how: Start) -> Relay {
         use std::os::unix::process::CommandExt;
         let control = ControlFile::new(toml);
-        let mut cmd = Command::new(&how.program);
+        let mut cmd = match how.wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut cmd = Command::new(wrapper);
+                cmd.args(args).arg(&how.program);
+                cmd
+            }
+            None => Command::new(&how.program),
+        };
         cmd.arg("run")
             .arg("--config")
             .arg(control.path())

@@ -2,7 +2,7 @@
 //! and `ssh`/`scp`/`sftp` commands that log in to it as root with its own client key.
 
 use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -29,6 +29,8 @@ pub struct Sshd {
     /// `None`: prepared, started elsewhere (if at all).
     child: Option<Child>,
     dir: TempDir,
+    /// The address it listens on: 127.0.0.1 unless [`Sshd::prepare_at`] said otherwise.
+    ip: IpAddr,
     port: u16,
     client_key: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
@@ -63,6 +65,13 @@ impl Sshd {
     /// commands work as for a started one. On drop, an sshd started elsewhere is ended
     /// through its pid file.
     pub fn prepare(port: u16) -> Sshd {
+        Sshd::prepare_at(SocketAddr::from((LOCALHOST, port)))
+    }
+
+    /// [`Sshd::prepare`] for an sshd listening on `addr` (an instance's address in a
+    /// network namespace: launch it from a thread in that namespace).
+    pub fn prepare_at(addr: SocketAddr) -> Sshd {
+        let port = addr.port();
         let sshd = sshd_binary();
         assert!(
             sshd.exists(),
@@ -88,7 +97,7 @@ impl Sshd {
             &config,
             format!(
                 "Port {port}\n\
-                 ListenAddress 127.0.0.1\n\
+                 ListenAddress {listen}\n\
                  HostKey {host_key}\n\
                  AuthorizedKeysFile {authorized_keys}\n\
                  PidFile {pid}\n\
@@ -106,12 +115,14 @@ impl Sshd {
                 host_key = host_key.display(),
                 authorized_keys = authorized_keys.display(),
                 pid = dir.path().join("sshd.pid").display(),
+                listen = addr,
             ),
         )
         .expect("write sshd_config");
         Sshd {
             child: None,
             dir,
+            ip: addr.ip(),
             port,
             client_key,
             log: Arc::default(),
@@ -142,7 +153,7 @@ impl Sshd {
         tee_lines(child.stderr.take().unwrap(), "[sshd]", move |l| {
             sink.lock().unwrap().push(l)
         });
-        match wait_banner(&mut child, self.port) {
+        match wait_banner(&mut child, self.addr()) {
             Ok(()) => {
                 self.child = Some(child);
                 Ok(())
@@ -162,7 +173,7 @@ impl Sshd {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((LOCALHOST, self.port))
+        SocketAddr::new(self.ip, self.port)
     }
 
     /// The sshd's tempdir (root may write there over ssh, scp and sftp).
@@ -202,6 +213,15 @@ impl Sshd {
         self.client_options(&mut cmd);
         cmd.arg("-p").arg(port.to_string());
         cmd.arg("root@127.0.0.1");
+        cmd
+    }
+
+    /// `ssh … -p PORT root@HOST`: to a relay listening on `host` (not 127.0.0.1).
+    pub fn ssh_at(&self, host: IpAddr, port: u16) -> Command {
+        let mut cmd = Command::new("ssh");
+        self.client_options(&mut cmd);
+        cmd.arg("-p").arg(port.to_string());
+        cmd.arg(format!("root@{host}"));
         cmd
     }
 
@@ -280,8 +300,8 @@ fn keygen(path: &Path) {
 }
 
 /// Connects until sshd answers with its banner, retrying while the port refuses.
-fn wait_banner(child: &mut Child, port: u16) -> Result<(), String> {
-    let addr = SocketAddr::from((LOCALHOST, port));
+fn wait_banner(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
+    let port = addr.port();
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut last = String::from("never tried");
     while Instant::now() < deadline {
