@@ -619,11 +619,37 @@ impl Relay {
     /// `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         match process::wait_deadline(&mut self.child, timeout) {
-            Some(status) => status,
+            Some(status) => {
+                self.wait_log_end(Duration::from_secs(5));
+                status
+            }
             None => panic!(
                 "relay still running {timeout:?} later; log:\n{}",
                 dump(&self.log.state.lock().unwrap().lines)
             ),
+        }
+    }
+}
+
+impl Relay {
+    /// Waits until the log reader has read the relay's stderr to its end, so that
+    /// [`Relay::log_lines`] holds every line the relay wrote before it exited (its last lines
+    /// may still be in the pipe when the process is reaped). Bounded by `timeout`: a process
+    /// that inherited the relay's stderr could keep it open.
+    fn wait_log_end(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.log.state.lock().unwrap();
+        while !state.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            state = self
+                .log
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 }
