@@ -318,7 +318,7 @@ mod tests {
             ),
             (
                 r#"{"v":1,"op":"sessions","x":1}"#,
-                "bad request: unknown field `x`, expected one of `v`, `op`, `map`, `ids`, `client`",
+                "bad request: unknown field `x`, expected one of `v`, `op`, `map`, `ids`, `client`, `binary`",
             ),
         ];
         for (line, want) in cases {
