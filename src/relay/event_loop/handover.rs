@@ -266,6 +266,10 @@ impl<D: Driver> EventLoop<D> {
         let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
             return;
         };
+        // What a held connection replays goes to the new socket from its start.
+        if let Some(r) = c.hold.as_mut().and_then(|h| h.replay.as_mut()) {
+            r.restart();
+        }
         let old = std::mem::replace(&mut c.upstream, Side::new(socket.into()));
         self.driver.retire(old.fd);
         self.start_connect(key);
