@@ -280,7 +280,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(admin::Server::start(path, sessions.clone())?),
         None => None,
     };
-    let mut generation = handoff.as_ref().map_or(1, |h| h.state.generation);
+    // An upgrade goes on with the old process's generation; a file changed on disk since
+    // its last reload is a new one.
+    let mut generation = handoff.as_ref().map_or(1, |h| {
+        h.state.generation + u64::from(h.state.config_text != config_text)
+    });
     portrelay::metrics::set_generation(generation, mappings);
     if let Some(addr) = metrics_addr {
         let inherited = handoff.as_mut().and_then(|h| h.metrics_listener());
