@@ -5,6 +5,7 @@
 //!   format, and the rule that drops the series of mappings that are gone.
 //! - [`http`]: the endpoint, which no client can stall.
 //! - `process`: the `process_*` figures, from /proc.
+//! - [`snapshot`]: the counters as values and their binary form, for a live upgrade.
 //!
 //! The hot path never looks a metric up: a route gets its handles once, when it is built,
 //! and counting is one relaxed atomic operation on a handle. Connections hold their route,
@@ -24,8 +25,10 @@ use metrics::{
 pub mod http;
 mod process;
 pub mod registry;
+pub mod snapshot;
 
 pub use registry::{Live, Registry};
+pub use snapshot::{Counted, CounterValue, HistogramCounts};
 
 pub const ACCEPTED: &str = "portrelay_connections_accepted_total";
 pub const ACTIVE: &str = "portrelay_connections_active";
@@ -368,6 +371,20 @@ pub fn live(config: &crate::control::Config) -> Live {
 pub fn set_live(live: Live) {
     if let Some(registry) = REGISTRY.get() {
         registry.set_live(live);
+    }
+}
+
+/// What the process's counters and histograms have counted (see [`snapshot`]); empty
+/// before [`install`].
+pub fn counters_snapshot() -> Vec<CounterValue> {
+    REGISTRY.get().map_or_else(Vec::new, |r| r.counters())
+}
+
+/// Adds `values` (the process before's [`counters_snapshot`]) to the process's series,
+/// once, so that they count on from there (see [`Registry::restore`]). After [`install`].
+pub fn restore_counters(values: &[CounterValue]) {
+    if let Some(registry) = REGISTRY.get() {
+        registry.restore(values);
     }
 }
 
