@@ -1,5 +1,6 @@
 //! portrelay: command line → settings → logging → run; errors → exit codes.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,7 +259,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = portrelay::metrics::install()?;
     portrelay::metrics::set_backend(backend.name());
     if let Some(h) = &handoff {
-        portrelay::metrics::restore_state(&h.state.counters);
         relay::continue_ids_from(h.state.next_id);
     }
     let metrics_addr = config.relay.metrics;
@@ -267,9 +267,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mappings = config.mappings.len();
     let wanted_listeners = config.mappings.len() + config.tls.len();
     let live = portrelay::metrics::live(&config);
-    let inherited = handoff.as_mut().map(|h| h.listeners()).unwrap_or_default();
+    let mut inherited = HashMap::new();
+    for (addr, fd) in handoff.as_mut().map(|h| h.listeners()).unwrap_or_default() {
+        let l = relay::Listener::from_fd(addr, fd)
+            .map_err(|e| anyhow::anyhow!("an inherited listener: {e}"))?;
+        inherited.insert(addr, l);
+    }
     let mut relay = Relay::start_inheriting(config, backend, threads, inherited)?;
     portrelay::metrics::set_live(live);
+    if let Some(h) = &handoff {
+        // After `set_live`: a restored series of a mapping not in force would be dropped.
+        portrelay::metrics::restore_state(&h.state.counters);
+    }
     if wanted_listeners > 0 && relay.listener_count() == 0 {
         // Some ports failing is reported and retried at each reload; none at all is a relay
         // that serves nothing, which a supervisor should see as a failed start.
@@ -381,6 +390,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                             ms: o.ms,
                         }));
                         handed_over = Some(o);
+                        upgrade::wait_delivered(&ask.delivered);
                         break;
                     }
                     Err(e) => {

@@ -371,7 +371,13 @@ pub fn default_binary() -> PathBuf {
 pub struct Ask {
     pub binary: Option<PathBuf>,
     pub answer: std::sync::mpsc::Sender<Result<Report, String>>,
+    /// Disconnected once the asker has passed the answer on (written it to its client): the
+    /// old process waits for that before it exits.
+    pub delivered: std::sync::mpsc::Receiver<()>,
 }
+
+/// Held by the asker until it has passed the answer on; dropping it says so.
+pub struct Delivered(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
 
 /// What an upgrade came to, for whoever asked.
 #[derive(Clone, Debug)]
@@ -391,13 +397,33 @@ pub fn on_ask(handler: impl Fn(Ask) -> bool + Send + Sync + 'static) {
     let _ = ASKS.set(Box::new(handler));
 }
 
-/// Asks the control thread for an upgrade and waits for its end.
-pub fn ask(binary: Option<PathBuf>) -> Result<Report, String> {
-    let handler = ASKS.get().ok_or("this relay takes no upgrade requests")?;
+/// Asks the control thread for an upgrade and waits for its end. Drop the [`Delivered`]
+/// once the answer is passed on.
+pub fn ask(binary: Option<PathBuf>) -> (Result<Report, String>, Delivered) {
+    let (dtx, drx) = std::sync::mpsc::channel();
+    let delivered = Delivered(dtx);
+    let Some(handler) = ASKS.get() else {
+        return (
+            Err("this relay takes no upgrade requests".into()),
+            delivered,
+        );
+    };
     let (tx, rx) = std::sync::mpsc::channel();
-    if !handler(Ask { binary, answer: tx }) {
-        return Err("the relay is stopping".into());
+    if !handler(Ask {
+        binary,
+        answer: tx,
+        delivered: drx,
+    }) {
+        return (Err("the relay is stopping".into()), delivered);
     }
-    rx.recv_timeout(PREFLIGHT_TIMEOUT + FREEZE_TIMEOUT + ADOPT_TIMEOUT + Duration::from_secs(10))
-        .map_err(|_| "the upgrade did not finish in time".to_string())?
+    let limit = PREFLIGHT_TIMEOUT + FREEZE_TIMEOUT + ADOPT_TIMEOUT + Duration::from_secs(10);
+    let result = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| Err("the upgrade did not finish in time".to_string()));
+    (result, delivered)
+}
+
+/// Waits (at most a second) until the asker has passed its answer on.
+pub fn wait_delivered(delivered: &std::sync::mpsc::Receiver<()>) {
+    let _ = delivered.recv_timeout(Duration::from_secs(1));
 }
