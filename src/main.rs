@@ -439,6 +439,11 @@ fn upgrade(
     ctx: &upgrade::Context,
 ) -> Result<upgrade::Outcome, String> {
     tracing::info!(binary = %binary.display(), "upgrade started");
+    // The upgrade may keep this thread for up to ~20 s (preflight, freeze, adoption, each
+    // bounded): a watchdog ping now keeps systemd's WatchdogSec from running out meanwhile.
+    if relay.ping(Duration::from_secs(1)) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
     let admin_path = admin.as_ref().map(|a| a.path().to_owned());
     *admin = None;
     match upgrade::hand_over(relay, binary, ctx) {
