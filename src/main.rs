@@ -273,7 +273,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("an inherited listener: {e}"))?;
         inherited.insert(addr, l);
     }
-    let mut relay = Relay::start_inheriting(config, backend, threads, inherited)?;
+    let mut relay = if handoff.is_some() {
+        Relay::start_adopting(config, backend, threads, inherited)?
+    } else {
+        Relay::start(config, backend, threads)?
+    };
     portrelay::metrics::set_live(live);
     if let Some(h) = &handoff {
         // After `set_live`: a restored series of a mapping not in force would be dropped.

@@ -170,8 +170,11 @@ pub enum Command {
         HashMap<RawFd, OwnedFd>,
         mpsc::Sender<Result<usize, String>>,
     ),
-    /// Give every connection a turn (after an adoption or a rollback).
+    /// The new process, once the old one has let go: start what was adopted, accept
+    /// again, and give every connection a turn.
     Kick,
+    /// The new process, from its start: accept nothing until `Kick`.
+    HoldAccepts,
 }
 
 /// What a frozen loop hands over: the records of the connections that can move, and how
@@ -264,6 +267,27 @@ impl Relay {
         threads: usize,
         inherited: HashMap<SocketAddr, Listener>,
     ) -> anyhow::Result<Relay> {
+        Relay::start_with(config, backend, threads, inherited, false)
+    }
+
+    /// [`Relay::start_inheriting`] for a process taking over at an upgrade: it accepts
+    /// nothing until [`Relay::kick`] (the old process may still roll back until then).
+    pub fn start_adopting(
+        config: Config,
+        backend: Backend,
+        threads: usize,
+        inherited: HashMap<SocketAddr, Listener>,
+    ) -> anyhow::Result<Relay> {
+        Relay::start_with(config, backend, threads, inherited, true)
+    }
+
+    fn start_with(
+        config: Config,
+        backend: Backend,
+        threads: usize,
+        inherited: HashMap<SocketAddr, Listener>,
+        hold: bool,
+    ) -> anyhow::Result<Relay> {
         transparent::probe(&config.mappings);
         let nofile = sys::raise_nofile_limit().unwrap_or(0);
         // Each connection holds 2 fds (one in admission holds 1, and counts in the cap
@@ -323,6 +347,9 @@ impl Relay {
             routes: Arc::default(),
             pipes: (config.relay.pipe_size, config.relay.max_pipes),
         };
+        if hold {
+            relay.broadcast(vec![Command::HoldAccepts]);
+        }
         relay.apply(config)?;
         Ok(relay)
     }
@@ -643,7 +670,8 @@ impl Relay {
         Ok(adopted)
     }
 
-    /// Every connection gets a turn (after an adoption).
+    /// After an adoption: every adopted connection starts, accepting starts, every
+    /// connection gets a turn.
     pub fn kick(&self) {
         self.broadcast(vec![Command::Kick]);
     }
@@ -687,6 +715,7 @@ impl Command {
             Command::Sessions(tx) => Command::Sessions(tx.clone()),
             Command::Kill(s, tx) => Command::Kill(s.clone(), tx.clone()),
             Command::Kick => Command::Kick,
+            Command::HoldAccepts => Command::HoldAccepts,
             Command::Freeze(..) | Command::Adopt(..) => {
                 unreachable!("sent to each loop on its own, never broadcast")
             }
