@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{Entry, EventLoop, Key, Tag, TLS_HANDSHAKE_TIMEOUT};
 use crate::addr::{ClientAddr, UpstreamAddr};
 use crate::control::RemovedMapping;
-use crate::limits::SourcePermit;
+use crate::limits::{Policy, SourcePermit};
 use crate::metrics;
 use crate::relay::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, WsRequest};
 use crate::relay::backend::driver::Driver;
@@ -196,10 +196,16 @@ impl<D: Driver> EventLoop<D> {
     ) -> Result<(), String> {
         let why = |e: std::io::Error| format!("connection {}: {e}", r.id);
         let (route, doomed) = self.adopted_route(r);
+        let ip = r.client_addr.ip();
+        let sources = &self.shared.sources;
+        let source_permit = match Policy::of(&self.settings, route.mapping.per_source(), ip) {
+            Some(policy) => sources.adopt(ip, &policy),
+            None => SourcePermit::none(sources),
+        };
         let caps = (
             Permit::adopt(&self.shared),
             MappingPermit::adopt(&route.mapping),
-            SourcePermit::none(&self.shared.sources),
+            source_permit,
         );
         let c = Connection::adopt(r, fds, route, caps, &mut self.pool, self.now).map_err(why)?;
         c.route.metrics.active.increment(1.0);
