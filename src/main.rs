@@ -478,9 +478,10 @@ fn after_hand_over(
     rx: &mpsc::Receiver<ControlEvent>,
 ) -> anyhow::Result<()> {
     if outcome.stayed > 0 {
+        // TLS sessions cannot move: they stay here until they end.
         tracing::info!(
             connections = outcome.stayed,
-            "draining after upgrade: the TLS sessions stay here until they end"
+            "draining after upgrade"
         );
     }
     while !relay.loops_done() {
