@@ -720,10 +720,14 @@ const BLOCK: usize = 64 * 1024;
 /// What one [`EchoStream`] may send at most, and for how long.
 const STREAM_MAX: u64 = 4 << 30;
 const STREAM_TIME: Duration = Duration::from_secs(120);
+/// An [`EchoStream`] sends at most a block a millisecond (64 MB/s): bytes are in flight
+/// at any moment, and the 2 cores are left to the upgrade.
+const STREAM_PACE: Duration = Duration::from_millis(1);
 
 /// A raw TCP connection through the relay to an echo upstream that carries a stream both
 /// ways while the test upgrades the relay: a writer thread sends numbered 64 KiB blocks
-/// until [`EchoStream::finish`], a reader thread checks every byte that comes back.
+/// (at most 64 MB/s) until [`EchoStream::finish`], a reader thread checks every byte that
+/// comes back.
 pub struct EchoStream {
     local: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -754,7 +758,8 @@ impl EchoStream {
             let (mut out, pattern) = (conn.try_clone().unwrap(), pattern.clone());
             let (stop, tail) = (Arc::clone(&stop), Arc::clone(&tail));
             std::thread::spawn(move || {
-                let deadline = Instant::now() + STREAM_TIME;
+                let start = Instant::now();
+                let deadline = start + STREAM_TIME;
                 let mut sent = 0u64;
                 let mut stopped_at = None;
                 for index in 0.. {
@@ -767,6 +772,9 @@ impl EchoStream {
                     if sent >= STREAM_MAX || Instant::now() > deadline {
                         return Err(format!("the stream was never stopped ({sent} bytes sent)"));
                     }
+                    // Pacing, not waiting for readiness.
+                    let due = start + STREAM_PACE * index as u32;
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
                     out.write_all(&block(index, &pattern))
                         .map_err(|e| format!("write after {sent} bytes: {e}"))?;
                     sent += BLOCK as u64;
