@@ -16,10 +16,27 @@ pub const VERSION: &str = match option_env!("PORTRELAY_VERSION") {
     None => env!("CARGO_PKG_VERSION"),
 };
 
+/// The build tag: 16 bytes after a marker, `.`-padded, that a packager (or a test making a
+/// "different" copy of a binary) may overwrite in the file without rebuilding.
+#[used]
+static BUILD_TAG: [u8; 39] = *b"@@portrelay-build-tag@@dev.............";
+
+/// `--version`'s text: the version and the build tag, e.g. `0.3.0 (git 1a2b3c4) (build dev)`.
+pub fn version_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        // Read through an opaque reference: from the file's image at run time, never
+        // folded into the code at build time.
+        let tag: [u8; 39] = *std::hint::black_box(&BUILD_TAG);
+        let tag = String::from_utf8_lossy(&tag[23..]);
+        format!("{VERSION} (build {})", tag.trim_end_matches('.'))
+    })
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "portrelay",
-    version = VERSION,
+    version = version_text(),
     about = "Kernel-assisted TCP relay for SSH on multi-instance hosts"
 )]
 pub struct Cli {
@@ -69,6 +86,17 @@ pub enum Command {
         /// Every connection whose real client is in ADDR[/PREFIX].
         #[arg(long, value_name = "ADDR[/PREFIX]", group = "selector")]
         client: Option<String>,
+    },
+    /// Replace the running relay with a new binary without cutting a connection: the new
+    /// process takes over every listener and connection (TLS sessions stay with the old
+    /// one until they end); on any failure the old one goes on serving.
+    Upgrade {
+        /// The relay's admin socket (its control file's admin_socket).
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// The binary to start (default: the path the running relay was started from).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
     },
 }
 

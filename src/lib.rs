@@ -26,4 +26,5 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod sys;
 pub mod tls;
+pub mod upgrade;
 pub mod websocket;

@@ -303,3 +303,56 @@ pub fn interface_addresses() -> io::Result<Vec<(std::net::IpAddr, u8)>> {
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
 }
+
+/// Bytes queued to read on a pipe or socket (FIONREAD).
+pub fn fionread(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which is valid for the call.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) })?;
+    Ok(n as usize)
+}
+
+/// An anonymous in-memory file (memfd), close-on-exec, named `name` in /proc.
+pub fn memfd(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    // SAFETY: `name` is a NUL-terminated string valid for the call.
+    let fd = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: memfd_create returned a new fd that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// What kind of file `fd` is (the `S_IFMT` bits of fstat), or an error if it is not open.
+pub fn file_type(fd: RawFd) -> io::Result<libc::mode_t> {
+    // SAFETY: an all-zero stat is a valid value to be overwritten by fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is valid for writes for the whole call.
+    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// Sets or clears close-on-exec on `fd`.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_SETFD takes an integer flag, no pointer.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) }).map(drop)
+}
+
+/// Waits up to `timeout` for `fd` to be readable (or to report an error or hang-up):
+/// `Ok(false)` when the time ran out or a signal came first.
+pub fn wait_readable_for(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n >= 0 {
+        return Ok(n > 0);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::Interrupted {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}

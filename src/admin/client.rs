@@ -34,6 +34,30 @@ pub enum ClientError {
 
 /// Sends one request and reads its reply.
 pub fn ask(path: &Path, request: &Request) -> Result<Reply, ClientError> {
+    ask_within(path, request, REPLY_TIMEOUT)
+}
+
+/// `portrelay upgrade`: the line to print once the new process has taken over.
+pub fn upgrade(path: &Path, binary: Option<String>) -> Result<String, ClientError> {
+    match ask_within(path, &Request::Upgrade { binary }, UPGRADE_TIMEOUT)? {
+        Reply::Upgraded {
+            pid,
+            moved,
+            stayed,
+            ms,
+            ..
+        } => Ok(format!(
+            "upgraded: pid {pid}, {moved} connections moved, {stayed} stayed (TLS), {ms} ms\n"
+        )),
+        other => Err(ClientError::BadReply(format!("{other:?}"))),
+    }
+}
+
+/// How long `portrelay upgrade` waits for the relay's answer (its own steps are bounded
+/// by less).
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ask_within(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
     let io_err = |source| ClientError::Io {
         path: path.to_owned(),
         source,
@@ -53,9 +77,7 @@ pub fn ask(path: &Path, request: &Request) -> Result<Reply, ClientError> {
             })
         }
     };
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(io_err)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream
         .set_write_timeout(Some(REPLY_TIMEOUT))
         .map_err(io_err)?;

@@ -353,6 +353,18 @@ fn answer(line: &[u8], sessions: &Sessions) -> Reply {
             }
             Err(e) => Reply::error(e.to_string()),
         },
+        Request::Upgrade { binary } => {
+            match crate::upgrade::ask(binary.map(std::path::PathBuf::from)) {
+                Ok(r) => Reply::Upgraded {
+                    v: protocol::VERSION,
+                    pid: r.pid,
+                    moved: r.moved,
+                    stayed: r.stayed,
+                    ms: r.ms,
+                },
+                Err(e) => Reply::error(format!("upgrade rolled back: {e}")),
+            }
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub enum Request {
     Sessions { map: Option<String> },
     /// End the connections the selector names.
     Kill(Selector),
+    /// Upgrade the relay in place to `binary` (default: its own executable).
+    Upgrade { binary: Option<String> },
 }
 
 /// Which connections a `kill` ends: exactly one kind.
@@ -80,6 +82,8 @@ struct RawRequest {
     ids: Option<Vec<u64>>,
     #[serde(default)]
     client: Option<String>,
+    #[serde(default)]
+    binary: Option<String>,
 }
 
 /// A request line (without its newline) → the request, or the text of the error reply.
@@ -101,6 +105,13 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     }
     let op = raw.op.ok_or("missing \"op\"")?;
     match op.as_str() {
+        _ if raw.binary.is_some() && op != "upgrade" => Err(format!("{op:?} takes no \"binary\"")),
+        "upgrade" => {
+            if raw.ids.is_some() || raw.client.is_some() || raw.map.is_some() {
+                return Err("\"upgrade\" takes only \"binary\"".into());
+            }
+            Ok(Request::Upgrade { binary: raw.binary })
+        }
         "sessions" => {
             if raw.ids.is_some() || raw.client.is_some() {
                 return Err("\"sessions\" takes only \"map\"".into());
@@ -124,7 +135,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             Ok(Request::Kill(selector))
         }
         other => Err(format!(
-            "unknown op {other:?} (known: \"sessions\", \"kill\")"
+            "unknown op {other:?} (known: \"sessions\", \"kill\", \"upgrade\")"
         )),
     }
 }
@@ -154,6 +165,10 @@ pub fn encode(request: &Request) -> String {
         Request::Kill(Selector::Client(net)) => {
             serde_json::json!({"v": VERSION, "op": "kill", "client": net.to_string()})
         }
+        Request::Upgrade { binary: Some(b) } => {
+            serde_json::json!({"v": VERSION, "op": "upgrade", "binary": b})
+        }
+        Request::Upgrade { binary: None } => serde_json::json!({"v": VERSION, "op": "upgrade"}),
     };
     format!("{value}\n")
 }
@@ -170,6 +185,15 @@ pub enum Reply {
     Killed {
         v: u32,
         killed: Vec<u64>,
+    },
+    /// The new process took over: its pid, the connections it took, those that stayed
+    /// (TLS sessions) and how long it all took.
+    Upgraded {
+        v: u32,
+        pid: u32,
+        moved: usize,
+        stayed: usize,
+        ms: u64,
     },
     Error {
         v: u32,
@@ -261,8 +285,16 @@ mod tests {
             ),
             (r#"{"v":1}"#, "missing \"op\""),
             (
-                r#"{"v":1,"op":"upgrade"}"#,
-                "unknown op \"upgrade\" (known: \"sessions\", \"kill\")",
+                r#"{"v":1,"op":"reboot"}"#,
+                "unknown op \"reboot\" (known: \"sessions\", \"kill\", \"upgrade\")",
+            ),
+            (
+                r#"{"v":1,"op":"upgrade","map":"C.1"}"#,
+                "\"upgrade\" takes only \"binary\"",
+            ),
+            (
+                r#"{"v":1,"op":"sessions","binary":"/x"}"#,
+                "\"sessions\" takes no \"binary\"",
             ),
             (
                 r#"{"v":1,"op":"kill"}"#,
@@ -286,7 +318,7 @@ mod tests {
             ),
             (
                 r#"{"v":1,"op":"sessions","x":1}"#,
-                "bad request: unknown field `x`, expected one of `v`, `op`, `map`, `ids`, `client`",
+                "bad request: unknown field `x`, expected one of `v`, `op`, `map`, `ids`, `client`, `binary`",
             ),
         ];
         for (line, want) in cases {

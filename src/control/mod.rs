@@ -210,6 +210,26 @@ pub enum Source {
 }
 
 impl Mapping {
+    /// A mapping known only by what a live connection records of it (its name, port and
+    /// upstream): the one a connection adopted at an upgrade keeps when the control file no
+    /// longer has its mapping and `removed_mapping = "keep"`.
+    pub fn detached(name: &str, port: u16, upstream: SocketAddr) -> Mapping {
+        Mapping {
+            ports: port..=port,
+            upstream: UpstreamAddr(upstream),
+            name: name.to_string(),
+            allow: vec![
+                "0.0.0.0/0".parse().expect("a net"),
+                "::/0".parse().expect("a net"),
+            ],
+            max_connections: None,
+            hold: None,
+            wake: Vec::new(),
+            per_source_max_connections: None,
+            source: Source::Relay,
+        }
+    }
+
     /// The upstream for host port `port`, which must be in `self.ports`.
     pub fn upstream_for(&self, port: u16) -> UpstreamAddr {
         debug_assert!(self.ports.contains(&port));

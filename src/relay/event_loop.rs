@@ -34,6 +34,7 @@ use crate::limits::{self, Policy, SourcePermit};
 use crate::metrics::{self, ConnectFailure, Rejection, Via};
 
 mod admin;
+mod handover;
 
 /// How long a listener rests after an accept error such as EMFILE before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -346,6 +347,11 @@ impl<D: Driver> EventLoop<D> {
                 Command::Kill(selector, answer) => {
                     let _ = answer.send(self.kill(&selector));
                 }
+                Command::Freeze(reply, verdict) => self.freeze(reply, verdict),
+                Command::Adopt(records, fds, answer) => {
+                    let _ = answer.send(self.adopt(records, fds));
+                }
+                Command::Kick => self.kick(),
                 Command::Barrier(ack) => {
                     self.driver.flush();
                     let _ = ack.send(());

@@ -203,6 +203,63 @@ impl Replay {
     }
 }
 
+/// A held connection's retry state across an upgrade (deadlines as time left).
+impl Holding {
+    pub fn save(&self, now: Instant) -> crate::upgrade::state::HoldingRecord {
+        use crate::upgrade::state::{HoldingRecord, ReplayRecord};
+        HoldingRecord {
+            left_ms: self.until.saturating_duration_since(now).as_millis() as u64,
+            attempts: self.attempts,
+            backoff_ms: self.backoff.as_millis() as u64,
+            held: self.held,
+            waiting: self.waiting,
+            last_reason: self.last_reason.map(|r| r as u8),
+            last_error: self.last_error.as_ref().map(|e| e.to_string()),
+            replay: self.replay.as_ref().map(|r| ReplayRecord {
+                buf: r.buf.clone(),
+                sent: r.sent as u64,
+                counted: r.counted as u64,
+                client_eof: r.client_eof,
+                eof_passed: r.eof_passed,
+                first_byte: r.first_byte,
+            }),
+        }
+    }
+
+    /// The state `save` wrote. `held` is counted again in its mapping (the new process's
+    /// gauges start from what it adopts).
+    pub fn load(
+        r: &crate::upgrade::state::HoldingRecord,
+        now: Instant,
+        m: &MappingState,
+    ) -> Holding {
+        let mut h = Holding {
+            until: super::deadline(now, Duration::from_millis(r.left_ms)),
+            attempts: r.attempts,
+            backoff: Duration::from_millis(r.backoff_ms).clamp(BACKOFF_FIRST, BACKOFF_MAX),
+            held: false,
+            waiting: r.waiting,
+            last_reason: r
+                .last_reason
+                .and_then(|i| ConnectFailure::ALL.get(i as usize).copied()),
+            last_error: r.last_error.clone().map(io::Error::other),
+            replay: r.replay.as_ref().map(|p| Replay {
+                sent: (p.sent as usize).min(p.buf.len()),
+                counted: (p.counted as usize).min(p.buf.len()),
+                buf: p.buf.clone(),
+                client_eof: p.client_eof,
+                eof_passed: p.eof_passed,
+                first_byte: p.first_byte,
+            }),
+            lost: None,
+        };
+        if r.held {
+            h.hold(m);
+        }
+        h
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};

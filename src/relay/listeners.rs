@@ -57,6 +57,26 @@ impl Listeners {
         }
     }
 
+    /// [`Listeners::pause`], calling back accepts already in the kernel (an upgrade: no
+    /// connection may be taken by this process once the new one accepts).
+    pub fn hold(&mut self, driver: &mut impl Driver) {
+        self.paused = true;
+        for key in self.by_addr.values() {
+            if let Some(l) = self.slab.get(key.slot(), key.generation()) {
+                driver.hold_accept(*key, l.listener.fd());
+            }
+        }
+    }
+
+    /// The entrance of a listener on `port` (any bind address: they all lead the same way).
+    pub fn entrance_of_port(&self, port: u16) -> Option<Entrance> {
+        self.by_addr
+            .iter()
+            .find(|(a, _)| a.port() == port)
+            .and_then(|(_, k)| self.slab.get(k.slot(), k.generation()))
+            .map(|l| l.entrance.clone())
+    }
+
     /// Accepts on every listener again; those the driver refuses come back as keys, to
     /// try again later.
     pub fn resume(&mut self, driver: &mut impl Driver) -> Vec<Key> {

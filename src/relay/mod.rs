@@ -12,11 +12,13 @@
 //! - `route`: listeners and where each host port leads.
 //! - `hold`, `wake`: held connections while an instance boots, and its wake command.
 //! - `sessions`: listing and ending live connections for the admin socket.
+//! - the upgrade (freeze, commit, rollback, adopt): `Relay::freeze` and `Relay::adopt`
+//!   here, each loop's side in `event_loop/handover.rs`, the state in `crate::upgrade`.
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -29,6 +31,7 @@ use crate::control::diff::{self, PortChange};
 use crate::control::{Config, RelaySettings, RemovedMapping};
 use crate::limits::PerSourceTable;
 use crate::tls::{self, TlsEndpoint};
+use crate::upgrade::state::ConnRecord;
 
 mod admission;
 mod backend;
@@ -49,6 +52,7 @@ mod wake;
 use crate::sys;
 use backend::{epoll, uring};
 
+pub use connection::{continue_ids_from, next_id};
 pub use route::{Listener, MappingState, Route};
 pub use sessions::{NoAnswer, Sessions};
 
@@ -154,6 +158,40 @@ pub enum Command {
         Arc<crate::admin::protocol::Selector>,
         mpsc::Sender<Vec<u64>>,
     ),
+    /// An upgrade: stop accepting, record every connection that can move, answer, and
+    /// wait (moving no byte) for the verdict. Sent to each loop with channels of its own.
+    Freeze(mpsc::Sender<Frozen>, mpsc::Receiver<Verdict>),
+    /// The new process: take over these connections (their descriptors in the map); answer
+    /// how many, or why one cannot be. Sent to each loop with its own share.
+    Adopt(
+        Vec<ConnRecord>,
+        HashMap<RawFd, OwnedFd>,
+        mpsc::Sender<Result<usize, String>>,
+    ),
+    /// Give every connection a turn (after an adoption or a rollback).
+    Kick,
+}
+
+/// What a frozen loop hands over: the records of the connections that can move, and how
+/// many stay (TLS sessions).
+pub struct Frozen {
+    pub records: Vec<ConnRecord>,
+    pub stayed: usize,
+}
+
+/// Every loop frozen: the records of all, how many stay, and each loop's verdict channel.
+pub struct FrozenRelay {
+    pub records: Vec<ConnRecord>,
+    pub stayed: usize,
+    pub loops: Vec<mpsc::Sender<Verdict>>,
+}
+
+/// The end of an upgrade, for a frozen loop.
+pub enum Verdict {
+    /// The new process has adopted everything recorded: let go of it.
+    Commit,
+    /// The upgrade failed: go on as before.
+    Rollback,
 }
 
 /// A loop's inbox: commands behind a lock, and an eventfd that wakes the loop.
@@ -202,12 +240,25 @@ pub struct Relay {
     routes: Arc<HashMap<u16, Arc<Route>>>,
     /// `pipe_size` and `max_pipes` the pools were made with: they change at restart only.
     pipes: (u32, u32),
+    /// Listening sockets inherited at an upgrade, not yet taken by `apply`.
+    inherited: HashMap<SocketAddr, OwnedFd>,
 }
 
 impl Relay {
     /// Starts `threads` loops on `backend`, then applies `config`: returns once every loop
     /// is accepting on every listener that could be opened (the others are logged).
     pub fn start(config: Config, backend: Backend, threads: usize) -> anyhow::Result<Relay> {
+        Relay::start_inheriting(config, backend, threads, HashMap::new())
+    }
+
+    /// [`Relay::start`] that takes the listeners it needs from `inherited` (an upgrade)
+    /// instead of opening them; those the file does not ask for are closed.
+    pub fn start_inheriting(
+        config: Config,
+        backend: Backend,
+        threads: usize,
+        inherited: HashMap<SocketAddr, OwnedFd>,
+    ) -> anyhow::Result<Relay> {
         transparent::probe(&config.mappings);
         let nofile = sys::raise_nofile_limit().unwrap_or(0);
         // Each connection holds 2 fds (one in admission holds 1, and counts in the cap
@@ -265,8 +316,12 @@ impl Relay {
             listeners: HashMap::new(),
             routes: Arc::default(),
             pipes: (config.relay.pipe_size, config.relay.max_pipes),
+            inherited,
         };
         relay.apply(config)?;
+        for (addr, _) in relay.inherited.drain() {
+            tracing::info!(listen = %addr, "inherited listener not in the control file; closed");
+        }
         Ok(relay)
     }
 
@@ -412,7 +467,11 @@ impl Relay {
         }
         for addr in to_open {
             let entrance = entrances[&addr].clone();
-            match Listener::bind(addr) {
+            let made = match self.inherited.remove(&addr) {
+                Some(fd) => Listener::inherit(addr, fd),
+                None => Listener::bind(addr),
+            };
+            match made {
                 Ok(l) => {
                     route::tune(l.fd(), keepalive);
                     let l = Arc::new(l);
@@ -527,6 +586,122 @@ impl Relay {
     }
 }
 
+/// The upgrade's side of a running relay.
+impl Relay {
+    /// Freezes every loop. On success: the records of every loop, how many connections
+    /// stay, and the loops' verdict channels (each loop is frozen until it hears).
+    pub fn freeze(&self, timeout: Duration) -> Result<FrozenRelay, String> {
+        let (tx, rx) = mpsc::channel();
+        let mut verdicts = Vec::new();
+        for mb in &self.mailboxes {
+            let (vtx, vrx) = mpsc::channel();
+            verdicts.push(vtx);
+            mb.send([Command::Freeze(tx.clone(), vrx)]);
+        }
+        let until = deadline(Instant::now(), timeout);
+        let mut records = Vec::new();
+        let mut stayed = 0;
+        for _ in &self.mailboxes {
+            match rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(f) => {
+                    records.extend(f.records);
+                    stayed += f.stayed;
+                }
+                Err(_) => {
+                    Relay::verdict(&verdicts, Verdict::Rollback);
+                    return Err("an event loop did not freeze in time".into());
+                }
+            }
+        }
+        Ok(FrozenRelay {
+            records,
+            stayed,
+            loops: verdicts,
+        })
+    }
+
+    pub fn verdict(loops: &[mpsc::Sender<Verdict>], verdict: Verdict) {
+        for l in loops {
+            let _ = l.send(match verdict {
+                Verdict::Commit => Verdict::Commit,
+                Verdict::Rollback => Verdict::Rollback,
+            });
+        }
+    }
+
+    /// The listening sockets to hand over, by address.
+    pub fn listener_fds(&self) -> Vec<(SocketAddr, RawFd)> {
+        self.listeners.iter().map(|(a, l)| (*a, l.fd())).collect()
+    }
+
+    /// After a commit: the loops have let go of the listeners; so does this.
+    pub fn let_go_of_listeners(&mut self) {
+        self.listeners.clear();
+    }
+
+    /// The new process: hands the records out to the loops (round robin) with their
+    /// descriptors; returns how many were adopted, or the first failure.
+    pub fn adopt(
+        &self,
+        records: Vec<ConnRecord>,
+        mut fds: HashMap<RawFd, OwnedFd>,
+    ) -> Result<usize, String> {
+        let n = self.mailboxes.len();
+        let mut shares: Vec<(Vec<ConnRecord>, HashMap<RawFd, OwnedFd>)> =
+            (0..n).map(|_| Default::default()).collect();
+        for (i, r) in records.into_iter().enumerate() {
+            let share = &mut shares[i % n];
+            for fd in record_fds(&r) {
+                if let Some(owned) = fds.remove(&fd) {
+                    share.1.insert(fd, owned);
+                }
+            }
+            share.0.push(r);
+        }
+        let (tx, rx) = mpsc::channel();
+        for (mb, (records, fds)) in self.mailboxes.iter().zip(shares) {
+            mb.send([Command::Adopt(records, fds, tx.clone())]);
+        }
+        drop(tx);
+        let mut adopted = 0;
+        for _ in 0..n {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Ok(k)) => adopted += k,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err("an event loop did not adopt in time".into()),
+            }
+        }
+        Ok(adopted)
+    }
+
+    /// Every connection gets a turn (after an adoption).
+    pub fn kick(&self) {
+        self.broadcast(vec![Command::Kick]);
+    }
+
+    /// Whether every loop has ended (after a commit, a loop ends with its last stayed
+    /// connection).
+    pub fn loops_done(&self) -> bool {
+        self.loops.iter().all(|h| h.is_finished())
+    }
+}
+
+fn record_fds(r: &ConnRecord) -> Vec<RawFd> {
+    use crate::upgrade::state::HeldBytes;
+    match r {
+        ConnRecord::Pending(p) => vec![p.client.fd],
+        ConnRecord::Relay(r) => {
+            let mut v = vec![r.client.fd, r.upstream_side.fd];
+            for d in [&r.to_upstream, &r.to_client] {
+                if let HeldBytes::Pipe { read, write, .. } = d.held {
+                    v.extend([read, write]);
+                }
+            }
+            v
+        }
+    }
+}
+
 impl Command {
     /// A copy of a broadcast command for one more loop.
     fn share(&self) -> Command {
@@ -542,6 +717,10 @@ impl Command {
             Command::Shutdown { grace } => Command::Shutdown { grace: *grace },
             Command::Sessions(tx) => Command::Sessions(tx.clone()),
             Command::Kill(s, tx) => Command::Kill(s.clone(), tx.clone()),
+            Command::Kick => Command::Kick,
+            Command::Freeze(..) | Command::Adopt(..) => {
+                unreachable!("sent to each loop on its own, never broadcast")
+            }
         }
     }
 }

@@ -182,3 +182,58 @@ impl PipePool {
         self.idle.len()
     }
 }
+
+/// Held bytes across an upgrade: a pipe goes over as its two descriptors (its bytes stay in
+/// the kernel), a buffer's bytes are copied into the state.
+impl Hold {
+    pub fn save(&self, in_flight: usize) -> crate::upgrade::state::HeldBytes {
+        use crate::upgrade::state::HeldBytes;
+        match self {
+            Hold::Pipe(p) => HeldBytes::Pipe {
+                read: p.read.as_raw_fd(),
+                write: p.write.as_raw_fd(),
+                in_flight: in_flight as u64,
+            },
+            Hold::Buffer(b) => HeldBytes::Buffer(b.data[b.start..b.end].to_vec()),
+        }
+    }
+}
+
+impl PipePool {
+    /// An inherited pipe holding `in_flight` bytes, counted as lent out. The kernel's count
+    /// must agree with the record's.
+    pub fn adopt_pipe(
+        &mut self,
+        read: OwnedFd,
+        write: OwnedFd,
+        in_flight: usize,
+    ) -> io::Result<Hold> {
+        let capacity = sys::pipe_capacity(&write)?;
+        let queued = sys::fionread(read.as_raw_fd())?;
+        if queued != in_flight {
+            return Err(io::Error::other(format!(
+                "an inherited pipe holds {queued} bytes, its record says {in_flight}"
+            )));
+        }
+        self.in_use += 1;
+        Ok(Hold::Pipe(Pipe {
+            read,
+            write,
+            capacity,
+        }))
+    }
+
+    /// A buffer holding `bytes` (at most a buffer's size).
+    pub fn adopt_bytes(&mut self, bytes: &[u8]) -> io::Result<Hold> {
+        if bytes.len() > BUFFER_SIZE {
+            return Err(io::Error::other("held bytes longer than a buffer"));
+        }
+        let Hold::Buffer(mut b) = self.take_buffer() else {
+            unreachable!("take_buffer gives a buffer")
+        };
+        b.data[..bytes.len()].copy_from_slice(bytes);
+        b.start = 0;
+        b.end = bytes.len();
+        Ok(Hold::Buffer(b))
+    }
+}

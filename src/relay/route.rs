@@ -4,7 +4,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,6 +137,27 @@ impl Listener {
         }
         socket.bind(&addr.into())?;
         socket.listen(4096)?;
+        Ok(Listener {
+            socket,
+            addr: ListenAddr(addr),
+            port: addr.port(),
+        })
+    }
+
+    /// A listening socket inherited at an upgrade, checked to be one: a TCP socket that
+    /// listens, on `addr`.
+    pub fn inherit(addr: SocketAddr, fd: OwnedFd) -> io::Result<Listener> {
+        let socket = Socket::from(fd);
+        let local = socket.local_addr()?.as_socket();
+        let listening = socket.is_listener()?;
+        if local != Some(addr) || !listening || socket.r#type()? != Type::STREAM {
+            return Err(io::Error::other(format!(
+                "inherited fd {} is not a TCP listener on {addr} (it is on {local:?}, listening: {listening})",
+                socket.as_raw_fd()
+            )));
+        }
+        socket.set_nonblocking(true)?;
+        sys::set_cloexec(socket.as_raw_fd(), true)?;
         Ok(Listener {
             socket,
             addr: ListenAddr(addr),

@@ -507,6 +507,111 @@ pub(crate) fn client_frame(first: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
     frame
 }
 
+/// The frame types' state across an upgrade, in the hand-over state's layout.
+pub mod saved {
+    use super::*;
+    use crate::upgrade::wire::{Reader, WireError, Writer};
+
+    fn bad(what: &'static str, value: usize) -> WireError {
+        WireError::Bad {
+            what,
+            value: value as u64,
+        }
+    }
+
+    fn fixed<const N: usize>(r: &mut Reader, what: &'static str) -> Result<[u8; N], WireError> {
+        let b = r.bytes(what)?;
+        b.try_into().map_err(|_| bad(what, b.len()))
+    }
+
+    pub fn decoder(d: &Decoder, w: &mut Writer) {
+        w.bytes(&d.buf);
+        w.u8(d.filled);
+        w.u8(match d.stage {
+            Stage::Header => 0,
+            Stage::Data => 1,
+            Stage::Control => 2,
+            Stage::Closed => 3,
+        });
+        w.u8(d.opcode);
+        w.bytes(&d.key);
+        w.u8(d.key_offset);
+        w.bool(d.in_message);
+        w.u64(d.remaining);
+    }
+
+    pub fn load_decoder(r: &mut Reader) -> Result<Decoder, WireError> {
+        let buf = fixed::<MAX_CONTROL_PAYLOAD>(r, "decoder buffer")?;
+        let filled = r.u8("decoder filled")?;
+        if filled as usize > MAX_CONTROL_PAYLOAD {
+            return Err(bad("decoder filled", filled.into()));
+        }
+        let stage = match r.u8("decoder stage")? {
+            0 => Stage::Header,
+            1 => Stage::Data,
+            2 => Stage::Control,
+            3 => Stage::Closed,
+            v => return Err(bad("decoder stage", v.into())),
+        };
+        let opcode = r.u8("decoder opcode")?;
+        let key = fixed::<4>(r, "decoder key")?;
+        let key_offset = r.u8("decoder key offset")? & 3;
+        Ok(Decoder {
+            buf,
+            filled,
+            stage,
+            opcode,
+            key,
+            key_offset,
+            in_message: r.bool("decoder in message")?,
+            remaining: r.u64("decoder remaining")?,
+        })
+    }
+
+    pub fn header(h: &Header, w: &mut Writer) {
+        w.bytes(h.as_bytes());
+    }
+
+    pub fn load_header(r: &mut Reader) -> Result<Header, WireError> {
+        let b = r.bytes("frame header")?;
+        let mut bytes = [0; 10];
+        bytes
+            .get_mut(..b.len())
+            .ok_or(bad("frame header", b.len()))?
+            .copy_from_slice(b);
+        Ok(Header {
+            bytes,
+            len: b.len() as u8,
+        })
+    }
+
+    pub fn control_payload(p: &ControlPayload, w: &mut Writer) {
+        w.bytes(p.as_bytes());
+    }
+
+    pub fn load_control_payload(r: &mut Reader) -> Result<ControlPayload, WireError> {
+        let b = r.bytes("control payload")?;
+        ControlPayload::new(b).ok_or(bad("control payload", b.len()))
+    }
+
+    pub fn control_frame(f: &ControlFrame, w: &mut Writer) {
+        w.bytes(f.as_bytes());
+    }
+
+    pub fn load_control_frame(r: &mut Reader) -> Result<ControlFrame, WireError> {
+        let b = r.bytes("control frame")?;
+        let mut bytes = [0; 2 + MAX_CONTROL_PAYLOAD];
+        bytes
+            .get_mut(..b.len())
+            .ok_or(bad("control frame", b.len()))?
+            .copy_from_slice(b);
+        Ok(ControlFrame {
+            bytes,
+            len: b.len() as u8,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

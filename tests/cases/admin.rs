@@ -336,7 +336,7 @@ fn bad_admin_clients_do_not_disturb_the_relay(backend: Backend) {
         ),
         (
             b"{\"v\":1,\"op\":\"reboot\"}\n",
-            r#"{"v":1,"error":"unknown op \"reboot\" (known: \"sessions\", \"kill\")"}"#,
+            r#"{"v":1,"error":"unknown op \"reboot\" (known: \"sessions\", \"kill\", \"upgrade\")"}"#,
         ),
         (
             b"{\"v\":9,\"op\":\"sessions\"}\n",

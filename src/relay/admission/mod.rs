@@ -262,6 +262,13 @@ impl Permit {
             .ok()
             .map(|_| Permit(shared.clone()))
     }
+
+    /// A place for a connection adopted at an upgrade: it is live already, so it counts
+    /// even past the cap.
+    pub fn adopt(shared: &Arc<Shared>) -> Permit {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        Permit(shared.clone())
+    }
 }
 
 impl Drop for Permit {
@@ -295,6 +302,15 @@ impl AdmissionPermit {
         Some(admission)
     }
 
+    /// [`Permit::adopt`] for a connection adopted while still in admission.
+    pub fn adopt(shared: &Arc<Shared>) -> AdmissionPermit {
+        shared.pending.fetch_add(1, Ordering::Relaxed);
+        AdmissionPermit {
+            shared: shared.clone(),
+            permit: Some(Permit::adopt(shared)),
+        }
+    }
+
     /// Admission is over: the place among the pending is given back, the place in the
     /// relay-wide cap passes to the connection.
     pub fn admitted(mut self) -> Permit {
@@ -318,6 +334,12 @@ impl MappingPermit {
         mapping
             .try_acquire()
             .then(|| MappingPermit(mapping.clone()))
+    }
+
+    /// [`Permit::adopt`] in the mapping's own count.
+    pub fn adopt(mapping: &Arc<MappingState>) -> MappingPermit {
+        mapping.active.fetch_add(1, Ordering::Relaxed);
+        MappingPermit(mapping.clone())
     }
 }
 

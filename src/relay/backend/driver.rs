@@ -123,6 +123,17 @@ pub trait Driver {
     /// (then the next accept is started here, not before: none runs while the loop is not
     /// ready for one).
     fn accept_next(&mut self, key: Key) -> Option<Event>;
+    /// [`Driver::pause_accept`] that also calls back an accept already in the kernel: its
+    /// completion still comes (a connection it took as `Accepted`), and then none is in
+    /// flight on this listener until `accept` ([`Driver::accepts_in_flight`]).
+    fn hold_accept(&mut self, key: Key, fd: RawFd) {
+        self.pause_accept(key, fd);
+    }
+    /// Whether an accept of some listener is still in the kernel (one that could take a
+    /// connection while the loop is not looking). Backends that accept synchronously: never.
+    fn accepts_in_flight(&self) -> bool {
+        false
+    }
     /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
     /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
     /// is watched as by [`Driver::watch`].

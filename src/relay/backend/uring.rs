@@ -271,6 +271,8 @@ impl Uring {
                     // SAFETY: the kernel returned a new fd that nobody else owns.
                     let fd = unsafe { OwnedFd::from_raw_fd(res) };
                     out.push(Event::Accepted(key, fd, *l.peer));
+                } else if -res == libc::ECANCELED && l.paused {
+                    // Called back by `hold_accept`: resumed by `accept`.
                 } else if matches!(-res, libc::ECONNABORTED | libc::EINTR | libc::EPROTO) {
                     if rearm {
                         self.arm_accept(key, fd);
@@ -337,6 +339,19 @@ impl Driver for Uring {
         if let Some(l) = self.listeners.get_mut(&key) {
             l.paused = true;
         }
+    }
+
+    fn hold_accept(&mut self, key: Key, _fd: RawFd) {
+        if let Some(l) = self.listeners.get_mut(&key) {
+            l.paused = true;
+            if l.armed {
+                self.cancel(key);
+            }
+        }
+    }
+
+    fn accepts_in_flight(&self) -> bool {
+        self.listeners.values().any(|l| l.armed)
     }
 
     fn accept_next(&mut self, key: Key) -> Option<Event> {

@@ -426,3 +426,85 @@ impl WsCodec {
         Ok(Turn::Yield)
     }
 }
+
+/// A `ws://` codec across an upgrade (a `wss://` one has a TLS session, which cannot move).
+impl WsCodec {
+    pub fn can_move(&self) -> bool {
+        self.tls.is_none()
+    }
+
+    pub fn save(&self) -> Vec<u8> {
+        use crate::upgrade::wire::Writer;
+        use frame::saved;
+        let mut w = Writer::default();
+        saved::decoder(&self.decoder, &mut w);
+        w.bytes(&self.early);
+        w.bool(self.header.is_some());
+        if let Some((h, sent)) = &self.header {
+            saved::header(h, &mut w);
+            w.u64(*sent as u64);
+        }
+        w.bool(self.pong.is_some());
+        if let Some(p) = &self.pong {
+            saved::control_payload(p, &mut w);
+        }
+        w.bool(self.ping);
+        w.u64(self.ping_every.map_or(0, |d| d.as_millis() as u64));
+        w.u32(self.close.map_or(u32::MAX, u32::from));
+        w.u64(self.frame_left as u64);
+        w.bool(self.sending.is_some());
+        if let Some((f, sent)) = &self.sending {
+            saved::control_frame(f, &mut w);
+            w.u64(*sent as u64);
+        }
+        w.bool(self.close_sent);
+        w.0
+    }
+
+    pub fn load(bytes: &[u8]) -> Result<WsCodec, crate::upgrade::wire::WireError> {
+        use crate::upgrade::wire::Reader;
+        use frame::saved;
+        let mut r = Reader(bytes);
+        let decoder = saved::load_decoder(&mut r)?;
+        let early = r.bytes("early bytes")?.to_vec();
+        let header = if r.bool("header")? {
+            let h = saved::load_header(&mut r)?;
+            let sent = (r.u64("header sent")? as usize).min(h.as_bytes().len());
+            Some((h, sent))
+        } else {
+            None
+        };
+        let pong = if r.bool("pong")? {
+            Some(saved::load_control_payload(&mut r)?)
+        } else {
+            None
+        };
+        let ping = r.bool("ping")?;
+        let ping_every = Some(r.u64("ping interval")?)
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        let close = u16::try_from(r.u32("close code")?).ok();
+        let frame_left = r.u64("frame left")? as usize;
+        let sending = if r.bool("sending")? {
+            let f = saved::load_control_frame(&mut r)?;
+            let sent = (r.u64("control sent")? as usize).min(f.as_bytes().len());
+            Some((f, sent))
+        } else {
+            None
+        };
+        let close_sent = r.bool("close sent")?;
+        Ok(WsCodec {
+            decoder,
+            early,
+            header,
+            pong,
+            ping,
+            ping_every,
+            close,
+            frame_left,
+            sending,
+            close_sent,
+            tls: None,
+        })
+    }
+}

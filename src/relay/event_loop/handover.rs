@@ -1,0 +1,336 @@
+//! A loop's side of an upgrade. In the old process: freeze (stop accepting, call back the
+//! accepts in the kernel, let connects in flight finish for a moment, record every entry
+//! that can move), then wait for the verdict: commit (let go of the moved entries without
+//! a byte or a FIN: the new process holds the same sockets) or roll back (go on as if
+//! nothing happened). In the new process: adopt the records handed to this loop, and once
+//! every loop has, kick every entry once.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Entry, EventLoop, Key, Tag, TLS_HANDSHAKE_TIMEOUT};
+use crate::addr::{ClientAddr, UpstreamAddr};
+use crate::control::RemovedMapping;
+use crate::limits::SourcePermit;
+use crate::metrics;
+use crate::relay::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, WsRequest};
+use crate::relay::backend::driver::Driver;
+use crate::relay::connection::{Connection, Side};
+use crate::relay::route::{MappingState, Route};
+use crate::relay::timers::Timer;
+use crate::relay::{Entrance, Frozen, Verdict};
+use crate::upgrade::state::{ConnRecord, PendingRecord, RelayRecord};
+
+/// How long a freeze lets accepts already in the kernel and connects in flight finish.
+const SETTLE: Duration = Duration::from_secs(2);
+
+impl<D: Driver> EventLoop<D> {
+    pub(super) fn freeze(&mut self, reply: mpsc::Sender<Frozen>, verdict: mpsc::Receiver<Verdict>) {
+        self.listeners.hold(&mut self.driver);
+        self.settle();
+        let mut records = Vec::new();
+        let mut moved = Vec::new();
+        let mut stayed = 0;
+        for (slot, generation) in self.entries.keys().collect::<Vec<_>>() {
+            let record = match self.entries.get(slot, generation) {
+                Some(Entry::Relay(c)) => c.save(self.now).map(|r| ConnRecord::Relay(Box::new(r))),
+                Some(Entry::Pending(p)) => pending_record(p).map(ConnRecord::Pending),
+                _ => continue,
+            };
+            match record {
+                Some(r) => {
+                    records.push(r);
+                    moved.push(Key::new(Tag::Client, slot, generation));
+                }
+                None => stayed += 1,
+            }
+        }
+        self.driver.flush();
+        if reply.send(Frozen { records, stayed }).is_err() {
+            return self.thaw();
+        }
+        // Frozen: no byte moves here until the verdict.
+        match verdict.recv() {
+            Ok(Verdict::Commit) => self.let_go(moved),
+            Ok(Verdict::Rollback) | Err(_) => self.thaw(),
+        }
+    }
+
+    /// Runs the loop (accepting nothing) until no accept is in the kernel and no connect is
+    /// in flight, for at most [`SETTLE`].
+    fn settle(&mut self) {
+        let until = Instant::now() + SETTLE;
+        let mut events = Vec::new();
+        loop {
+            let connecting = self.entries.keys().any(|(s, g)| {
+                matches!(self.entries.get(s, g), Some(Entry::Relay(c))
+                    if !c.connected && !c.hold.as_ref().is_some_and(|h| h.waiting))
+            });
+            if (!connecting && !self.driver.accepts_in_flight()) || Instant::now() >= until {
+                return;
+            }
+            if self
+                .driver
+                .wait(Some(Duration::from_millis(5)), &mut events)
+                .is_err()
+            {
+                return;
+            }
+            self.now = Instant::now();
+            for ev in events.drain(..) {
+                self.handle(ev);
+            }
+            for key in std::mem::take(&mut self.pending) {
+                self.service(key);
+            }
+        }
+    }
+
+    /// Commit: the new process has every moved socket. Their copies here are closed
+    /// without a shutdown or a linger (no FIN, no reset: the new process holds them), the
+    /// listeners are given up, and the loop serves what stayed until it ends.
+    fn let_go(&mut self, moved: Vec<Key>) {
+        for key in moved {
+            match self.entries.remove(key.slot(), key.generation()) {
+                Some(Entry::Relay(c)) => {
+                    self.driver.unwatch(key, c.client.fd.as_raw_fd());
+                    self.driver.unwatch(
+                        key.with_tag(Tag::Upstream).with_attempt(c.attempt),
+                        c.upstream.fd.as_raw_fd(),
+                    );
+                    for fd in c.forget(&mut self.pool) {
+                        self.driver.retire(fd);
+                    }
+                }
+                Some(Entry::Pending(p)) => {
+                    metrics::pending_admission().decrement(1.0);
+                    self.driver.unwatch(key, p.client.fd.as_raw_fd());
+                    self.driver.retire(p.client.fd);
+                }
+                _ => {}
+            }
+        }
+        for addr in self.listeners.addrs() {
+            self.listeners.remove(&mut self.driver, addr);
+        }
+        self.driver.flush();
+        self.drain_until = Some(crate::relay::deadline(
+            self.now,
+            Duration::from_secs(100 * 365 * 86400),
+        ));
+    }
+
+    /// Rollback: accept again and give every entry a turn (what arrived meanwhile waits in
+    /// the kernel and is reported anyway; the kick is for certainty).
+    fn thaw(&mut self) {
+        for key in self.listeners.resume(&mut self.driver) {
+            self.timers
+                .add(self.now, super::ACCEPT_BACKOFF, Timer::ResumeAccept(key));
+        }
+        self.kick();
+    }
+
+    /// Every entry once, as if each of its sockets had just been reported ready.
+    pub(super) fn kick(&mut self) {
+        for (slot, generation) in self.entries.keys().collect::<Vec<_>>() {
+            let key = Key::new(Tag::Client, slot, generation);
+            match self.entries.get_mut(slot, generation) {
+                Some(Entry::Relay(c)) => {
+                    for side in [&mut c.client, &mut c.upstream] {
+                        side.readable = true;
+                        side.writable = true;
+                    }
+                    self.pending.push(key);
+                }
+                Some(Entry::Pending(_)) => self.advance(key),
+                _ => {}
+            }
+        }
+    }
+
+    /// The new process: takes over the records given to this loop. Nothing is read or
+    /// written here (the old process may still roll back); [`Self::kick`] starts them.
+    /// Returns how many were adopted, or the first record that does not check out.
+    pub(super) fn adopt(
+        &mut self,
+        records: Vec<ConnRecord>,
+        mut fds: HashMap<RawFd, OwnedFd>,
+    ) -> Result<usize, String> {
+        let mut n = 0;
+        for record in records {
+            match record {
+                ConnRecord::Relay(r) => self.adopt_relay(&r, &mut fds)?,
+                ConnRecord::Pending(p) => self.adopt_pending(&p, &mut fds)?,
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The route of an adopted connection: its port's route in force, if it leads to the
+    /// same upstream; else (its mapping was removed or retargeted meanwhile) a route of
+    /// its own under `removed_mapping = "keep"`, none under `close`.
+    fn adopted_route(&self, r: &RelayRecord) -> Option<Arc<Route>> {
+        match self.routes.get(&r.port) {
+            Some(route) if route.upstream.0 == r.upstream => Some(route.clone()),
+            _ if self.settings.removed_mapping == RemovedMapping::Keep => {
+                let mapping = crate::control::Mapping::detached(&r.map, r.port, r.upstream);
+                Some(Arc::new(Route::new(
+                    r.port,
+                    UpstreamAddr(r.upstream),
+                    Arc::new(MappingState::new(&mapping, None)),
+                )))
+            }
+            _ => None,
+        }
+    }
+
+    fn adopt_relay(
+        &mut self,
+        r: &RelayRecord,
+        fds: &mut HashMap<RawFd, OwnedFd>,
+    ) -> Result<(), String> {
+        let why = |e: std::io::Error| format!("connection {}: {e}", r.id);
+        let Some(route) = self.adopted_route(r) else {
+            // Its mapping is gone and `removed_mapping = "close"`: closed now, as a reload
+            // would have.
+            for fd in [r.client.fd, r.upstream_side.fd] {
+                drop(fds.remove(&fd));
+            }
+            tracing::info!(
+                id = r.id,
+                port = r.port,
+                "connection closed at adoption: its mapping was removed"
+            );
+            return Ok(());
+        };
+        let caps = (
+            Permit::adopt(&self.shared),
+            MappingPermit::adopt(&route.mapping),
+            SourcePermit::none(&self.shared.sources),
+        );
+        let c = Connection::adopt(r, fds, route, caps, &mut self.pool, self.now).map_err(why)?;
+        c.route.metrics.active.increment(1.0);
+        let connected = c.connected;
+        let waiting = c.hold.as_ref().is_some_and(|h| h.waiting);
+        let (slot, generation) = self.entries.insert(Entry::Relay(c));
+        let key = Key::new(Tag::Client, slot, generation);
+        self.watch_client(key);
+        if connected {
+            let Some(Entry::Relay(c)) = self.entries.get(slot, generation) else {
+                unreachable!("inserted above")
+            };
+            let fd = c.upstream.fd.as_raw_fd();
+            let ukey = key.with_tag(Tag::Upstream).with_attempt(c.attempt);
+            self.driver.watch(ukey, fd).map_err(why)?;
+            self.arm_idle_sweep();
+            self.arm_ping_sweep(key);
+        } else if waiting {
+            let attempt = match self.entries.get(slot, generation) {
+                Some(Entry::Relay(c)) => c.attempt,
+                _ => 0,
+            };
+            self.timers.add(
+                self.now,
+                Duration::from_millis(50),
+                Timer::Retry(key.with_attempt(attempt)),
+            );
+        } else {
+            // Its connect was in flight: a new socket and a new connect (no byte went to
+            // the old one: bytes go only once connected).
+            self.reconnect_adopted(key);
+        }
+        Ok(())
+    }
+
+    fn reconnect_adopted(&mut self, key: Key) {
+        let Some(Entry::Relay(c)) = self.entries.get(key.slot(), key.generation()) else {
+            return;
+        };
+        let addr = c.route.upstream.0;
+        let socket = match self.upstream_socket(&addr) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) {
+                    c.abort(
+                        crate::relay::connection::CloseReason::connect(&e),
+                        &mut self.pool,
+                    );
+                }
+                return self.finish(key);
+            }
+        };
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        let old = std::mem::replace(&mut c.upstream, Side::new(socket.into()));
+        self.driver.retire(old.fd);
+        self.start_connect(key);
+    }
+
+    fn adopt_pending(
+        &mut self,
+        p: &PendingRecord,
+        fds: &mut HashMap<RawFd, OwnedFd>,
+    ) -> Result<(), String> {
+        let why = |e: std::io::Error| format!("connection in admission on port {}: {e}", p.port);
+        let fd = fds
+            .remove(&p.client.fd)
+            .ok_or_else(|| format!("fd {} was not handed over", p.client.fd))?;
+        let client = Side::adopt(&p.client, fd).map_err(why)?;
+        let (stage, timeout) = match (self.listeners.entrance_of_port(p.port), &p.ws_head) {
+            (Some(Entrance::Mapped(route)), None) => (
+                Stage::ProxyHeader { route },
+                self.settings.proxy_header_timeout,
+            ),
+            (Some(Entrance::Ws(endpoint)), Some(head)) => (
+                Stage::WsRequest(WsRequest {
+                    endpoint,
+                    head: head.clone(),
+                    tls: None,
+                    sni_route: None,
+                }),
+                TLS_HANDSHAKE_TIMEOUT,
+            ),
+            _ => {
+                // Its entrance is gone: refused as a connection to a port no longer served.
+                tracing::info!(port = p.port, client = %p.peer, "connection in admission closed at adoption: its entrance is gone");
+                return Ok(());
+            }
+        };
+        let (slot, generation) = self.entries.insert(Entry::Pending(Pending {
+            client,
+            peer: ClientAddr(p.peer),
+            port: p.port,
+            stage,
+            permit: AdmissionPermit::adopt(&self.shared),
+        }));
+        metrics::pending_admission().increment(1.0);
+        let key = Key::new(Tag::Client, slot, generation);
+        self.watch_client(key);
+        self.timers.add(self.now, timeout, Timer::Admission(key));
+        Ok(())
+    }
+}
+
+/// The record of a connection in admission, if it can move: one awaiting a PROXY header
+/// (peeked only: nothing of it was read) or a `ws://` request. TLS handshakes stay.
+fn pending_record(p: &Pending) -> Option<PendingRecord> {
+    let ws_head = match &p.stage {
+        Stage::ProxyHeader { .. } => None,
+        Stage::WsRequest(r) if r.tls.is_none() => Some(r.head.clone()),
+        _ => return None,
+    };
+    let client = p.client.save();
+    Some(PendingRecord {
+        listen: client.local?,
+        client,
+        peer: p.peer.0,
+        port: p.port,
+        ws_head,
+        left_ms: 0,
+    })
+}
