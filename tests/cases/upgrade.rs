@@ -106,6 +106,13 @@ fn map_bytes(s: &Scrape) -> (u64, u64) {
     (get("client_to_upstream"), get("upstream_to_client"))
 }
 
+/// The one series of `name` whose labels include `labels` (say a mapping's, whatever its
+/// port label); panics with the exposition when there is none.
+fn series(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.find(name, labels)
+        .unwrap_or_else(|| panic!("no series {name}{labels:?}:\n{}", s.text))
+}
+
 /// Waits until the relay shows no active connection of [`MAP`]; the scrape then.
 fn settled(metrics: u16) -> Scrape {
     wait_metric(metrics, ACTIVE, &[("map", MAP)], 0.0)
@@ -271,7 +278,7 @@ fn scp_256mib_across_three_upgrades(backend: Backend) {
         ("the test build", Some(test_build)),
     ];
     for (i, (what, binary)) in plan.into_iter().enumerate() {
-        // Upgrade at 1/4, 2/4 and 3/4 of the upload.
+        // Upgrade at 1/4, 2/4 and 3/4 of the upload, as far as sshd has written the file.
         let at = (i as u64 + 1) * size as u64 / 4;
         let reached = poll(Duration::from_secs(120), Duration::from_millis(20), || {
             if let Some(status) = scp.exited() {
@@ -281,7 +288,8 @@ fn scp_256mib_across_three_upgrades(backend: Backend) {
                     scp.stderr()
                 );
             }
-            try_scrape(metrics).ok().filter(|s| map_bytes(s).0 >= at)
+            let written = std::fs::metadata(&remote).map_or(0, |m| m.len());
+            (written >= at).then_some(())
         });
         assert!(reached.is_some(), "the upload never reached {at} bytes");
         let up = lab.upgrade(binary);
@@ -341,7 +349,10 @@ fn scp_256mib_across_three_upgrades(backend: Backend) {
         "{BYTES} of {MAP} vs the close line {closed}"
     );
     assert_eq!(s.value(UPGRADES, &[("result", "success")]), 3.0);
-    assert_eq!(s.value(ACCEPTED, &[("map", MAP), ("via", "direct")]), 1.0);
+    assert_eq!(
+        series(&s, ACCEPTED, &[("map", MAP), ("via", "direct")]),
+        1.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -827,7 +838,7 @@ fn many_connections_idle_across_an_upgrade(backend: Backend) {
     let entry = SocketAddr::from((LOCALHOST, port));
     assert_eq!(established_to(entry).len(), IDLE, "connections `ss` lists");
     assert_eq!(
-        lab.scrape().value(ACTIVE, &[("map", MAP)]),
+        series(&lab.scrape(), ACTIVE, &[("map", MAP)]),
         IDLE as f64,
         "the gauge, recounted by the new process"
     );
@@ -1088,7 +1099,7 @@ fn counters_continue_across_upgrades(backend: Backend) {
         .collect();
     let before = poll(Duration::from_secs(10), Duration::from_millis(50), || {
         let s = lab.scrape();
-        let done = s.value(ACTIVE, &[("map", MAP)]) == 2.0
+        let done = series(&s, ACTIVE, &[("map", MAP)]) == 2.0
             && s.get("portrelay_session_duration_seconds_count", &[("map", MAP)]) == Some(3.0)
             && s.sum("portrelay_connections_rejected_total", &[]) >= 1.0
             && s.sum("portrelay_upstream_connect_failures_total", &[]) >= 1.0;
@@ -1108,13 +1119,13 @@ fn counters_continue_across_upgrades(backend: Backend) {
             counters,
             "counters after upgrade {n}"
         );
-        assert_eq!(after.value(ACTIVE, &[("map", MAP)]), 2.0, "recounted");
+        assert_eq!(series(&after, ACTIVE, &[("map", MAP)]), 2.0, "recounted");
         assert_eq!(after.value(HELD, &[("map", MAP)]), 0.0);
     }
 
     // Traffic in the new process adds to the old counts, exactly.
     let (up0, down0) = map_bytes(&before);
-    let accepted0 = before.value(ACCEPTED, &[("map", MAP), ("via", "direct")]);
+    let accepted0 = series(&before, ACCEPTED, &[("map", MAP), ("via", "direct")]);
     let mut conn = connect(port);
     roundtrip(&mut conn, &random_bytes(4321));
     drop(conn);
@@ -1126,7 +1137,7 @@ fn counters_continue_across_upgrades(backend: Backend) {
     let moved = 4321 + 2 * "idle again".len() as u64;
     assert_eq!(map_bytes(&s), (up0 + moved, down0 + moved));
     assert_eq!(
-        s.value(ACCEPTED, &[("map", MAP), ("via", "direct")]),
+        series(&s, ACCEPTED, &[("map", MAP), ("via", "direct")]),
         accepted0 + 1.0
     );
     assert_eq!(s.value(UPGRADES, &[("result", "success")]), 2.0);

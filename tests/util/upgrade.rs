@@ -335,8 +335,9 @@ impl Relay {
                     "the failed upgrade's stderr: {:?}",
                     out.stderr
                 );
-                self.after_rollback(&before);
-                Err(out.stderr.trim_end().to_string())
+                let said = out.stderr.trim_end().to_string();
+                self.after_rollback(&before, &said);
+                Err(said)
             }
             _ => panic!(
                 "`portrelay upgrade` exited {}: {}{}",
@@ -361,7 +362,7 @@ impl Relay {
             )
             .remove(n - 1);
         if outcome.msg() == "upgrade rolled back" {
-            self.after_rollback(&before);
+            self.after_rollback(&before, "SIGUSR2");
             return Err(outcome.text("error").to_string());
         }
         let result = (
@@ -455,11 +456,21 @@ impl Relay {
         }
     }
 
-    fn after_rollback(&mut self, before: &Before) {
+    /// After an upgrade that failed (`said`: the command's stderr).
+    fn after_rollback(&mut self, before: &Before, said: &str) {
         let n = before.rolled_back + 1;
-        let line = self
-            .wait_logs(|l| l.msg() == "upgrade rolled back", n, LOG_TIMEOUT)
-            .remove(n - 1);
+        let rolled_back = poll(LOG_TIMEOUT, Duration::from_millis(10), || {
+            let lines = self.log_lines();
+            let mut found = lines.iter().filter(|l| l.msg() == "upgrade rolled back");
+            found.nth(n - 1).cloned()
+        });
+        let Some(line) = rolled_back else {
+            panic!(
+                "the upgrade failed ({said}) but the relay logged no `upgrade rolled back`; \
+                 log:\n{}",
+                self.logs().join("\n")
+            );
+        };
         assert!(!line.text("error").is_empty(), "{line}");
         assert_eq!(self.pid(), before.pid);
         assert_eq!(
