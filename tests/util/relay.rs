@@ -424,6 +424,7 @@ impl Relay {
         let log = Arc::new(Log::default());
         let sink = log.clone();
         let stderr = child.stderr.take().unwrap();
+        let successors = Successors::new(&stderr);
         std::thread::spawn(move || {
             tee_lines(stderr, "[relay]", {
                 let sink = sink.clone();
@@ -439,7 +440,7 @@ impl Relay {
         });
         let mut relay = Relay {
             child,
-            successors: Successors::default(),
+            successors,
             log,
             backend,
             control,

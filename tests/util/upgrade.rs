@@ -71,8 +71,12 @@ pub fn adopt_orphans() {
 #[derive(Default)]
 pub struct Successors {
     procs: Vec<Successor>,
-    /// Children of the relay's processes found at drop: a new process of an upgrade still
-    /// under way, a preflight.
+    /// The relay's stderr pipe as `/proc/PID/fd/2` names it (`pipe:[INODE]`): every process
+    /// of the relay writes its log there.
+    log_pipe: Option<PathBuf>,
+    /// Processes found at drop with that pipe as their stderr that are not in `procs`: a new
+    /// process an upgrade started that the test never learnt of (the upgrade failed), a
+    /// preflight.
     strays: Vec<u32>,
 }
 
@@ -116,6 +120,15 @@ fn reap(pid: u32, flags: libc::c_int) -> Reap {
 }
 
 impl Successors {
+    /// For a relay whose stderr is `log`, the test's end of the pipe.
+    pub fn new(log: &impl std::os::fd::AsRawFd) -> Successors {
+        let log_pipe = std::fs::read_link(format!("/proc/self/fd/{}", log.as_raw_fd())).ok();
+        Successors {
+            log_pipe,
+            ..Successors::default()
+        }
+    }
+
     /// The relay's current process, if an upgrade replaced the first one.
     pub fn current(&self) -> Option<u32> {
         self.procs.last().map(|p| p.pid)
@@ -149,26 +162,31 @@ impl Successors {
         p.status
     }
 
-    /// SIGKILL to every process of the relay that is still running (`started`, the one the
-    /// test started, is left to its `Child`), and to their children when upgrades ran.
+    /// When upgrades ran: SIGKILL to every process of the relay that is still running (but
+    /// `started`, the one the test started, which its `Child` ends): those in `procs`, and
+    /// any other that writes to the relay's stderr.
     pub fn kill_all(&mut self, started: u32) {
         if SUBREAPER.get().is_none() {
             return;
         }
-        let mut parents = vec![started];
-        parents.extend(
-            self.procs
-                .iter()
-                .filter(|p| p.status.is_none())
-                .map(|p| p.pid),
-        );
-        self.strays = children_of(&parents)
-            .into_iter()
-            .filter(|pid| !parents.contains(pid))
+        let alive: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|p| p.status.is_none())
+            .map(|p| p.pid)
             .collect();
-        for &pid in parents[1..].iter().chain(&self.strays) {
-            // SAFETY: kill(2), no memory involved. Each pid is a process of this relay (or
-            // its child) that nobody but this harness reaps, so it names no other process.
+        self.strays = self
+            .log_pipe
+            .as_deref()
+            .map(writers_of)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|pid| *pid != started && !alive.contains(pid))
+            .collect();
+        for &pid in alive.iter().chain(&self.strays) {
+            // SAFETY: kill(2), no memory involved. Each pid is a process of this relay that
+            // nobody but this harness reaps (a successor not reaped yet, or a process that
+            // has the relay's log pipe as its stderr right now), so it names no other one.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
     }
@@ -187,21 +205,15 @@ impl Successors {
     }
 }
 
-/// The pids of the processes whose parent is one of `parents` (from /proc).
-fn children_of(parents: &[u32]) -> Vec<u32> {
+/// The pids of the processes (other than this one) whose stderr is `pipe` (from /proc).
+fn writers_of(pipe: &Path) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|entry| {
         let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // "PID (COMM) STATE PPID …": COMM may hold spaces and parentheses.
-        let ppid: u32 = stat[stat.rfind(')')? + 1..]
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        parents.contains(&ppid).then_some(pid)
+        let stderr = std::fs::read_link(format!("/proc/{pid}/fd/2")).ok()?;
+        (stderr == pipe && pid != std::process::id()).then_some(pid)
     })
     .collect()
 }
