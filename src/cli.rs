@@ -21,7 +21,8 @@ pub const VERSION: &str = match option_env!("PORTRELAY_VERSION") {
 #[used]
 static BUILD_TAG: [u8; 39] = *b"@@portrelay-build-tag@@dev.............";
 
-/// `--version`'s text: the version and the build tag, e.g. `0.3.0 (git 1a2b3c4) (build dev)`.
+/// `--version`'s text: the version, and the build tag unless it is the default `dev`, e.g.
+/// `0.3.0 (git 1a2b3c4d5e6f)` or `0.3.0 (git 1a2b3c4d5e6f) (build next)`.
 pub fn version_text() -> &'static str {
     static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     TEXT.get_or_init(|| {
@@ -29,7 +30,10 @@ pub fn version_text() -> &'static str {
         // folded into the code at build time.
         let tag: [u8; 39] = *std::hint::black_box(&BUILD_TAG);
         let tag = String::from_utf8_lossy(&tag[23..]);
-        format!("{VERSION} (build {})", tag.trim_end_matches('.'))
+        match tag.trim_end_matches('.') {
+            "dev" => VERSION.to_string(),
+            tag => format!("{VERSION} (build {tag})"),
+        }
     })
 }
 

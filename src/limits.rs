@@ -236,6 +236,30 @@ impl PerSourceTable {
         self.admit_at(self.now(), ip, policy, map, port)
     }
 
+    /// A place for a connection that is live already (adopted at an upgrade): counted in
+    /// its source's live connections, never refused (neither a cap nor the rate applies to
+    /// a connection that exists).
+    pub fn adopt(self: &Arc<Self>, ip: IpAddr, policy: &Policy) -> SourcePermit {
+        let now = self.now();
+        let source = SourceKey::of(ip);
+        let mut permit = SourcePermit {
+            table: self.clone(),
+            held: [None, None],
+        };
+        let scopes = [
+            policy.map.map(|(scope, _)| Key::new(scope.0, source)),
+            (policy.max > 0 || policy.rate.is_some()).then(|| Key::new(0, source)),
+        ];
+        for (i, key) in scopes.into_iter().enumerate() {
+            let Some(key) = key else { continue };
+            match self.take(key, now, 0, None) {
+                Taken::Yes => permit.held[i] = Some(key),
+                _ => self.full.increment(1),
+            }
+        }
+        permit
+    }
+
     /// [`Self::admit`] at `now` on the table's clock (microseconds).
     fn admit_at(
         self: &Arc<Self>,
@@ -532,6 +556,32 @@ mod tests {
         assert!(t.admit(ip("10.0.0.2"), &p, "m", 1).is_ok());
         drop(a);
         let _c = t.admit(ip("10.0.0.1"), &p, "m", 1).unwrap();
+    }
+
+    /// Connections adopted at an upgrade are live: they are counted even past the cap
+    /// (never refused), and a new one is refused while they are there.
+    #[test]
+    fn adopted_connections_count_against_the_cap() {
+        let t = Arc::new(PerSourceTable::default());
+        let p = Policy {
+            max: 1,
+            map: Some((MapScope(8), 1)),
+            rate: None,
+        };
+        let a = t.adopt(ip("10.0.0.1"), &p);
+        let b = t.adopt(ip("10.0.0.1"), &p);
+        assert_eq!(
+            t.admit(ip("10.0.0.1"), &p, "m", 1).err(),
+            Some(Rejection::PerSource)
+        );
+        drop(a);
+        assert_eq!(
+            t.admit(ip("10.0.0.1"), &p, "m", 1).err(),
+            Some(Rejection::PerSource),
+            "one adopted connection is still there"
+        );
+        drop(b);
+        assert!(t.admit(ip("10.0.0.1"), &p, "m", 1).is_ok());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! portrelay: command line → settings → logging → run; errors → exit codes.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -258,7 +259,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = portrelay::metrics::install()?;
     portrelay::metrics::set_backend(backend.name());
     if let Some(h) = &handoff {
-        portrelay::metrics::restore_state(&h.state.counters);
         relay::continue_ids_from(h.state.next_id);
     }
     let metrics_addr = config.relay.metrics;
@@ -267,9 +267,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mappings = config.mappings.len();
     let wanted_listeners = config.mappings.len() + config.tls.len();
     let live = portrelay::metrics::live(&config);
-    let inherited = handoff.as_mut().map(|h| h.listeners()).unwrap_or_default();
-    let mut relay = Relay::start_inheriting(config, backend, threads, inherited)?;
+    let mut inherited = HashMap::new();
+    for (addr, fd) in handoff.as_mut().map(|h| h.listeners()).unwrap_or_default() {
+        let l = relay::Listener::from_fd(addr, fd)
+            .map_err(|e| anyhow::anyhow!("an inherited listener: {e}"))?;
+        inherited.insert(addr, l);
+    }
+    let mut relay = if handoff.is_some() {
+        Relay::start_adopting(config, backend, threads, inherited)?
+    } else {
+        Relay::start(config, backend, threads)?
+    };
     portrelay::metrics::set_live(live);
+    if let Some(h) = &handoff {
+        // After `set_live`: a restored series of a mapping not in force would be dropped.
+        portrelay::metrics::restore_state(&h.state.counters);
+    }
     if wanted_listeners > 0 && relay.listener_count() == 0 {
         // Some ports failing is reported and retried at each reload; none at all is a relay
         // that serves nothing, which a supervisor should see as a failed start.
@@ -280,7 +293,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(admin::Server::start(path, sessions.clone())?),
         None => None,
     };
-    let mut generation = handoff.as_ref().map_or(1, |h| h.state.generation);
+    // An upgrade goes on with the old process's generation; a file changed on disk since
+    // its last reload is a new one.
+    let mut generation = handoff.as_ref().map_or(1, |h| {
+        h.state.generation + u64::from(h.state.config_text != config_text)
+    });
     portrelay::metrics::set_generation(generation, mappings);
     if let Some(addr) = metrics_addr {
         let inherited = handoff.as_mut().and_then(|h| h.metrics_listener());
@@ -377,6 +394,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                             ms: o.ms,
                         }));
                         handed_over = Some(o);
+                        upgrade::wait_delivered(&ask.delivered);
                         break;
                     }
                     Err(e) => {
@@ -425,6 +443,11 @@ fn upgrade(
     ctx: &upgrade::Context,
 ) -> Result<upgrade::Outcome, String> {
     tracing::info!(binary = %binary.display(), "upgrade started");
+    // The upgrade may keep this thread for up to ~20 s (preflight, freeze, adoption, each
+    // bounded): a watchdog ping now keeps systemd's WatchdogSec from running out meanwhile.
+    if relay.ping(Duration::from_secs(1)) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+    }
     let admin_path = admin.as_ref().map(|a| a.path().to_owned());
     *admin = None;
     match upgrade::hand_over(relay, binary, ctx) {

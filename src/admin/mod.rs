@@ -262,7 +262,17 @@ fn serve(mut stream: UnixStream, sessions: &Sessions) {
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     loop {
         let (reply, last) = match read_line(&mut stream, &mut buf) {
-            Ok(line) => (answer(&line, sessions), false),
+            Ok(line) => {
+                let (reply, delivered) = answer(&line, sessions);
+                // An upgrade's old process waits for this reply to be written.
+                crate::metrics::admin_request(!matches!(reply, Reply::Error { .. }));
+                let sent = stream.write_all(reply.encode().as_bytes());
+                drop(delivered);
+                if sent.is_err() {
+                    return;
+                }
+                continue;
+            }
             Err(LineEnd::Closed) => return,
             Err(LineEnd::TimedOut) => (
                 Reply::error(format!(
@@ -323,18 +333,19 @@ fn read_line(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, Line
     }
 }
 
-/// The reply to one request line.
-fn answer(line: &[u8], sessions: &Sessions) -> Reply {
+/// The reply to one request line (with, for an upgrade, the token to drop once the reply
+/// is written).
+fn answer(line: &[u8], sessions: &Sessions) -> (Reply, Option<crate::upgrade::Delivered>) {
     let request = match protocol::parse(line) {
         Ok(r) => r,
         Err(why) => {
             tracing::info!(error = %why, "admin socket: bad request");
-            return Reply::error(why);
+            return (Reply::error(why), None);
         }
     };
     #[cfg(debug_assertions)]
     inject_fault(&request);
-    match request {
+    let reply = match request {
         Request::Sessions { map } => match sessions.list(map.as_deref()) {
             Ok(sessions) => Reply::Sessions {
                 v: protocol::VERSION,
@@ -354,7 +365,8 @@ fn answer(line: &[u8], sessions: &Sessions) -> Reply {
             Err(e) => Reply::error(e.to_string()),
         },
         Request::Upgrade { binary } => {
-            match crate::upgrade::ask(binary.map(std::path::PathBuf::from)) {
+            let (result, delivered) = crate::upgrade::ask(binary.map(std::path::PathBuf::from));
+            let reply = match result {
                 Ok(r) => Reply::Upgraded {
                     v: protocol::VERSION,
                     pid: r.pid,
@@ -363,9 +375,11 @@ fn answer(line: &[u8], sessions: &Sessions) -> Reply {
                     ms: r.ms,
                 },
                 Err(e) => Reply::error(format!("upgrade rolled back: {e}")),
-            }
+            };
+            return (reply, Some(delivered));
         }
-    }
+    };
+    (reply, None)
 }
 
 /// Debug builds only (the tests' binary): with `PORTRELAY_TEST_FAULT=admin-panic`, a

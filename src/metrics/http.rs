@@ -20,7 +20,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,15 @@ pub fn pause_accepting() {
 
 pub fn resume_accepting() {
     *ACCEPTING.lock().unwrap_or_else(|e| e.into_inner()) = true;
+}
+
+/// Set once an upgrade has handed the listener over: the endpoint's thread ends (within
+/// the paused recheck) and closes its copy of the listener.
+static STOPPED: AtomicBool = AtomicBool::new(false);
+
+/// Ends the endpoint for good (it must be paused: see [`pause_accepting`]).
+pub fn stop() {
+    STOPPED.store(true, Ordering::Relaxed);
 }
 
 pub fn listener_fd() -> Option<RawFd> {
@@ -106,6 +115,10 @@ impl Server {
     fn run(mut self, render: &dyn Fn() -> String) {
         let mut fds = Vec::new();
         loop {
+            if STOPPED.load(Ordering::Relaxed) {
+                LISTENER.store(-1, Ordering::Relaxed);
+                return;
+            }
             let now = Instant::now();
             if self.accept_after.is_some_and(|t| t <= now) {
                 self.accept_after = None;

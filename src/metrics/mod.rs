@@ -5,6 +5,7 @@
 //!   format, and the rule that drops the series of mappings that are gone.
 //! - [`http`]: the endpoint, which no client can stall.
 //! - `process`: the `process_*` figures, from /proc.
+//! - [`snapshot`]: the counters as values and their binary form, for a live upgrade.
 //!
 //! The hot path never looks a metric up: a route gets its handles once, when it is built,
 //! and counting is one relaxed atomic operation on a handle. Connections hold their route,
@@ -24,8 +25,10 @@ use metrics::{
 pub mod http;
 mod process;
 pub mod registry;
+pub mod snapshot;
 
 pub use registry::{Live, Registry};
+pub use snapshot::{Counted, CounterValue, HistogramCounts};
 
 pub const ACCEPTED: &str = "portrelay_connections_accepted_total";
 pub const ACTIVE: &str = "portrelay_connections_active";
@@ -378,6 +381,20 @@ pub fn set_live(live: Live) {
     }
 }
 
+/// What the process's counters and histograms have counted (see [`snapshot`]); empty
+/// before [`install`].
+pub fn counters_snapshot() -> Vec<CounterValue> {
+    REGISTRY.get().map_or_else(Vec::new, |r| r.counters())
+}
+
+/// Adds `values` (the process before's [`counters_snapshot`]) to the process's series,
+/// once, so that they count on from there (see [`Registry::restore`]). After [`install`].
+pub fn restore_counters(values: &[CounterValue]) {
+    if let Some(registry) = REGISTRY.get() {
+        registry.restore(values);
+    }
+}
+
 /// The process's registry, once [`install`]ed.
 static REGISTRY: OnceLock<Arc<Registry>> = OnceLock::new();
 
@@ -486,11 +503,21 @@ pub fn serve_on(
 
 /// The counters' values for an upgrade's state (the new process starts from them).
 pub fn snapshot_state() -> Vec<u8> {
-    Vec::new()
+    let mut out = Vec::new();
+    snapshot::encode(&counters_snapshot(), &mut out);
+    out
 }
 
-/// Starts the counters from an old process's values ([`snapshot_state`]).
-pub fn restore_state(_state: &[u8]) {}
+/// Starts the counters from an old process's values ([`snapshot_state`]); values that do
+/// not decode are logged and left out (the counters then start from zero, as at a start).
+pub fn restore_state(state: &[u8]) {
+    match snapshot::decode(state) {
+        Ok(values) => restore_counters(&values),
+        Err(e) => {
+            tracing::warn!(error = %e, "the old process's counters do not decode; starting from zero")
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

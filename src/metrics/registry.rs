@@ -17,9 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use metrics::{
-    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata,
+    Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Label, Metadata,
     SharedString, Unit,
 };
+
+use super::snapshot::{Counted, CounterValue, HistogramCounts};
 
 /// Buckets of a histogram that was not given its own (Prometheus' defaults).
 const DEFAULT_BUCKETS: &[f64] = &[
@@ -224,6 +226,85 @@ impl Registry {
         series.retain(|key, s| s.held() || live.holds(key));
     }
 
+    /// What every counter and histogram has counted (gauges are not: they are figures of
+    /// now, which a new process recomputes), in series order.
+    pub fn counters(&self) -> Vec<CounterValue> {
+        let series = self.series.lock().expect("metrics registry lock");
+        series
+            .iter()
+            .filter_map(|(key, s)| {
+                let value = match s {
+                    Series::Counter(c) => Counted::Counter(c.0.load(Ordering::Relaxed)),
+                    Series::Gauge(_) => return None,
+                    Series::Histogram(h) => Counted::Histogram(HistogramCounts {
+                        bounds: h.bounds.to_vec(),
+                        counts: h.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+                        sum: h.sum.get_f64(),
+                    }),
+                };
+                Some(CounterValue {
+                    name: key.name().to_string(),
+                    labels: key
+                        .labels()
+                        .map(|l| (l.key().to_string(), l.value().to_string()))
+                        .collect(),
+                    value,
+                })
+            })
+            .collect()
+    }
+
+    /// Adds what `values` counted to the series they name, making those that do not exist
+    /// yet (a handle registered later, such as a mapping's, then counts on from there).
+    /// A histogram whose bounds changed adds each old bucket into the new bucket that
+    /// holds its bound, so that its count and sum carry over exactly. A value of another
+    /// kind than its series is left out, with a warning. Restored series follow the rule
+    /// of [`Registry::prune`] like any other.
+    pub fn restore(&self, values: &[CounterValue]) {
+        for v in values {
+            let labels: Vec<Label> = v
+                .labels
+                .iter()
+                .map(|(k, l)| Label::new(k.clone(), l.clone()))
+                .collect();
+            let key = Key::from_parts(v.name.clone(), labels);
+            let series = match &v.value {
+                Counted::Counter(_) => self.register(&key, || Series::Counter(Arc::default())),
+                Counted::Histogram(_) => self.register(&key, || {
+                    Series::Histogram(Arc::new(Buckets::new(self.bounds(key.name()))))
+                }),
+            };
+            match (&v.value, series) {
+                (Counted::Counter(n), Series::Counter(c)) => {
+                    c.0.fetch_add(*n, Ordering::Relaxed);
+                }
+                (Counted::Histogram(old), Series::Histogram(h)) => {
+                    for (i, n) in old.counts.iter().enumerate() {
+                        let bound = old.bounds.get(i).copied().unwrap_or(f64::INFINITY);
+                        let j = h
+                            .bounds
+                            .iter()
+                            .position(|b| bound <= *b)
+                            .unwrap_or(h.bounds.len());
+                        h.counts[j].fetch_add(*n, Ordering::Relaxed);
+                    }
+                    h.sum.add_f64(old.sum);
+                }
+                (_, other) => {
+                    tracing::warn!(metric = %v.name, kind = other.kind(), "a restored count does not match its series' kind; left out");
+                }
+            }
+        }
+    }
+
+    /// The bucket bounds of the histograms named `name`.
+    fn bounds(&self, name: &str) -> &'static [f64] {
+        self.buckets
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(DEFAULT_BUCKETS, |(_, b)| *b)
+    }
+
     /// Every series in the text format, grouped by metric (each with its help and type),
     /// after dropping those of mappings that are gone (see [`Registry::prune`]).
     pub fn render(&self) -> String {
@@ -350,12 +431,7 @@ impl metrics::Recorder for Recorder {
     }
 
     fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
-        let bounds = self
-            .0
-            .buckets
-            .iter()
-            .find(|(name, _)| *name == key.name())
-            .map_or(DEFAULT_BUCKETS, |(_, b)| *b);
+        let bounds = self.0.bounds(key.name());
         match self
             .0
             .register(key, || Series::Histogram(Arc::new(Buckets::new(bounds))))

@@ -657,8 +657,11 @@ mod saved {
             }
             let s = SockRef::from(&fd);
             let local = s.local_addr().ok().and_then(|a| a.as_socket());
+            // A peer that reset or finished closing since the record has no address any
+            // more (ENOTCONN): the socket is still the one recorded; its end shows at the
+            // first read.
             let peer = s.peer_addr().ok().and_then(|a| a.as_socket());
-            if local != r.local || (r.peer.is_some() && peer != r.peer) {
+            if local != r.local || (r.peer.is_some() && peer.is_some() && peer != r.peer) {
                 return Err(io::Error::other(format!(
                     "fd {}: addresses {local:?} → {peer:?}, its record says {:?} → {:?}",
                     r.fd, r.local, r.peer

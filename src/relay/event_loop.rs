@@ -78,6 +78,18 @@ pub struct EventLoop<D: Driver> {
     published_pipes: (usize, usize),
     /// The next upstream sockets, made before their clients are accepted.
     reserve: Reserve,
+    /// An upgrade asked this loop to freeze: done at the end of the turn, once every event
+    /// of the turn (an accepted connection above all) is an entry.
+    freeze_asked: Option<(
+        std::sync::mpsc::Sender<super::Frozen>,
+        std::sync::mpsc::Receiver<super::Verdict>,
+    )>,
+    /// After an upgrade: the new process has the rest; this loop serves what stayed (TLS
+    /// sessions) and ends with the last.
+    handed_over: bool,
+    /// The new process: entries adopted but not started yet (nothing is watched, timed or
+    /// connected before the old process has let go).
+    adopting: Vec<(Key, handover::Start)>,
     /// Debug builds only: a fault to inject once a connection is in the loop.
     #[cfg(debug_assertions)]
     fault: Option<String>,
@@ -110,6 +122,9 @@ impl<D: Driver> EventLoop<D> {
             drain_until: None,
             published_pipes: (0, 0),
             reserve: Reserve::new()?,
+            freeze_asked: None,
+            handed_over: false,
+            adopting: Vec::new(),
             #[cfg(debug_assertions)]
             fault: std::env::var("PORTRELAY_TEST_FAULT").ok(),
         })
@@ -143,6 +158,9 @@ impl<D: Driver> EventLoop<D> {
         let health = metrics::loop_health();
         self.take_commands();
         loop {
+            if self.handed_over && self.entries.is_empty() {
+                return Ok(());
+            }
             if let Some(until) = self.drain_until {
                 if self.entries.is_empty() {
                     return Ok(());
@@ -174,6 +192,9 @@ impl<D: Driver> EventLoop<D> {
             self.run_timers();
             for key in std::mem::take(&mut self.pending) {
                 self.service(key);
+            }
+            if let Some((reply, verdict)) = self.freeze_asked.take() {
+                self.freeze(reply, verdict);
             }
             self.publish_pipes();
         }
@@ -212,7 +233,7 @@ impl<D: Driver> EventLoop<D> {
                 // client waits in the listen queue rather than being taken without one.
                 self.accepted(key, fd, peer);
                 for _ in 1..ACCEPT_BATCH {
-                    if self.listeners.paused() {
+                    if !self.listeners.accepting() {
                         break;
                     }
                     match self.driver.accept_next(key) {
@@ -347,11 +368,15 @@ impl<D: Driver> EventLoop<D> {
                 Command::Kill(selector, answer) => {
                     let _ = answer.send(self.kill(&selector));
                 }
-                Command::Freeze(reply, verdict) => self.freeze(reply, verdict),
+                Command::Freeze(reply, verdict) => self.freeze_asked = Some((reply, verdict)),
+                Command::HoldAccepts => self.listeners.hold(&mut self.driver),
                 Command::Adopt(records, fds, answer) => {
                     let _ = answer.send(self.adopt(records, fds));
                 }
-                Command::Kick => self.kick(),
+                Command::Kick => {
+                    self.start_adopted();
+                    self.kick();
+                }
                 Command::Barrier(ack) => {
                     self.driver.flush();
                     let _ = ack.send(());
@@ -1116,8 +1141,8 @@ impl<D: Driver> EventLoop<D> {
                         self.timers.add(self.now, ACCEPT_BACKOFF, Timer::Reserve);
                     }
                 }
-                // While paused, the refill resumes every listener.
-                Timer::ResumeAccept(_) if self.listeners.paused() => {}
+                // While paused, the refill resumes every listener (held: the upgrade's end).
+                Timer::ResumeAccept(_) if !self.listeners.accepting() => {}
                 Timer::ResumeAccept(key) => {
                     if let Some(l) = self.listeners.get(key) {
                         let fd = l.listener.fd();

@@ -268,6 +268,50 @@ mod tests {
 
     use super::*;
 
+    /// A held connection's retry state across an upgrade: attempts, backoff, the replay
+    /// copy and how much of it went out come back; deadlines come back as time left; a
+    /// connection counted as held is counted again in the new process's mapping.
+    #[test]
+    fn holding_comes_back_from_its_record() {
+        let mapping = || {
+            crate::relay::route::MappingState::new(
+                &crate::control::Mapping::detached("C.1", 2222, "127.0.0.1:22".parse().unwrap()),
+                None,
+            )
+        };
+        let m = mapping();
+        let now = Instant::now();
+        let mut h = Holding::new(now, Duration::from_secs(30), true);
+        h.attempts = 4;
+        h.next_backoff();
+        h.next_backoff();
+        h.waiting = true;
+        h.hold(&m);
+        h.last_reason = Some(ConnectFailure::Refused);
+        h.last_error = Some(io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        let r = h.replay.as_mut().unwrap();
+        r.buf = b"SSH-2.0-OpenSSH_9.2\r\n".to_vec();
+        r.sent = 5;
+        r.counted = 21;
+        let rec = h.save(now + Duration::from_secs(10));
+        assert_eq!(rec.left_ms, 20_000);
+        let later = now + Duration::from_secs(100);
+        let m2 = mapping();
+        let back = Holding::load(&rec, later, &m2);
+        assert_eq!(back.until, later + Duration::from_secs(20));
+        assert_eq!(
+            (back.attempts, back.backoff, back.waiting, back.held),
+            (4, Duration::from_millis(200), true, true)
+        );
+        assert_eq!(m2.held.load(Ordering::Acquire), 1, "counted as held again");
+        assert_eq!(back.last_reason, Some(ConnectFailure::Refused));
+        let p = back.replay.as_ref().unwrap();
+        assert_eq!(
+            (p.buf.as_slice(), p.sent, p.counted),
+            (&b"SSH-2.0-OpenSSH_9.2\r\n"[..], 5, 21)
+        );
+    }
+
     #[test]
     fn backoff_doubles_from_50_ms_to_1_s() {
         let mut h = Holding::new(Instant::now(), Duration::from_secs(20), false);

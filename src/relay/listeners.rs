@@ -19,8 +19,12 @@ pub struct LoopListener {
 pub struct Listeners {
     slab: Slab<LoopListener>,
     by_addr: HashMap<SocketAddr, Key>,
-    /// New connections wait in the listen queues (see [`Listeners::pause`]).
+    /// New connections wait in the listen queues: no descriptor is free for their upstream
+    /// sockets (see [`Listeners::pause`]).
     paused: bool,
+    /// New connections wait in the listen queues: an upgrade is handing the listeners over
+    /// (see [`Listeners::hold`]).
+    held: bool,
 }
 
 impl Listeners {
@@ -35,12 +39,12 @@ impl Listeners {
         let fd = listener.fd();
         let (slot, generation) = self.slab.insert(LoopListener { listener, entrance });
         let key = Key::new(Tag::Listener, slot, generation);
-        if let Err(e) = driver.accept(key, fd) {
-            self.slab.remove(slot, generation);
-            return Err(e);
-        }
-        if self.paused {
-            driver.pause_accept(key, fd);
+        // Not accepting now: armed when accepting starts again (`resume`, `release`).
+        if self.accepting() {
+            if let Err(e) = driver.accept(key, fd) {
+                self.slab.remove(slot, generation);
+                return Err(e);
+            }
         }
         self.by_addr.insert(addr, key);
         Ok(())
@@ -57,10 +61,11 @@ impl Listeners {
         }
     }
 
-    /// [`Listeners::pause`], calling back accepts already in the kernel (an upgrade: no
-    /// connection may be taken by this process once the new one accepts).
+    /// Takes no new connections, calling back accepts already in the kernel, until
+    /// [`Listeners::release`] (an upgrade: no connection may be taken by this process once
+    /// the new one accepts; in the new one, none before it has taken over).
     pub fn hold(&mut self, driver: &mut impl Driver) {
-        self.paused = true;
+        self.held = true;
         for key in self.by_addr.values() {
             if let Some(l) = self.slab.get(key.slot(), key.generation()) {
                 driver.hold_accept(*key, l.listener.fd());
@@ -68,12 +73,36 @@ impl Listeners {
         }
     }
 
-    /// The entrance of a listener on `port` (any bind address: they all lead the same way).
-    pub fn entrance_of_port(&self, port: u16) -> Option<Entrance> {
-        self.by_addr
+    /// Ends [`Listeners::hold`]: accepts again unless paused for descriptors. Those the
+    /// driver refuses come back as keys, to try again later.
+    pub fn release(&mut self, driver: &mut impl Driver) -> Vec<Key> {
+        self.held = false;
+        if self.paused {
+            return Vec::new();
+        }
+        self.arm_all(driver)
+    }
+
+    /// Whether new connections are taken now.
+    pub fn accepting(&self) -> bool {
+        !self.paused && !self.held
+    }
+
+    /// The entrance a connection to `local` came through: the listener bound to that
+    /// address, else the one bound to the unspecified address of its family on its port.
+    pub fn entrance_for(&self, local: SocketAddr) -> Option<Entrance> {
+        let any = match local {
+            SocketAddr::V4(_) => {
+                SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), local.port())
+            }
+            SocketAddr::V6(_) => {
+                SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), local.port())
+            }
+        };
+        [local, any]
             .iter()
-            .find(|(a, _)| a.port() == port)
-            .and_then(|(_, k)| self.slab.get(k.slot(), k.generation()))
+            .find_map(|a| self.by_addr.get(a))
+            .and_then(|k| self.slab.get(k.slot(), k.generation()))
             .map(|l| l.entrance.clone())
     }
 
@@ -81,6 +110,13 @@ impl Listeners {
     /// try again later.
     pub fn resume(&mut self, driver: &mut impl Driver) -> Vec<Key> {
         self.paused = false;
+        if self.held {
+            return Vec::new();
+        }
+        self.arm_all(driver)
+    }
+
+    fn arm_all(&mut self, driver: &mut impl Driver) -> Vec<Key> {
         let mut refused = Vec::new();
         for key in self.by_addr.values() {
             if let Some(l) = self.slab.get(key.slot(), key.generation()) {

@@ -10,12 +10,13 @@
 //! - `connection`: one connection's two directions and the splice/copy data path.
 //! - `pipe`: pipes and buffers lent to directions while bytes are in flight.
 //! - `route`: listeners and where each host port leads.
+//! - `plan`: what applying a control file does, decided apart from doing it (pure).
 //! - `hold`, `wake`: held connections while an instance boots, and its wake command.
 //! - `sessions`: listing and ending live connections for the admin socket.
 //! - the upgrade (freeze, commit, rollback, adopt): `Relay::freeze` and `Relay::adopt`
 //!   here, each loop's side in `event_loop/handover.rs`, the state in `crate::upgrade`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -27,8 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::addr::UpstreamAddr;
-use crate::control::diff::{self, PortChange};
-use crate::control::{Config, RelaySettings, RemovedMapping};
+use crate::control::{Config, RelaySettings};
 use crate::limits::PerSourceTable;
 use crate::tls::{self, TlsEndpoint};
 use crate::upgrade::state::ConnRecord;
@@ -41,6 +41,7 @@ mod event_loop;
 mod hold;
 mod listeners;
 mod pipe;
+pub mod plan;
 mod reserve;
 mod route;
 mod sessions;
@@ -51,9 +52,10 @@ mod wake;
 
 use crate::sys;
 use backend::{epoll, uring};
+use plan::{EntranceKind, RouteStep};
 
 pub use connection::{continue_ids_from, next_id};
-pub use route::{Listener, MappingState, Route};
+pub use route::{InheritError, Listener, MappingState, Route};
 pub use sessions::{NoAnswer, Sessions};
 
 /// Which io backend the loops use.
@@ -168,8 +170,11 @@ pub enum Command {
         HashMap<RawFd, OwnedFd>,
         mpsc::Sender<Result<usize, String>>,
     ),
-    /// Give every connection a turn (after an adoption or a rollback).
+    /// The new process, once the old one has let go: start what was adopted, accept
+    /// again, and give every connection a turn.
     Kick,
+    /// The new process, from its start: accept nothing until `Kick`.
+    HoldAccepts,
 }
 
 /// What a frozen loop hands over: the records of the connections that can move, and how
@@ -237,11 +242,12 @@ pub struct Relay {
     shared: Arc<Shared>,
     config: Option<Config>,
     listeners: HashMap<SocketAddr, Arc<Listener>>,
+    /// Listening sockets handed over by the process before (a live upgrade), until the
+    /// first apply takes those its file asks for and closes the others.
+    inherited: HashMap<SocketAddr, Listener>,
     routes: Arc<HashMap<u16, Arc<Route>>>,
     /// `pipe_size` and `max_pipes` the pools were made with: they change at restart only.
     pipes: (u32, u32),
-    /// Listening sockets inherited at an upgrade, not yet taken by `apply`.
-    inherited: HashMap<SocketAddr, OwnedFd>,
 }
 
 impl Relay {
@@ -251,13 +257,36 @@ impl Relay {
         Relay::start_inheriting(config, backend, threads, HashMap::new())
     }
 
-    /// [`Relay::start`] that takes the listeners it needs from `inherited` (an upgrade)
-    /// instead of opening them; those the file does not ask for are closed.
+    /// [`Relay::start`], taking the listening sockets of `inherited` (from the process
+    /// before, see [`Listener::from_fd`]) instead of binding their addresses: those the
+    /// file asks for are accepted on as they are (their queued connections included), the
+    /// others are closed.
     pub fn start_inheriting(
         config: Config,
         backend: Backend,
         threads: usize,
-        inherited: HashMap<SocketAddr, OwnedFd>,
+        inherited: HashMap<SocketAddr, Listener>,
+    ) -> anyhow::Result<Relay> {
+        Relay::start_with(config, backend, threads, inherited, false)
+    }
+
+    /// [`Relay::start_inheriting`] for a process taking over at an upgrade: it accepts
+    /// nothing until [`Relay::kick`] (the old process may still roll back until then).
+    pub fn start_adopting(
+        config: Config,
+        backend: Backend,
+        threads: usize,
+        inherited: HashMap<SocketAddr, Listener>,
+    ) -> anyhow::Result<Relay> {
+        Relay::start_with(config, backend, threads, inherited, true)
+    }
+
+    fn start_with(
+        config: Config,
+        backend: Backend,
+        threads: usize,
+        inherited: HashMap<SocketAddr, Listener>,
+        hold: bool,
     ) -> anyhow::Result<Relay> {
         transparent::probe(&config.mappings);
         let nofile = sys::raise_nofile_limit().unwrap_or(0);
@@ -314,14 +343,14 @@ impl Relay {
             shared,
             config: None,
             listeners: HashMap::new(),
+            inherited,
             routes: Arc::default(),
             pipes: (config.relay.pipe_size, config.relay.max_pipes),
-            inherited,
         };
-        relay.apply(config)?;
-        for (addr, _) in relay.inherited.drain() {
-            tracing::info!(listen = %addr, "inherited listener not in the control file; closed");
+        if hold {
+            relay.broadcast(vec![Command::HoldAccepts]);
         }
+        relay.apply(config)?;
         Ok(relay)
     }
 
@@ -348,50 +377,50 @@ impl Relay {
         for entry in &new.ws {
             let endpoint = admission::WsEndpoint::load(entry)
                 .with_context(|| format!("[[ws]] listen = \"{}\"", entry.listen))?;
-            ws_endpoints.push((entry.listen, Arc::new(endpoint)));
+            ws_endpoints.push(Arc::new(endpoint));
         }
         // `wss://` on the TLS entries is served as the first `[[ws]]` says.
-        let wss = ws_endpoints.first().map(|(_, e)| e.clone());
+        let wss = ws_endpoints.first().cloned();
         let mut endpoints = Vec::new();
         for entry in &new.tls {
             let endpoint = TlsEndpoint::load(entry)
                 .with_context(|| format!("[[tls]] listen = \"{}\"", entry.listen))?;
-            endpoints.push((entry.listen, Arc::new(endpoint)));
+            endpoints.push(Arc::new(endpoint));
         }
-        let changes: HashMap<u16, PortChange> = match &self.config {
-            Some(old) => diff::diff(old, &new).into_iter().collect(),
-            None => diff::ports(&new)
-                .keys()
-                .map(|p| (*p, PortChange::Open))
-                .collect(),
-        };
+        let plan = plan::plan(&self.running(), &new);
 
-        // Routes: unchanged ports keep theirs; changed ports get new ones, sharing one
-        // MappingState per [[map]] entry. An updated mapping keeps its live-connection
-        // count, so its cap still counts the connections it already has.
+        // Routes: kept ones are the same objects; built ones share one MappingState per
+        // [[map]] entry.
         let mut states: HashMap<usize, Arc<MappingState>> = HashMap::new();
         let mut routes: HashMap<u16, Arc<Route>> = HashMap::new();
-        for (port, (upstream, idx)) in diff::ports(&new) {
-            let route = match (changes.get(&port), self.routes.get(&port)) {
-                (None, Some(r)) => r.clone(),
-                _ => {
-                    let m = &new.mappings[idx];
-                    let state = states.entry(idx).or_insert_with(|| {
-                        let carried = self
-                            .routes
-                            .get(m.ports.start())
-                            .filter(|r| r.upstream == m.upstream)
+        for (port, step) in &plan.routes {
+            let route = match *step {
+                RouteStep::Keep => self.routes[port].clone(),
+                RouteStep::Build {
+                    upstream,
+                    mapping,
+                    carry,
+                } => {
+                    let m = &new.mappings[mapping];
+                    let state = states.entry(mapping).or_insert_with(|| {
+                        let carried = carry
+                            .then(|| self.routes.get(m.ports.start()))
+                            .flatten()
                             .map(|r| r.mapping.active.clone());
                         Arc::new(MappingState::new(m, carried))
                     });
-                    Arc::new(Route::new(port, upstream, state.clone()))
+                    Arc::new(Route::new(*port, upstream, state.clone()))
                 }
             };
-            routes.insert(port, route);
+            routes.insert(*port, route);
         }
+        let entrance = |kind: EntranceKind| match kind {
+            EntranceKind::Mapped(p) => Entrance::Mapped(routes[&p].clone()),
+            EntranceKind::Tls(i) => Entrance::Tls(endpoints[i].clone(), wss.clone()),
+            EntranceKind::Ws(i) => Entrance::Ws(ws_endpoints[i].clone()),
+        };
 
-        let asked = (new.relay.pipe_size, new.relay.max_pipes);
-        if asked != self.pipes {
+        if let Some(asked) = plan.pipes_ignored {
             tracing::warn!(
                 pipe_size = asked.0,
                 max_pipes = asked.1,
@@ -408,70 +437,38 @@ impl Relay {
             .max_pending
             .store(new.relay.max_pending_admissions, Ordering::Relaxed);
 
-        // Listeners: one per port and bind address; open what is missing (a port that
-        // failed before is retried here), close what is no longer asked for.
-        let wanted: HashSet<SocketAddr> = routes
-            .keys()
-            .flat_map(|p| {
-                new.relay
-                    .bind
-                    .iter()
-                    .map(move |ip| SocketAddr::new(*ip, *p))
-            })
-            .collect();
         let mut applied = Applied {
-            changed_ports: changes.len(),
+            changed_ports: plan.changed_ports,
             ..Applied::default()
         };
-        let mut entrances: HashMap<SocketAddr, Entrance> = wanted
-            .iter()
-            .map(|a| (*a, Entrance::Mapped(routes[&a.port()].clone())))
-            .collect();
-        for (listen, endpoint) in &endpoints {
-            entrances.insert(*listen, Entrance::Tls(endpoint.clone(), wss.clone()));
-        }
-        for (listen, endpoint) in &ws_endpoints {
-            entrances.insert(*listen, Entrance::Ws(endpoint.clone()));
-        }
         // Changed ports keep their listeners and take the new route; TLS entries take their
         // reloaded certificates.
-        for (addr, entrance) in &entrances {
-            let changed = match entrance {
-                Entrance::Mapped(_) => matches!(
-                    changes.get(&addr.port()),
-                    Some(PortChange::Retarget | PortChange::Update)
-                ),
-                Entrance::Tls(..) | Entrance::Ws(_) => true,
-            };
-            if changed && self.listeners.contains_key(addr) {
-                cmds.push(Command::Enter(*addr, entrance.clone()));
-            }
+        for (addr, kind) in &plan.enter {
+            cmds.push(Command::Enter(*addr, entrance(*kind)));
         }
-        let mut to_open: Vec<SocketAddr> = entrances
-            .keys()
-            .filter(|a| !self.listeners.contains_key(a))
-            .copied()
-            .collect();
-        to_open.sort();
         // Accepted sockets inherit TCP_NODELAY and keepalive from their listener: set them
         // on new listeners, and on all of them when the keepalive setting changed.
         let keepalive = new.relay.tcp_keepalive;
-        if self
-            .config
-            .as_ref()
-            .is_some_and(|c| c.relay.tcp_keepalive != keepalive)
-        {
+        if plan.retune {
             for l in self.listeners.values() {
                 route::tune(l.fd(), keepalive);
             }
         }
-        for addr in to_open {
-            let entrance = entrances[&addr].clone();
-            let made = match self.inherited.remove(&addr) {
-                Some(fd) => Listener::inherit(addr, fd),
-                None => Listener::bind(addr),
+        for addr in &plan.discard {
+            if let Some(l) = self.inherited.remove(addr) {
+                tracing::info!(listen = %addr, "closing an inherited listener the control file no longer asks for");
+                drop(l);
+            }
+        }
+        for open in &plan.open {
+            let (addr, entrance) = (open.addr, entrance(open.entrance));
+            let socket = match open.socket {
+                plan::Socket::Inherited => self.inherited.remove(&addr).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "no inherited listener")
+                }),
+                plan::Socket::Bind => Listener::bind(addr),
             };
-            match made {
+            match socket {
                 Ok(l) => {
                     route::tune(l.fd(), keepalive);
                     let l = Arc::new(l);
@@ -491,45 +488,44 @@ impl Relay {
             }
         }
         // The name table serves SNI (TLS) and path (WebSocket) routing.
-        let by_name = |c: &Config| !c.tls.is_empty() || !c.ws.is_empty();
-        if by_name(&new) || self.config.as_ref().is_some_and(by_name) {
+        if plan.name_routes {
             cmds.push(Command::TlsRoutes(Arc::new(tls_routes(&new, &routes))));
         }
-        let gone: Vec<SocketAddr> = self
-            .listeners
-            .keys()
-            .filter(|a| !entrances.contains_key(a))
-            .copied()
-            .collect();
-        for addr in &gone {
+        for addr in &plan.close {
             cmds.push(Command::Unlisten(*addr));
         }
 
         // Live connections of removed and retargeted ports follow `removed_mapping`.
-        if new.relay.removed_mapping == RemovedMapping::Close {
-            let doomed: HashMap<u16, Option<UpstreamAddr>> = changes
+        if !plan.close_connections.is_empty() {
+            let doomed: HashMap<u16, Option<UpstreamAddr>> = plan
+                .close_connections
                 .iter()
-                .filter_map(|(p, c)| match c {
-                    PortChange::Close => Some((*p, None)),
-                    PortChange::Retarget => Some((*p, Some(routes[p].upstream))),
-                    _ => None,
-                })
+                .map(|(p, u)| (*p, *u))
                 .collect();
-            if !doomed.is_empty() {
-                cmds.push(Command::CloseConnections(Arc::new(doomed)));
-            }
+            cmds.push(Command::CloseConnections(Arc::new(doomed)));
         }
 
         let routes = Arc::new(routes);
         cmds.push(Command::Routes(routes.clone()));
         self.broadcast(cmds);
         self.barrier();
-        for addr in gone {
-            self.listeners.remove(&addr);
+        for addr in &plan.close {
+            self.listeners.remove(addr);
         }
         self.routes = routes;
         self.config = Some(new);
         Ok(applied)
+    }
+
+    /// What runs, as [`plan::plan`] sees it.
+    fn running(&self) -> plan::Running<'_> {
+        plan::Running {
+            config: self.config.as_ref(),
+            listening: self.listeners.keys().copied().collect(),
+            inherited: self.inherited.keys().copied().collect(),
+            routes: self.routes.iter().map(|(p, r)| (*p, r.upstream)).collect(),
+            pipes: self.pipes,
+        }
     }
 
     /// Sends every loop the same commands (each loop gets its own clone of the Arcs).
@@ -674,7 +670,8 @@ impl Relay {
         Ok(adopted)
     }
 
-    /// Every connection gets a turn (after an adoption).
+    /// After an adoption: every adopted connection starts, accepting starts, every
+    /// connection gets a turn.
     pub fn kick(&self) {
         self.broadcast(vec![Command::Kick]);
     }
@@ -718,6 +715,7 @@ impl Command {
             Command::Sessions(tx) => Command::Sessions(tx.clone()),
             Command::Kill(s, tx) => Command::Kill(s.clone(), tx.clone()),
             Command::Kick => Command::Kick,
+            Command::HoldAccepts => Command::HoldAccepts,
             Command::Freeze(..) | Command::Adopt(..) => {
                 unreachable!("sent to each loop on its own, never broadcast")
             }
@@ -793,4 +791,80 @@ fn run_loop(
     );
     drop(batch); // exit runs no destructors
     std::process::exit(70)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// An upstream that echoes what each connection sends.
+    fn echo() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(8) {
+                let mut s = s.unwrap();
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                });
+            }
+        });
+        addr
+    }
+
+    fn echoes(mut c: TcpStream) {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut got = [0; 4];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
+    /// A relay started on the listening sockets of the process before it: a connection
+    /// queued on a wanted one before the start is relayed, a socket the file does not ask
+    /// for is closed (its port refuses), and a reload later treats the inherited listener
+    /// like any other (it stays open, no bind).
+    #[test]
+    fn start_inheriting_takes_the_listeners() {
+        for backend in [Backend::Epoll, Backend::Uring] {
+            if backend == Backend::Uring {
+                if let Err(e) = uring::probe() {
+                    eprintln!("skipping io_uring: {e}");
+                    continue;
+                }
+            }
+            let upstream = echo();
+            let wanted = TcpListener::bind("127.0.0.1:0").unwrap();
+            let unwanted = TcpListener::bind("127.0.0.1:0").unwrap();
+            let (at, gone) = (wanted.local_addr().unwrap(), unwanted.local_addr().unwrap());
+            let queued = TcpStream::connect(at).unwrap();
+            let text = format!(
+                "[relay]\nbind = [\"127.0.0.1\"]\n[[map]]\nport = {}\nto = \"{upstream}\"\nname = \"a\"\n",
+                at.port()
+            );
+            let config = crate::control::parse_str("t.toml", &text).unwrap();
+            let inherited = [(at, wanted), (gone, unwanted)]
+                .into_iter()
+                .map(|(a, l)| (a, Listener::from_fd(a, OwnedFd::from(l)).unwrap()))
+                .collect();
+            let mut relay = Relay::start_inheriting(config.clone(), backend, 1, inherited).unwrap();
+            assert_eq!(relay.listener_count(), 1);
+            echoes(queued);
+            echoes(TcpStream::connect(at).unwrap());
+            let refused = TcpStream::connect(gone).unwrap_err();
+            assert_eq!(
+                refused.kind(),
+                io::ErrorKind::ConnectionRefused,
+                "{backend:?}"
+            );
+            let applied = relay.apply(config).unwrap();
+            assert!(applied.failed.is_empty() && applied.changed_ports == 0);
+            echoes(TcpStream::connect(at).unwrap());
+            relay.shutdown().unwrap();
+        }
+    }
 }

@@ -144,20 +144,44 @@ impl Listener {
         })
     }
 
-    /// A listening socket inherited at an upgrade, checked to be one: a TCP socket that
-    /// listens, on `addr`.
-    pub fn inherit(addr: SocketAddr, fd: OwnedFd) -> io::Result<Listener> {
+    /// The listening socket `fd`, handed over from the process before (a live upgrade),
+    /// as the listener of `addr`: checked to be a listening TCP socket bound to `addr`,
+    /// and made non-blocking and close-on-exec again. On an error the fd is closed.
+    pub fn from_fd(addr: SocketAddr, fd: OwnedFd) -> Result<Listener, InheritError> {
+        let raw = fd.as_raw_fd();
         let socket = Socket::from(fd);
-        let local = socket.local_addr()?.as_socket();
-        let listening = socket.is_listener()?;
-        if local != Some(addr) || !listening || socket.r#type()? != Type::STREAM {
-            return Err(io::Error::other(format!(
-                "inherited fd {} is not a TCP listener on {addr} (it is on {local:?}, listening: {listening})",
-                socket.as_raw_fd()
-            )));
+        let io = |step: &'static str| {
+            move |source| InheritError::Io {
+                fd: raw,
+                step,
+                source,
+            }
+        };
+        let ty = socket.r#type().map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOTSOCK) => InheritError::NotSocket { fd: raw },
+            _ => InheritError::Io {
+                fd: raw,
+                step: "SO_TYPE",
+                source: e,
+            },
+        })?;
+        let protocol = socket.protocol().map_err(io("SO_PROTOCOL"))?;
+        if ty != Type::STREAM || protocol != Some(socket2::Protocol::TCP) {
+            return Err(InheritError::NotTcp { fd: raw });
         }
-        socket.set_nonblocking(true)?;
-        sys::set_cloexec(socket.as_raw_fd(), true)?;
+        if !socket.is_listener().map_err(io("SO_ACCEPTCONN"))? {
+            return Err(InheritError::NotListening { fd: raw });
+        }
+        let local = socket.local_addr().map_err(io("getsockname"))?.as_socket();
+        if local.map(|a| (a.ip(), a.port())) != Some((addr.ip(), addr.port())) {
+            return Err(InheritError::WrongAddress {
+                fd: raw,
+                want: addr,
+                got: local,
+            });
+        }
+        socket.set_nonblocking(true).map_err(io("O_NONBLOCK"))?;
+        socket.set_cloexec(true).map_err(io("FD_CLOEXEC"))?;
         Ok(Listener {
             socket,
             addr: ListenAddr(addr),
@@ -168,6 +192,30 @@ impl Listener {
     pub fn fd(&self) -> RawFd {
         self.socket.as_raw_fd()
     }
+}
+
+/// Why a handed-over fd cannot be taken as a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum InheritError {
+    #[error("inherited fd {fd} is not a socket")]
+    NotSocket { fd: RawFd },
+    #[error("inherited fd {fd} is not a TCP stream socket")]
+    NotTcp { fd: RawFd },
+    #[error("inherited fd {fd} is not listening")]
+    NotListening { fd: RawFd },
+    #[error("inherited fd {fd} is bound to {}, not to {want}", got.map_or("no IP address".to_string(), |a| a.to_string()))]
+    WrongAddress {
+        fd: RawFd,
+        want: SocketAddr,
+        got: Option<SocketAddr>,
+    },
+    #[error("inherited fd {fd}: {step}")]
+    Io {
+        fd: RawFd,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Keepalive probes unanswered before a peer is taken for dead.
@@ -231,4 +279,67 @@ pub fn socket_options(keepalive: Option<Duration>) -> SocketOptions {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, UdpSocket};
+
+    fn loopback() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    /// A handed-over listening socket is taken as it is: its queued connections are still
+    /// there to accept, and it is close-on-exec again.
+    #[test]
+    fn from_fd_takes_a_listening_socket() {
+        let std = TcpListener::bind(loopback()).unwrap();
+        let addr = std.local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        // As the process before leaves it for the exec.
+        let socket = Socket::from(OwnedFd::from(std));
+        socket.set_cloexec(false).unwrap();
+        let l = Listener::from_fd(addr, OwnedFd::from(socket)).unwrap();
+        assert_eq!((l.addr.0, l.port), (addr, addr.port()));
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", l.fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| i32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        assert_eq!(flags & libc::O_CLOEXEC, libc::O_CLOEXEC, "{info}");
+        assert!(l.socket.nonblocking().unwrap());
+        let (_, peer) = l.socket.accept().unwrap();
+        assert_eq!(peer.as_socket(), Some(queued.local_addr().unwrap()));
+    }
+
+    #[test]
+    fn from_fd_refuses_what_is_not_that_listener() {
+        let std = TcpListener::bind(loopback()).unwrap();
+        let addr = std.local_addr().unwrap();
+        let other = SocketAddr::from(([127, 0, 0, 1], addr.port().wrapping_add(1).max(1)));
+        let err = Listener::from_fd(other, OwnedFd::from(std)).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with(&format!("is bound to {addr}, not to {other}")),
+            "{err}"
+        );
+
+        let bound = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        bound.bind(&loopback().into()).unwrap();
+        let at = bound.local_addr().unwrap().as_socket().unwrap();
+        let err = Listener::from_fd(at, OwnedFd::from(bound)).unwrap_err();
+        assert!(matches!(err, InheritError::NotListening { .. }), "{err}");
+
+        let udp = UdpSocket::bind(loopback()).unwrap();
+        let at = udp.local_addr().unwrap();
+        let err = Listener::from_fd(at, OwnedFd::from(udp)).unwrap_err();
+        assert!(matches!(err, InheritError::NotTcp { .. }), "{err}");
+
+        let (r, _w) = sys::pipe().unwrap();
+        let err = Listener::from_fd(at, r).unwrap_err();
+        assert!(matches!(err, InheritError::NotSocket { .. }), "{err}");
+        assert!(err.to_string().ends_with("is not a socket"), "{err}");
+    }
 }

@@ -8,13 +8,15 @@
 //!    connections and waits, moving no byte. TLS sessions cannot move (rustls state):
 //!    they stay here.
 //! 3. The state goes into a memfd; the new binary is started with the same arguments and
-//!    `PORTRELAY_HANDOFF=<memfd>,<ready pipe>`, the handed-over descriptors left open
+//!    `PORTRELAY_HANDOFF=<memfd>,<line>`, the handed-over descriptors left open
 //!    across exec (close-on-exec is cleared in the child only, between fork and exec).
-//! 4. The new process checks every descriptor against its record, adopts, and writes
-//!    `adopted` to the ready pipe before it moves any byte. Then this process lets go of
-//!    its copies (no FIN: the new process holds the sockets) and exits once what stayed
-//!    has ended. Any failure before `adopted` (the binary exits, times out, refuses a
-//!    record) rolls back: the loops go on as if nothing happened.
+//! 4. The new process checks every descriptor against its record, adopts (watching,
+//!    accepting, timing and connecting nothing yet), and writes `adopted` on the line
+//!    between the two. This process answers `go` and lets go of its copies (no FIN: the
+//!    new process holds the sockets), and exits once what stayed has ended; only on `go`
+//!    does the new process start moving bytes and accepting. Any failure before `go` (the
+//!    binary exits, times out, refuses a record) rolls back: the new process is killed,
+//!    having moved nothing, and the loops here go on as if nothing happened.
 //!
 //! `state` is the layout, `wire` its primitives.
 #![allow(unsafe_code)]
@@ -114,6 +116,7 @@ pub fn hand_over(relay: &mut Relay, binary: &Path, ctx: &Context) -> Result<Outc
             let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]);
             Relay::verdict(&loops, Verdict::Commit);
             relay.let_go_of_listeners();
+            crate::metrics::http::stop();
             Ok(Outcome {
                 pid,
                 moved,
@@ -195,7 +198,7 @@ fn spawn_and_wait(binary: &Path, state: &State, ctx: &Context) -> Result<Child, 
     file.write_all(&state.encode())
         .and_then(|_| file.rewind())
         .map_err(|e| format!("writing the state: {e}"))?;
-    let (ready_r, ready_w) = ready_pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (ready_r, ready_w) = control_pair().map_err(|e| format!("socketpair: {e}"))?;
     let mut inherit: Vec<RawFd> = state.fds();
     inherit.push(file.as_raw_fd());
     inherit.push(ready_w.as_raw_fd());
@@ -232,52 +235,89 @@ fn spawn_and_wait(binary: &Path, state: &State, ctx: &Context) -> Result<Child, 
     }
 }
 
-fn ready_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+/// The two ends of the line between the processes: the new one says `adopted`, the old
+/// one answers `go` (a stream socket pair, close-on-exec).
+fn control_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: pipe2 succeeded: both are new fds that nobody else owns.
+    // SAFETY: socketpair succeeded: both are new fds that nobody else owns.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Waits for the new process's `adopted` line, its exit, or [`ADOPT_TIMEOUT`].
-fn wait_adopted(ready: &OwnedFd, child: &mut Child) -> Result<(), String> {
-    let until = Instant::now() + ADOPT_TIMEOUT;
+/// Reads from `fd` until `want` has come, the other end closes, or `until`. A line that has
+/// arrived by the deadline counts: it is read before the deadline is looked at.
+fn read_line_until(fd: &OwnedFd, want: &[u8], until: Instant) -> Result<(), LineEnd> {
     let mut got = Vec::new();
     loop {
         let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let readable = sys::wait_readable_for(fd.as_raw_fd(), left).map_err(LineEnd::Failed)?;
+        if readable {
+            let mut buf = [0u8; 64];
+            // SAFETY: `buf` is valid for writes of its length for the call.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                got.extend_from_slice(&buf[..n as usize]);
+                if got.starts_with(want) {
+                    return Ok(());
+                }
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if n < 0 && e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n < 0 {
+                return Err(LineEnd::Failed(e));
+            }
+            return Err(LineEnd::Closed);
+        }
+        if Instant::now() >= until {
+            return Err(LineEnd::TimedOut);
+        }
+    }
+}
+
+enum LineEnd {
+    Closed,
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+/// Waits for the new process's `adopted`, its exit, or [`ADOPT_TIMEOUT`]; then answers
+/// `go`, after which the new process moves bytes and this one must let go.
+fn wait_adopted(line: &OwnedFd, child: &mut Child) -> Result<(), String> {
+    match read_line_until(line, b"adopted\n", Instant::now() + ADOPT_TIMEOUT) {
+        Ok(()) => {}
+        Err(LineEnd::TimedOut) => {
             return Err(format!(
                 "the new process did not adopt within {ADOPT_TIMEOUT:?}"
-            ));
+            ))
         }
-        match sys::wait_readable_for(ready.as_raw_fd(), left) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => return Err(format!("waiting for the new process: {e}")),
+        Err(LineEnd::Failed(e)) => return Err(format!("waiting for the new process: {e}")),
+        Err(LineEnd::Closed) => {
+            let status = wait_deadline(child, Instant::now() + Duration::from_secs(2));
+            return Err(match status {
+                Some(s) => format!("the new process exited before adopting ({s})"),
+                None => "the new process closed its line before adopting".to_string(),
+            });
         }
-        let mut buf = [0u8; 64];
-        // SAFETY: `buf` is valid for writes of its length for the call.
-        let n = unsafe { libc::read(ready.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n > 0 {
-            got.extend_from_slice(&buf[..n as usize]);
-            if got.starts_with(b"adopted\n") {
-                return Ok(());
-            }
-            continue;
-        }
-        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        // The pipe closed without `adopted`: the new process failed.
-        let status = wait_deadline(child, Instant::now() + Duration::from_secs(2));
-        return Err(match status {
-            Some(s) => format!("the new process exited before adopting ({s})"),
-            None => "the new process closed its ready pipe before adopting".to_string(),
-        });
     }
+    // No byte has moved in the new process yet: until `go` is written, killing it is a
+    // clean rollback.
+    std::fs::File::from(line.try_clone().map_err(|e| format!("dup: {e}"))?)
+        .write_all(b"go\n")
+        .map_err(|e| format!("the new process went away after adopting: {e}"))
 }
 
 /// The new process's side: what `PORTRELAY_HANDOFF` hands it.
@@ -341,12 +381,19 @@ impl Handoff {
         Some(std::net::TcpListener::from(fd))
     }
 
-    /// Tells the old process that everything is adopted: from here on this process moves
-    /// the bytes and the old one lets go.
+    /// Tells the old process that everything is adopted and waits for its `go`: from
+    /// then on this process moves the bytes and the old one lets go. Without a `go` (the
+    /// old process rolled back, or is gone) nothing may move: the caller exits.
     pub fn report_adopted(self) -> Result<(), String> {
-        let mut f = std::fs::File::from(self.ready);
+        let mut f = std::fs::File::from(self.ready.try_clone().map_err(|e| e.to_string())?);
         f.write_all(b"adopted\n")
-            .map_err(|e| format!("telling the old process: {e}"))
+            .map_err(|e| format!("telling the old process: {e}"))?;
+        match read_line_until(&self.ready, b"go\n", Instant::now() + ADOPT_TIMEOUT) {
+            Ok(()) => Ok(()),
+            Err(LineEnd::TimedOut) => Err("the old process did not answer `adopted`".into()),
+            Err(LineEnd::Closed) => Err("the old process rolled back".into()),
+            Err(LineEnd::Failed(e)) => Err(format!("waiting for the old process: {e}")),
+        }
     }
 }
 
@@ -371,7 +418,13 @@ pub fn default_binary() -> PathBuf {
 pub struct Ask {
     pub binary: Option<PathBuf>,
     pub answer: std::sync::mpsc::Sender<Result<Report, String>>,
+    /// Disconnected once the asker has passed the answer on (written it to its client): the
+    /// old process waits for that before it exits.
+    pub delivered: std::sync::mpsc::Receiver<()>,
 }
+
+/// Held by the asker until it has passed the answer on; dropping it says so.
+pub struct Delivered(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
 
 /// What an upgrade came to, for whoever asked.
 #[derive(Clone, Debug)]
@@ -391,13 +444,33 @@ pub fn on_ask(handler: impl Fn(Ask) -> bool + Send + Sync + 'static) {
     let _ = ASKS.set(Box::new(handler));
 }
 
-/// Asks the control thread for an upgrade and waits for its end.
-pub fn ask(binary: Option<PathBuf>) -> Result<Report, String> {
-    let handler = ASKS.get().ok_or("this relay takes no upgrade requests")?;
+/// Asks the control thread for an upgrade and waits for its end. Drop the [`Delivered`]
+/// once the answer is passed on.
+pub fn ask(binary: Option<PathBuf>) -> (Result<Report, String>, Delivered) {
+    let (dtx, drx) = std::sync::mpsc::channel();
+    let delivered = Delivered(dtx);
+    let Some(handler) = ASKS.get() else {
+        return (
+            Err("this relay takes no upgrade requests".into()),
+            delivered,
+        );
+    };
     let (tx, rx) = std::sync::mpsc::channel();
-    if !handler(Ask { binary, answer: tx }) {
-        return Err("the relay is stopping".into());
+    if !handler(Ask {
+        binary,
+        answer: tx,
+        delivered: drx,
+    }) {
+        return (Err("the relay is stopping".into()), delivered);
     }
-    rx.recv_timeout(PREFLIGHT_TIMEOUT + FREEZE_TIMEOUT + ADOPT_TIMEOUT + Duration::from_secs(10))
-        .map_err(|_| "the upgrade did not finish in time".to_string())?
+    let limit = PREFLIGHT_TIMEOUT + FREEZE_TIMEOUT + ADOPT_TIMEOUT + Duration::from_secs(10);
+    let result = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| Err("the upgrade did not finish in time".to_string()));
+    (result, delivered)
+}
+
+/// Waits (at most a second) until the asker has passed its answer on.
+pub fn wait_delivered(delivered: &std::sync::mpsc::Receiver<()>) {
+    let _ = delivered.recv_timeout(Duration::from_secs(1));
 }

@@ -151,6 +151,12 @@ pub trait Driver {
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
     /// Stops reporting on `fd`, which the caller is about to close.
     fn unwatch(&mut self, key: Key, fd: RawFd);
+    /// [`Driver::unwatch`] for a socket another process holds too (handed over at an
+    /// upgrade): closing this process's descriptor does not end the socket, so nothing
+    /// may stay registered on it here.
+    fn forget(&mut self, key: Key, fd: RawFd) {
+        self.unwatch(key, fd);
+    }
     /// Closes `fd` (already unwatched) once the kernel has taken in every request queued
     /// so far that names it: closed any earlier, its number could go to a new socket that
     /// a queued request would then act on.

@@ -177,6 +177,13 @@ impl Driver for Epoll {
         self.connecting.remove(&key);
     }
 
+    fn forget(&mut self, key: Key, fd: RawFd) {
+        // The socket outlives this descriptor (another process holds it): the epoll set
+        // would keep reporting it.
+        self.connecting.remove(&key);
+        let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, key);
+    }
+
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
         let now = Instant::now();
         let mut timeout = timeout;

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use super::{Entry, EventLoop, Key, Tag, TLS_HANDSHAKE_TIMEOUT};
 use crate::addr::{ClientAddr, UpstreamAddr};
 use crate::control::RemovedMapping;
-use crate::limits::SourcePermit;
+use crate::limits::{Policy, SourcePermit};
 use crate::metrics;
 use crate::relay::admission::{AdmissionPermit, MappingPermit, Pending, Permit, Stage, WsRequest};
 use crate::relay::backend::driver::Driver;
-use crate::relay::connection::{Connection, Side};
+use crate::relay::connection::{CloseReason, Connection, Side};
 use crate::relay::route::{MappingState, Route};
 use crate::relay::timers::Timer;
 use crate::relay::{Entrance, Frozen, Verdict};
@@ -96,8 +96,8 @@ impl<D: Driver> EventLoop<D> {
         for key in moved {
             match self.entries.remove(key.slot(), key.generation()) {
                 Some(Entry::Relay(c)) => {
-                    self.driver.unwatch(key, c.client.fd.as_raw_fd());
-                    self.driver.unwatch(
+                    self.driver.forget(key, c.client.fd.as_raw_fd());
+                    self.driver.forget(
                         key.with_tag(Tag::Upstream).with_attempt(c.attempt),
                         c.upstream.fd.as_raw_fd(),
                     );
@@ -107,7 +107,7 @@ impl<D: Driver> EventLoop<D> {
                 }
                 Some(Entry::Pending(p)) => {
                     metrics::pending_admission().decrement(1.0);
-                    self.driver.unwatch(key, p.client.fd.as_raw_fd());
+                    self.driver.forget(key, p.client.fd.as_raw_fd());
                     self.driver.retire(p.client.fd);
                 }
                 _ => {}
@@ -117,16 +117,13 @@ impl<D: Driver> EventLoop<D> {
             self.listeners.remove(&mut self.driver, addr);
         }
         self.driver.flush();
-        self.drain_until = Some(crate::relay::deadline(
-            self.now,
-            Duration::from_secs(100 * 365 * 86400),
-        ));
+        self.handed_over = true;
     }
 
     /// Rollback: accept again and give every entry a turn (what arrived meanwhile waits in
     /// the kernel and is reported anyway; the kick is for certainty).
     fn thaw(&mut self) {
-        for key in self.listeners.resume(&mut self.driver) {
+        for key in self.listeners.release(&mut self.driver) {
             self.timers
                 .add(self.now, super::ACCEPT_BACKOFF, Timer::ResumeAccept(key));
         }
@@ -151,8 +148,9 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    /// The new process: takes over the records given to this loop. Nothing is read or
-    /// written here (the old process may still roll back); [`Self::kick`] starts them.
+    /// The new process: takes over the records given to this loop. Nothing is watched,
+    /// read, written, timed or connected here (the old process may still roll back);
+    /// [`Self::start_adopted`] starts them once it has let go.
     /// Returns how many were adopted, or the first record that does not check out.
     pub(super) fn adopt(
         &mut self,
@@ -172,19 +170,22 @@ impl<D: Driver> EventLoop<D> {
 
     /// The route of an adopted connection: its port's route in force, if it leads to the
     /// same upstream; else (its mapping was removed or retargeted meanwhile) a route of
-    /// its own under `removed_mapping = "keep"`, none under `close`.
-    fn adopted_route(&self, r: &RelayRecord) -> Option<Arc<Route>> {
+    /// its own, and whether `removed_mapping = "close"` ends it once started.
+    fn adopted_route(&self, r: &RelayRecord) -> (Arc<Route>, bool) {
         match self.routes.get(&r.port) {
-            Some(route) if route.upstream.0 == r.upstream => Some(route.clone()),
-            _ if self.settings.removed_mapping == RemovedMapping::Keep => {
+            Some(route) if route.upstream.0 == r.upstream => (route.clone(), false),
+            _ => {
                 let mapping = crate::control::Mapping::detached(&r.map, r.port, r.upstream);
-                Some(Arc::new(Route::new(
+                let route = Arc::new(Route::new(
                     r.port,
                     UpstreamAddr(r.upstream),
                     Arc::new(MappingState::new(&mapping, None)),
-                )))
+                ));
+                (
+                    route,
+                    self.settings.removed_mapping == RemovedMapping::Close,
+                )
             }
-            _ => None,
         }
     }
 
@@ -194,56 +195,91 @@ impl<D: Driver> EventLoop<D> {
         fds: &mut HashMap<RawFd, OwnedFd>,
     ) -> Result<(), String> {
         let why = |e: std::io::Error| format!("connection {}: {e}", r.id);
-        let Some(route) = self.adopted_route(r) else {
-            // Its mapping is gone and `removed_mapping = "close"`: closed now, as a reload
-            // would have.
-            for fd in [r.client.fd, r.upstream_side.fd] {
-                drop(fds.remove(&fd));
-            }
-            tracing::info!(
-                id = r.id,
-                port = r.port,
-                "connection closed at adoption: its mapping was removed"
-            );
-            return Ok(());
+        let (route, doomed) = self.adopted_route(r);
+        let ip = r.client_addr.ip();
+        let sources = &self.shared.sources;
+        let source_permit = match Policy::of(&self.settings, route.mapping.per_source(), ip) {
+            Some(policy) => sources.adopt(ip, &policy),
+            None => SourcePermit::none(sources),
         };
         let caps = (
             Permit::adopt(&self.shared),
             MappingPermit::adopt(&route.mapping),
-            SourcePermit::none(&self.shared.sources),
+            source_permit,
         );
         let c = Connection::adopt(r, fds, route, caps, &mut self.pool, self.now).map_err(why)?;
         c.route.metrics.active.increment(1.0);
-        let connected = c.connected;
-        let waiting = c.hold.as_ref().is_some_and(|h| h.waiting);
+        let start = if doomed {
+            Start::Close
+        } else if c.connected {
+            Start::Relay
+        } else if c.hold.as_ref().is_some_and(|h| h.waiting) {
+            Start::Retry
+        } else {
+            Start::Reconnect
+        };
         let (slot, generation) = self.entries.insert(Entry::Relay(c));
-        let key = Key::new(Tag::Client, slot, generation);
-        self.watch_client(key);
-        if connected {
-            let Some(Entry::Relay(c)) = self.entries.get(slot, generation) else {
-                unreachable!("inserted above")
+        self.adopting
+            .push((Key::new(Tag::Client, slot, generation), start));
+        Ok(())
+    }
+
+    /// Starts what [`Self::adopt`] took over: watches its sockets, arms its timers and
+    /// connects, as if it had been accepted here. Then accepting starts.
+    pub(super) fn start_adopted(&mut self) {
+        for (key, start) in std::mem::take(&mut self.adopting) {
+            let Some(entry) = self.entries.get(key.slot(), key.generation()) else {
+                continue;
             };
-            let fd = c.upstream.fd.as_raw_fd();
-            let ukey = key.with_tag(Tag::Upstream).with_attempt(c.attempt);
-            self.driver.watch(ukey, fd).map_err(why)?;
-            self.arm_idle_sweep();
-            self.arm_ping_sweep(key);
-        } else if waiting {
-            let attempt = match self.entries.get(slot, generation) {
-                Some(Entry::Relay(c)) => c.attempt,
+            let attempt = match entry {
+                Entry::Relay(c) => c.attempt,
                 _ => 0,
             };
-            self.timers.add(
-                self.now,
-                Duration::from_millis(50),
-                Timer::Retry(key.with_attempt(attempt)),
-            );
-        } else {
-            // Its connect was in flight: a new socket and a new connect (no byte went to
-            // the old one: bytes go only once connected).
-            self.reconnect_adopted(key);
+            match start {
+                Start::Pending(timeout) => {
+                    self.watch_client(key);
+                    self.timers.add(self.now, timeout, Timer::Admission(key));
+                }
+                Start::Relay => {
+                    self.watch_client(key);
+                    if let Some(Entry::Relay(c)) = self.entries.get(key.slot(), key.generation()) {
+                        let fd = c.upstream.fd.as_raw_fd();
+                        let ukey = key.with_tag(Tag::Upstream).with_attempt(attempt);
+                        if let Err(e) = self.driver.watch(ukey, fd) {
+                            tracing::warn!(error = %e, "cannot watch an adopted upstream socket");
+                        }
+                    }
+                    self.arm_idle_sweep();
+                    self.arm_ping_sweep(key);
+                }
+                Start::Retry => {
+                    self.watch_client(key);
+                    self.timers.add(
+                        self.now,
+                        Duration::from_millis(50),
+                        Timer::Retry(key.with_attempt(attempt)),
+                    );
+                }
+                Start::Reconnect => {
+                    self.watch_client(key);
+                    self.reconnect_adopted(key);
+                }
+                Start::Close => {
+                    // Its mapping was removed (or retargeted) while it moved, and
+                    // `removed_mapping = "close"`: it ends as a reload would end it.
+                    if let Some(Entry::Relay(c)) =
+                        self.entries.get_mut(key.slot(), key.generation())
+                    {
+                        c.abort(CloseReason::Reload, &mut self.pool);
+                    }
+                    self.finish(key);
+                }
+            }
         }
-        Ok(())
+        for key in self.listeners.release(&mut self.driver) {
+            self.timers
+                .add(self.now, super::ACCEPT_BACKOFF, Timer::ResumeAccept(key));
+        }
     }
 
     fn reconnect_adopted(&mut self, key: Key) {
@@ -255,10 +291,7 @@ impl<D: Driver> EventLoop<D> {
             Ok(s) => s,
             Err(e) => {
                 if let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) {
-                    c.abort(
-                        crate::relay::connection::CloseReason::connect(&e),
-                        &mut self.pool,
-                    );
+                    c.abort(CloseReason::connect(&e), &mut self.pool);
                 }
                 return self.finish(key);
             }
@@ -266,6 +299,10 @@ impl<D: Driver> EventLoop<D> {
         let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
             return;
         };
+        // What a held connection replays goes to the new socket from its start.
+        if let Some(r) = c.hold.as_mut().and_then(|h| h.replay.as_mut()) {
+            r.restart();
+        }
         let old = std::mem::replace(&mut c.upstream, Side::new(socket.into()));
         self.driver.retire(old.fd);
         self.start_connect(key);
@@ -281,7 +318,7 @@ impl<D: Driver> EventLoop<D> {
             .remove(&p.client.fd)
             .ok_or_else(|| format!("fd {} was not handed over", p.client.fd))?;
         let client = Side::adopt(&p.client, fd).map_err(why)?;
-        let (stage, timeout) = match (self.listeners.entrance_of_port(p.port), &p.ws_head) {
+        let (stage, timeout) = match (self.listeners.entrance_for(p.listen), &p.ws_head) {
             (Some(Entrance::Mapped(route)), None) => (
                 Stage::ProxyHeader { route },
                 self.settings.proxy_header_timeout,
@@ -296,7 +333,8 @@ impl<D: Driver> EventLoop<D> {
                 TLS_HANDSHAKE_TIMEOUT,
             ),
             _ => {
-                // Its entrance is gone: refused as a connection to a port no longer served.
+                // Its entrance is gone (or is another kind now): refused as a connection to
+                // a port no longer served this way is.
                 tracing::info!(port = p.port, client = %p.peer, "connection in admission closed at adoption: its entrance is gone");
                 return Ok(());
             }
@@ -309,11 +347,27 @@ impl<D: Driver> EventLoop<D> {
             permit: AdmissionPermit::adopt(&self.shared),
         }));
         metrics::pending_admission().increment(1.0);
-        let key = Key::new(Tag::Client, slot, generation);
-        self.watch_client(key);
-        self.timers.add(self.now, timeout, Timer::Admission(key));
+        self.adopting.push((
+            Key::new(Tag::Client, slot, generation),
+            Start::Pending(timeout),
+        ));
         Ok(())
     }
+}
+
+/// How an adopted entry starts once the old process has let go.
+pub(super) enum Start {
+    /// Connected: watch both sockets.
+    Relay,
+    /// Held, waiting for its next attempt.
+    Retry,
+    /// Its connect was in flight: a new socket and a new connect (no byte went to the
+    /// old one: bytes go only once connected).
+    Reconnect,
+    /// Its mapping is gone under `removed_mapping = "close"`.
+    Close,
+    /// In admission, with this timeout.
+    Pending(Duration),
 }
 
 /// The record of a connection in admission, if it can move: one awaiting a PROXY header
