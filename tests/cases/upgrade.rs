@@ -151,17 +151,18 @@ fn session_id(relay: &Relay, client: SocketAddr) -> u64 {
     found[0]["id"].as_u64().expect("an id")
 }
 
-/// Whether the `adopted` line's `version` is that of `binary`'s `--version` (`portrelay
-/// VERSION (build TAG)`): the whole of it or its end, naming the build tag.
-fn assert_version(upgraded: &Upgraded, binary: &Path) {
+/// The `adopted` line's `version` is what `binary --version` prints after `portrelay `,
+/// and that names build tag `tag`.
+fn assert_version(upgraded: &Upgraded, binary: &Path, tag: &str) {
     let field = upgraded.adopted.text("version");
     let version = version_of(binary);
-    let tag = build_tag(binary);
-    assert!(
-        (version == field || version.ends_with(&format!(" {field}"))) && field.contains(&tag),
+    assert_eq!(
+        version.strip_prefix("portrelay "),
+        Some(field),
         "`adopted` says version {field:?}; {} --version says {version:?}",
         binary.display()
     );
+    assert_eq!(build_tag(binary), tag, "{}", binary.display());
 }
 
 /// Scrapes the relay's metrics every 25 ms on a thread until stopped, keeping the byte
@@ -272,12 +273,13 @@ fn scp_256mib_across_three_upgrades(backend: Backend) {
     let scraper = Scraper::start(metrics);
 
     let test_build = Path::new(BIN);
-    let plan: [(&str, Option<&Path>); 3] = [
-        ("the default binary", None),
-        ("a copy with build tag next", Some(&next)),
-        ("the test build", Some(test_build)),
+    let dev = build_tag(test_build);
+    let plan: [(&str, Option<&Path>, &str); 3] = [
+        ("the default binary", None, &dev),
+        ("a copy with build tag next", Some(&next), "next"),
+        ("the test build", Some(test_build), &dev),
     ];
-    for (i, (what, binary)) in plan.into_iter().enumerate() {
+    for (i, (what, binary, tag)) in plan.into_iter().enumerate() {
         // Upgrade at 1/4, 2/4 and 3/4 of the upload, as far as sshd has written the file.
         let at = (i as u64 + 1) * size as u64 / 4;
         let reached = poll(Duration::from_secs(120), Duration::from_millis(20), || {
@@ -307,7 +309,7 @@ fn scp_256mib_across_three_upgrades(backend: Backend) {
             "scp ended before upgrade {} was over: the transfer must run across it",
             i + 1
         );
-        assert_version(&up, &runs(binary.unwrap_or(test_build)));
+        assert_version(&up, &runs(binary.unwrap_or(test_build)), tag);
         assert_eq!(established_to(entry), [client], "scp's 4-tuple");
         assert_eq!(
             established_to(sshd.addr()),
@@ -321,7 +323,6 @@ fn scp_256mib_across_three_upgrades(backend: Backend) {
         );
         assert_eq!(session_id(&lab.relay, client.0), id, "the connection's id");
     }
-    assert_eq!(build_tag(&next), "next");
 
     let status = process::wait_deadline(&mut scp.child, Duration::from_secs(300))
         .unwrap_or_else(|| panic!("scp still running after 300 s: {}", scp.stderr()));

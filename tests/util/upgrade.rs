@@ -514,7 +514,8 @@ fn padded(tag: &str) -> Vec<u8> {
     out
 }
 
-/// `BINARY --version`: `portrelay VERSION (build TAG)`, trimmed.
+/// `BINARY --version`, trimmed: `portrelay VERSION`, and ` (build TAG)` unless the tag is
+/// the default `dev`.
 pub fn version_of(binary: &Path) -> String {
     let out = process::run(
         Command::new(binary).arg("--version"),
@@ -529,14 +530,18 @@ pub fn version_of(binary: &Path) -> String {
     out.stdout.trim().to_string()
 }
 
-/// The TAG of `portrelay VERSION (build TAG)`.
+/// The build tag `binary --version` names: its `(build TAG)`, or `dev` without one.
 pub fn build_tag(binary: &Path) -> String {
     let version = version_of(binary);
+    assert!(
+        version.starts_with("portrelay "),
+        "{} --version: {version:?}",
+        binary.display()
+    );
     version
         .strip_suffix(')')
         .and_then(|v| v.rsplit_once(" (build "))
-        .map(|(_, tag)| tag.to_string())
-        .unwrap_or_else(|| panic!("{} --version: {version:?}", binary.display()))
+        .map_or("dev".to_string(), |(_, tag)| tag.to_string())
 }
 
 /// The binary that running `binary` ends up in: a wrapper script of [`Binaries::wrapper`]
@@ -570,12 +575,14 @@ impl Binaries {
         Binaries { dir }
     }
 
-    /// A copy of the test build of `portrelay` whose build tag is `tag`: the 16 bytes after
-    /// [`BUILD_TAG_MARKER`] overwritten. Its `--version` must then say `(build TAG)`.
+    /// A copy of the test build of `portrelay` whose build tag is `tag` (not `dev`): the 16
+    /// bytes after [`BUILD_TAG_MARKER`] overwritten. Its `--version` must then end in
+    /// `(build TAG)`.
     pub fn tagged(&self, tag: &str) -> PathBuf {
         let source = Path::new(BIN);
         let old = padded(&build_tag(source));
         let new = padded(tag);
+        assert_ne!(old, new, "a copy with the tag the build has");
         // grep finds the marker at native speed (this is a test build, unoptimised).
         let out = process::run(
             Command::new("grep")
