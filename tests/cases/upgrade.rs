@@ -838,11 +838,8 @@ fn many_connections_idle_across_an_upgrade(backend: Backend) {
     assert_eq!((up.moved, up.stayed), (IDLE as u64, 0));
     let entry = SocketAddr::from((LOCALHOST, port));
     assert_eq!(established_to(entry).len(), IDLE, "connections `ss` lists");
-    assert_eq!(
-        series(&lab.scrape(), ACTIVE, &[("map", MAP)]),
-        IDLE as f64,
-        "the gauge, recounted by the new process"
-    );
+    // The gauge, recounted by the new process.
+    wait_metric(metrics, ACTIVE, &[("map", MAP)], IDLE as f64);
     for (i, conn) in conns.iter_mut().enumerate() {
         roundtrip(conn, &[!(i as u8)]);
     }
@@ -1049,10 +1046,13 @@ fn continued_counters(s: &Scrape) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// Three transfers of known sizes on [`MAP`], a client `allow` denies, an upstream that
-/// refuses: closed, counted. Two idle connections stay open.
+/// The transfers of [`counted_traffic`]: bytes sent, then more bytes sent, each echoed.
+const TRANSFERS: [(usize, usize); 3] = [(1000, 10), (100_000, 5), (7, 7)];
+
+/// [`TRANSFERS`] on [`MAP`], a client `allow` denies, an upstream that refuses: closed,
+/// counted.
 fn counted_traffic(port: u16, refused_port: u16) {
-    for (up, down) in [(1000, 10), (100_000, 5), (7, 7)] {
+    for (up, down) in TRANSFERS {
         let mut conn = connect(port);
         conn.write_all(&random_bytes(up)).unwrap();
         let mut back = vec![0u8; up];
@@ -1098,9 +1098,12 @@ fn counters_continue_across_upgrades(backend: Backend) {
             conn
         })
         .collect();
+    // Each way: the transfers, and the idle connections' checks (echoed).
+    let moved = TRANSFERS.iter().map(|(a, b)| a + b).sum::<usize>() as u64 + 2 * 4;
     let before = poll(Duration::from_secs(10), Duration::from_millis(50), || {
         let s = lab.scrape();
         let done = series(&s, ACTIVE, &[("map", MAP)]) == 2.0
+            && map_bytes(&s) == (moved, moved)
             && s.get("portrelay_session_duration_seconds_count", &[("map", MAP)]) == Some(3.0)
             && s.sum("portrelay_connections_rejected_total", &[]) >= 1.0
             && s.sum("portrelay_upstream_connect_failures_total", &[]) >= 1.0;
@@ -1120,7 +1123,8 @@ fn counters_continue_across_upgrades(backend: Backend) {
             counters,
             "counters after upgrade {n}"
         );
-        assert_eq!(series(&after, ACTIVE, &[("map", MAP)]), 2.0, "recounted");
+        // Recounted by the new process.
+        wait_metric(metrics, ACTIVE, &[("map", MAP)], 2.0);
         assert_eq!(after.value(HELD, &[("map", MAP)]), 0.0);
     }
 
@@ -1135,8 +1139,8 @@ fn counters_continue_across_upgrades(backend: Backend) {
     }
     drop(idle);
     let s = settled(metrics);
-    let moved = 4321 + 2 * "idle again".len() as u64;
-    assert_eq!(map_bytes(&s), (up0 + moved, down0 + moved));
+    let more = 4321 + 2 * "idle again".len() as u64;
+    assert_eq!(map_bytes(&s), (up0 + more, down0 + more));
     assert_eq!(
         series(&s, ACCEPTED, &[("map", MAP), ("via", "direct")]),
         accepted0 + 1.0
