@@ -572,17 +572,23 @@ pub mod saved {
         w.bytes(h.as_bytes());
     }
 
-    pub fn load_header(r: &mut Reader) -> Result<Header, WireError> {
-        let b = r.bytes("frame header")?;
-        let mut bytes = [0; 10];
+    /// Up to `N` bytes into a zeroed array, with their count.
+    fn up_to<const N: usize>(
+        r: &mut Reader,
+        what: &'static str,
+    ) -> Result<([u8; N], u8), WireError> {
+        let b = r.bytes(what)?;
+        let mut bytes = [0; N];
         bytes
             .get_mut(..b.len())
-            .ok_or(bad("frame header", b.len()))?
+            .ok_or(bad(what, b.len()))?
             .copy_from_slice(b);
-        Ok(Header {
-            bytes,
-            len: b.len() as u8,
-        })
+        Ok((bytes, b.len() as u8))
+    }
+
+    pub fn load_header(r: &mut Reader) -> Result<Header, WireError> {
+        let (bytes, len) = up_to::<10>(r, "frame header")?;
+        Ok(Header { bytes, len })
     }
 
     pub fn control_payload(p: &ControlPayload, w: &mut Writer) {
@@ -599,16 +605,8 @@ pub mod saved {
     }
 
     pub fn load_control_frame(r: &mut Reader) -> Result<ControlFrame, WireError> {
-        let b = r.bytes("control frame")?;
-        let mut bytes = [0; 2 + MAX_CONTROL_PAYLOAD];
-        bytes
-            .get_mut(..b.len())
-            .ok_or(bad("control frame", b.len()))?
-            .copy_from_slice(b);
-        Ok(ControlFrame {
-            bytes,
-            len: b.len() as u8,
-        })
+        let (bytes, len) = up_to::<{ 2 + MAX_CONTROL_PAYLOAD }>(r, "control frame")?;
+        Ok(ControlFrame { bytes, len })
     }
 }
 
