@@ -756,9 +756,11 @@ fn tls_connection_stays_with_the_old_process(backend: Backend) {
     let up = lab.upgrade(None);
     assert_eq!((up.moved, up.stayed), (1, 1));
     assert!(up.old_exit.is_none());
-    let draining = lab
-        .relay
-        .wait_log(|l| l.msg() == "draining after upgrade", LOG_TIMEOUT);
+    // Found by its start; its exact message is checked at the end, after the behaviour.
+    let draining = lab.relay.wait_log(
+        |l| l.msg().starts_with("draining after upgrade"),
+        LOG_TIMEOUT,
+    );
     assert_eq!(draining.u64("connections"), Some(1), "{draining}");
     assert_eq!(
         socket_owners(tls_client.1, tls_client.0),
@@ -802,6 +804,11 @@ fn tls_connection_stays_with_the_old_process(backend: Backend) {
     assert_eq!(sshd_logins(&sshd), 3);
     let s = settled(metrics);
     assert_eq!(s.value(UPGRADES, &[("result", "success")]), 1.0);
+    assert_eq!(
+        draining.msg(),
+        "draining after upgrade",
+        "the message of {draining}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
