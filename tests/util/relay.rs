@@ -693,7 +693,8 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        // Processes an upgrade under way started are not known yet: found as children.
+        // The processes upgrades started, and any other writing to the relay's log (a new
+        // process of an upgrade the test never learnt of), ended by pid.
         self.successors.kill_all(self.child.id());
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
