@@ -93,6 +93,7 @@ enum Reap {
     Lost,
 }
 
+/// `waitpid(pid, flags)` (`WNOHANG`, or 0 to block), retried when a signal interrupts it.
 fn reap(pid: u32, flags: libc::c_int) -> Reap {
     // Bounded: each pass returns, or was interrupted by a signal.
     for _ in 0..1000 {
