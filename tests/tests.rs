@@ -27,6 +27,9 @@
 //!   bucket, exempt CIDRs, reloads, held connections, the log summary, `check` errors.
 //! - `transparent`: `source = "client"` in network namespaces the test makes: sshd sees the
 //!   client's address (ssh, scp), the fallbacks by reason, `scripts/transparent-routing`.
+//! - `upgrade`: live upgrades (`portrelay upgrade`, SIGUSR2) under scp, interactive ssh,
+//!   half-closed, held, WebSocket, TLS-entry and 2,000 idle connections; rollbacks, across
+//!   backends, counters that continue.
 //!
 //! A data-path test is written once, as `fn NAME(backend: Backend)`, and `data_path_test!(NAME)`
 //! runs it on both backends as the tests `NAME::uring` and `NAME::epoll`. On a machine
@@ -66,5 +69,7 @@ mod reload;
 mod ssh;
 #[path = "cases/transparent.rs"]
 mod transparent;
+#[path = "cases/upgrade.rs"]
+mod upgrade;
 #[path = "cases/websocket.rs"]
 mod websocket;

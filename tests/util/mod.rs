@@ -11,6 +11,9 @@
 //! - [`files`]: random files, comparing files, SHA-256.
 //! - [`process`]: run a command with a deadline.
 //! - [`netns`]: network namespaces a test makes (deleted on drop), the transparent-source lab.
+//! - [`upgrade`]: live upgrades of a relay (its pid changes: the test adopts the new
+//!   process), binaries with another build tag and wrappers with test switches, `ss`, and
+//!   traffic that runs across an upgrade.
 //!
 //! Nothing here sleeps to wait for readiness: every wait polls a condition with a short
 //! interval under a deadline, and panics with what it saw when the deadline passes.
@@ -28,6 +31,7 @@ pub mod process;
 pub mod relay;
 pub mod sshd;
 pub mod tls;
+pub mod upgrade;
 
 use std::time::{Duration, Instant};
 

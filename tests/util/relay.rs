@@ -11,6 +11,7 @@ use tempfile::TempDir;
 
 use super::log::LogLine;
 use super::process::{self, tee_lines};
+use super::upgrade::Successors;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_portrelay");
 
@@ -241,8 +242,15 @@ struct Log {
 }
 
 /// A running `portrelay run --log-format json`. Killed (SIGKILL) on drop if still running.
+///
+/// A live upgrade (`super::upgrade`) replaces its process: [`Relay::pid`], the signals,
+/// [`Relay::exited`], [`Relay::wait_exit`] and the drop act on the current one, and the log
+/// keeps coming through the same stderr pipe, which the new process inherits.
 pub struct Relay {
+    /// The process the test started.
     child: Child,
+    /// The processes upgrades started, oldest first: the last one is the relay now.
+    successors: Successors,
     log: Arc<Log>,
     backend: Backend,
     control: ControlFile,
@@ -416,6 +424,7 @@ impl Relay {
         let log = Arc::new(Log::default());
         let sink = log.clone();
         let stderr = child.stderr.take().unwrap();
+        let successors = Successors::new(&stderr);
         std::thread::spawn(move || {
             tee_lines(stderr, "[relay]", {
                 let sink = sink.clone();
@@ -431,6 +440,7 @@ impl Relay {
         });
         let mut relay = Relay {
             child,
+            successors,
             log,
             backend,
             control,
@@ -458,8 +468,16 @@ impl Relay {
         self.backend
     }
 
+    /// The pid of the relay's current process (after an upgrade, the new one's).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.successors.current().unwrap_or(self.child.id())
+    }
+
+    /// Makes `pid`, started by an upgrade, the relay's current process, now running
+    /// `backend`.
+    pub(super) fn succeeded_by(&mut self, pid: u32, backend: Backend) {
+        self.successors.push(pid);
+        self.backend = backend;
     }
 
     pub fn config_path(&self) -> &Path {
@@ -537,24 +555,26 @@ impl Relay {
 
     /// Sends SIGTERM; the relay must still be running.
     pub fn sigterm(&mut self) {
-        if let Some(status) = self.exited() {
-            panic!("SIGTERM to a relay that already exited ({status})");
-        }
-        // SAFETY: kill(2) with no memory involved. The pid is our own child's, not yet
-        // reaped (only `self` reaps it, and it was running just now), so it cannot name
-        // another process.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill -TERM: {}", std::io::Error::last_os_error());
+        self.signal(libc::SIGTERM, "TERM");
     }
 
     /// Sends SIGHUP (reload the control file); the relay must still be running.
     pub fn sighup(&mut self) {
+        self.signal(libc::SIGHUP, "HUP");
+    }
+
+    /// Sends `signal` (named `name`) to the relay's current process, which must still be
+    /// running.
+    pub(super) fn signal(&mut self, signal: libc::c_int, name: &str) {
         if let Some(status) = self.exited() {
-            panic!("SIGHUP to a relay that already exited ({status})");
+            panic!("SIG{name} to a relay that already exited ({status})");
         }
-        // SAFETY: as in `sigterm`: our own child, running just now and reaped only by `self`.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
-        assert_eq!(rc, 0, "kill -HUP: {}", std::io::Error::last_os_error());
+        // SAFETY: kill(2) with no memory involved. The pid is a process of this relay that
+        // was running just now and that nobody but `self` reaps (the test's own child, or
+        // one an upgrade started, which only `self` waits for), so it names no other
+        // process.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill -{name}: {}", std::io::Error::last_os_error());
     }
 
     /// Replaces the control file the way a host agent does: writes `toml` to a temporary
@@ -610,24 +630,41 @@ impl Relay {
             .unwrap_or(1)
     }
 
-    /// `Some(status)` once the relay has exited.
+    /// `Some(status)` once the relay (its current process) has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
+        self.process_exited(self.pid())
     }
 
-    /// Waits for the relay to exit; panics with the log if it is still running after
-    /// `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        match process::wait_deadline(&mut self.child, timeout) {
-            Some(status) => {
-                self.wait_log_end(Duration::from_secs(5));
-                status
-            }
-            None => panic!(
-                "relay still running {timeout:?} later; log:\n{}",
-                dump(&self.log.state.lock().unwrap().lines)
-            ),
+    /// `Some(status)` once the relay's process `pid` (the one the test started, or one an
+    /// upgrade started) has exited.
+    pub fn process_exited(&mut self, pid: u32) -> Option<ExitStatus> {
+        if pid == self.child.id() {
+            self.child.try_wait().expect("try_wait")
+        } else {
+            self.successors.try_wait(pid)
         }
+    }
+
+    /// Waits for the relay (its current process) to exit, and for its log to end; panics
+    /// with the log if it is still running after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = self.wait_process_exit(self.pid(), timeout);
+        self.wait_log_end(Duration::from_secs(5));
+        status
+    }
+
+    /// Waits for the relay's process `pid` to exit; panics with the log if it is still
+    /// running after `timeout`.
+    pub fn wait_process_exit(&mut self, pid: u32, timeout: Duration) -> ExitStatus {
+        let status = super::poll(timeout, Duration::from_millis(10), || {
+            self.process_exited(pid)
+        });
+        status.unwrap_or_else(|| {
+            panic!(
+                "relay process {pid} still running {timeout:?} later; log:\n{}",
+                dump(&self.log.state.lock().unwrap().lines)
+            )
+        })
     }
 }
 
@@ -656,10 +693,14 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        // The processes upgrades started, and any other writing to the relay's log (a new
+        // process of an upgrade the test never learnt of), ended by pid.
+        self.successors.kill_all(self.child.id());
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        self.successors.reap_all();
     }
 }
 
