@@ -479,10 +479,7 @@ fn after_hand_over(
 ) -> anyhow::Result<()> {
     if outcome.stayed > 0 {
         // TLS sessions cannot move: they stay here until they end.
-        tracing::info!(
-            connections = outcome.stayed,
-            "draining after upgrade"
-        );
+        tracing::info!(connections = outcome.stayed, "draining after upgrade");
     }
     while !relay.loops_done() {
         match rx.recv_timeout(Duration::from_millis(100)) {

@@ -239,6 +239,72 @@ fn sd_notify(backend: Backend) {
     );
 }
 
+data_path_test!(sd_notify_follows_an_upgrade);
+/// Under systemd the unit must stay active across an upgrade, with the new process as its
+/// main one: the old process names it (`MAINPID=` with the new pid, before it lets go), the
+/// new one says `READY=1`, and its watchdog pings go on after the old process has exited
+/// (without them systemd would kill the unit at `WatchdogSec`). The connection open across
+/// it still relays.
+fn sd_notify_follows_an_upgrade(backend: Backend) {
+    let dir = tempfile::Builder::new()
+        .prefix("portrelay-notify-")
+        .tempdir()
+        .expect("tempdir");
+    let path = dir.path().join("notify.sock");
+    let mut manager = Manager::bind(&path);
+    let admin = crate::util::upgrade::admin_socket_dir();
+    let echo = Upstream::echo();
+    let port = free_ports_in_a_row(1);
+    let extra = format!(
+        "watch = false\n{}",
+        crate::util::upgrade::admin_line(&admin.path().join("admin.sock"))
+    );
+    let toml = relay_section(None, &extra) + &map_section(port, echo.addr(), "notify", "");
+    let socket = path.to_str().expect("a UTF-8 tempdir path");
+    let mut relay = Relay::start_with_env(
+        &toml,
+        backend,
+        &[("NOTIFY_SOCKET", socket), ("WATCHDOG_USEC", "400000")],
+    );
+    manager.wait_for("READY=1", Duration::from_secs(10), |_| true);
+    let mut conn = connect(port);
+    roundtrip(&mut conn, b"before the upgrade");
+    let old = relay.pid();
+
+    let up = relay.sigusr2().expect("the upgrade");
+    assert_ne!(up.pid, old);
+    let main_pid = format!("MAINPID={}", up.pid);
+    manager.wait_for(&main_pid, Duration::from_secs(10), |_| true);
+    let at = manager
+        .seen
+        .iter()
+        .position(|m| m.contains(&main_pid))
+        .unwrap();
+    // READY=1 of the new process, after the old one named it.
+    while !manager.seen[at..]
+        .iter()
+        .any(|m| m.iter().any(|l| l == "READY=1"))
+    {
+        manager.wait_for("READY=1", Duration::from_secs(10), |_| true);
+    }
+    assert!(
+        up.old_exit.is_some_and(|s| s.success()),
+        "the old process exits 0 once it has let go: {:?}",
+        up.old_exit
+    );
+    // The old process is gone: pings from now on are the new process's.
+    let pings = manager.count("WATCHDOG=1");
+    for _ in 0..3 {
+        manager.wait_for("WATCHDOG=1", Duration::from_secs(5), |_| true);
+    }
+    assert!(manager.count("WATCHDOG=1") >= pings + 3);
+    roundtrip(&mut conn, b"after the upgrade");
+    drop(conn);
+    relay.sigterm();
+    manager.wait_for("STOPPING=1", Duration::from_secs(10), |_| true);
+    assert!(relay.wait_exit(Duration::from_secs(20)).success());
+}
+
 // ---------------------------------------------------------------------------------------
 // /metrics
 
