@@ -423,14 +423,23 @@ fn mapping_churn_leaves_no_series(backend: Backend) {
     relay.wait_reloaded(ROUNDS as u64 + 2, RELOAD_TIMEOUT);
 
     // The long connection's mapping went 49 reloads ago; its series are still there and
-    // count what it sends now, exactly.
+    // count what it sends now, exactly. (The relay counts a turn's bytes once the turn has
+    // sent them, so the client can have its echo a moment before the counter moves: the
+    // scrape waits for the count, and a count past it never matches.)
     let mut long = long.expect("the long connection");
     roundtrip(&mut long, &[8u8; 500]);
-    let text = scrape_until(metrics, "only the long-lived mapping left", |t| {
-        samples(t)
-            .keys()
-            .all(|(_, labels)| !labels.get("map").is_some_and(|m| m.starts_with("churn-")))
-    });
+    let text = scrape_until(
+        metrics,
+        "only the long-lived mapping left, 1500 bytes each way",
+        |t| {
+            let s = samples(t);
+            s.keys()
+                .all(|(_, labels)| !labels.get("map").is_some_and(|m| m.starts_with("churn-")))
+                && ["client_to_upstream", "upstream_to_client"]
+                    .iter()
+                    .all(|d| s.get(&bytes("long", p_long, d)) == Some(&1500.0))
+        },
+    );
     assert_bytes(&text, "long", p_long, 1500);
     close(long);
 
