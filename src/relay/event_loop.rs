@@ -148,7 +148,11 @@ impl<D: Driver> EventLoop<D> {
     /// Runs until shutdown has finished draining.
     pub fn run(mut self) -> io::Result<()> {
         let result = self.serve();
-        self.driver.close();
+        if self.handed_over {
+            self.driver.abandon();
+        } else {
+            self.driver.close();
+        }
         self.pool = PipePool::new(0, 0);
         self.publish_pipes();
         result

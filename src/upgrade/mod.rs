@@ -46,14 +46,15 @@ const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The line `--handoff-info` prints: the state versions this binary reads.
 pub fn handoff_info() -> String {
-    let mut version = STATE_VERSION;
+    // Debug builds (the tests' binary): PORTRELAY_TEST_STATE_VERSION names another version,
+    // to test the refusal of an incompatible binary.
     #[cfg(debug_assertions)]
-    if let Some(v) = std::env::var("PORTRELAY_TEST_STATE_VERSION")
+    let version = std::env::var("PORTRELAY_TEST_STATE_VERSION")
         .ok()
         .and_then(|v| v.parse().ok())
-    {
-        version = v;
-    }
+        .unwrap_or(STATE_VERSION);
+    #[cfg(not(debug_assertions))]
+    let version = STATE_VERSION;
     format!("portrelay-handoff state-versions={version}")
 }
 

@@ -171,6 +171,13 @@ pub trait Driver {
     /// Ends every request still in the kernel before the loop exits, so that no socket
     /// (a listener above all) outlives the process's intent to close it.
     fn close(&mut self) {}
+    /// [`Driver::close`] after an upgrade handed every listener over (no accept is in the
+    /// kernel: they were called back at the freeze): what is left in the kernel holds no
+    /// listener, so it may go with the backend's own teardown instead of being ended
+    /// first.
+    fn abandon(&mut self) {
+        self.close();
+    }
 }
 
 #[cfg(test)]
