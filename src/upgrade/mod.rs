@@ -112,9 +112,6 @@ pub fn hand_over(relay: &mut Relay, binary: &Path, ctx: &Context) -> Result<Outc
     match spawn_and_wait(binary, &state, ctx) {
         Ok(child) => {
             let pid = child.id();
-            // The new process is the service now (systemd: NotifyAccess=main lets the
-            // main process name its successor).
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]);
             Relay::verdict(&loops, Verdict::Commit);
             relay.let_go_of_listeners();
             crate::metrics::http::stop();
@@ -314,11 +311,19 @@ fn wait_adopted(line: &OwnedFd, child: &mut Child) -> Result<(), String> {
             });
         }
     }
-    // No byte has moved in the new process yet: until `go` is written, killing it is a
-    // clean rollback.
-    std::fs::File::from(line.try_clone().map_err(|e| format!("dup: {e}"))?)
-        .write_all(b"go\n")
-        .map_err(|e| format!("the new process went away after adopting: {e}"))
+    // The new process is the service from here on: systemd hears it from the main process
+    // (NotifyAccess=main), before the new one says READY=1 or pings the watchdog, which it
+    // does only after `go`. No byte has moved in the new process yet: until `go` is
+    // written, killing it is a clean rollback (and the main process is this one again).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(child.id())]);
+    let go = line
+        .try_clone()
+        .and_then(|l| std::fs::File::from(l).write_all(b"go\n"));
+    if let Err(e) = go {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
+        return Err(format!("the new process went away after adopting: {e}"));
+    }
+    Ok(())
 }
 
 /// The new process's side: what `PORTRELAY_HANDOFF` hands it.
