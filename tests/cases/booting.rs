@@ -284,7 +284,11 @@ fn five_hundred_held(backend: Backend) {
     let rss_kb = after.1.saturating_sub(before.1);
     eprintln!("{N} held clients: +{fds} fds, +{rss_kb} kB RSS");
     assert!(fds <= 2 * N + 16, "{fds} fds for {N} held clients");
-    assert!(rss_kb <= 2 * N as u64, "{rss_kb} kB for {N} held clients");
+    // What this guards against is a held client holding a copy buffer (64 KiB) or a pipe,
+    // not the relay's exact footprint (a benchmark's business): the entry table doubling
+    // once in the window moves RSS by several hundred kB, so the bound is 4 kB a client,
+    // a sixteenth of one buffer each.
+    assert!(rss_kb <= 4 * N as u64, "{rss_kb} kB for {N} held clients");
     let s = Scrape::take(metrics);
     assert_eq!(s.sum("portrelay_pipes", &[]), pipes_before, "no pipe");
     let started = Instant::now();
