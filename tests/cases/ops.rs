@@ -43,6 +43,17 @@ struct Manager {
 }
 
 impl Manager {
+    /// A manager on `notify.sock` in a directory of its own (gone with the `TempDir`).
+    fn in_tempdir() -> (tempfile::TempDir, std::path::PathBuf, Manager) {
+        let dir = tempfile::Builder::new()
+            .prefix("portrelay-notify-")
+            .tempdir()
+            .expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let manager = Manager::bind(&path);
+        (dir, path, manager)
+    }
+
     fn bind(path: &Path) -> Manager {
         let socket = UnixDatagram::bind(path)
             .unwrap_or_else(|e| panic!("bind the notify socket {}: {e}", path.display()));
@@ -135,12 +146,7 @@ data_path_test!(sd_notify);
 /// on SIGHUP `RELOADING=1` with a current `MONOTONIC_USEC` then `READY=1`, and on SIGTERM
 /// `STOPPING=1` before it exits 0.
 fn sd_notify(backend: Backend) {
-    let dir = tempfile::Builder::new()
-        .prefix("portrelay-notify-")
-        .tempdir()
-        .expect("tempdir");
-    let path = dir.path().join("notify.sock");
-    let mut manager = Manager::bind(&path);
+    let (_dir, path, mut manager) = Manager::in_tempdir();
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
     let toml = relay_section(None, "watch = false") + &map_section(port, echo.addr(), "notify", "");
@@ -246,12 +252,7 @@ data_path_test!(sd_notify_follows_an_upgrade);
 /// (without them systemd would kill the unit at `WatchdogSec`). The connection open across
 /// it still relays.
 fn sd_notify_follows_an_upgrade(backend: Backend) {
-    let dir = tempfile::Builder::new()
-        .prefix("portrelay-notify-")
-        .tempdir()
-        .expect("tempdir");
-    let path = dir.path().join("notify.sock");
-    let mut manager = Manager::bind(&path);
+    let (_dir, path, mut manager) = Manager::in_tempdir();
     let admin = crate::util::upgrade::admin_socket_dir();
     let echo = Upstream::echo();
     let port = free_ports_in_a_row(1);
