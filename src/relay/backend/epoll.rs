@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, SockRef};
 
-use super::driver::{Chunk, Chunks, Driver, Event, Key, PeerAddr, Received, Sent, SockOpt, Tag};
+use super::driver::{
+    Chunk, Chunks, Driver, Event, Key, PeerAddr, Received, Sent, SockOpt, Tag, CHUNK_SIZE,
+};
 
 pub struct Epoll {
     epfd: OwnedFd,
@@ -27,6 +29,11 @@ pub struct Epoll {
     chunks: Chunks,
     receiving: HashMap<Key, RawFd>,
     sending: HashMap<Key, (RawFd, Chunk)>,
+    /// Sockets reported readable since this backend last found them empty, and whether
+    /// the report said the peer closed (then its end of stream is still to be read). A
+    /// receive asked for later reads at once: the loop may have taken the report in after
+    /// it asked (an earlier event of the same batch started the receive).
+    readable: HashMap<Key, bool>,
     /// An upgrade's freeze: no receive or send is started.
     holding: bool,
 }
@@ -55,6 +62,7 @@ impl Epoll {
             chunks: Chunks::list(chunks)?,
             receiving: HashMap::new(),
             sending: HashMap::new(),
+            readable: HashMap::new(),
             holding: false,
         };
         e.ctl(
@@ -105,13 +113,25 @@ impl Epoll {
     }
 
     /// One recv(2) into an idle chunk.
-    fn recv_chunk(&mut self, fd: RawFd) -> Received {
+    fn recv_chunk(&mut self, key: Key, fd: RawFd) -> Received {
         let Some(mut chunk) = self.chunks.take() else {
             return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
         };
-        let n = crate::sys::recv(fd, chunk.space())?;
+        let n = match crate::sys::recv(fd, chunk.space()) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.readable.remove(&key);
+                }
+                return Err(e);
+            }
+        };
         if n == 0 {
             return Ok(None);
+        }
+        // Stopped short: empty, unless the peer's FIN is still to be read.
+        if n < CHUNK_SIZE && self.readable.get(&key) != Some(&true) {
+            self.readable.remove(&key);
         }
         chunk.set_len(n);
         Ok(Some(chunk))
@@ -217,6 +237,7 @@ impl Driver for Epoll {
         self.connecting.remove(&key);
         self.receiving.remove(&key);
         self.sending.remove(&key);
+        self.readable.remove(&key);
     }
 
     fn forget(&mut self, key: Key, fd: RawFd) {
@@ -230,8 +251,8 @@ impl Driver for Epoll {
         if self.holding {
             return Some(Err(io::Error::from_raw_os_error(libc::ECANCELED)));
         }
-        if ready {
-            match self.recv_chunk(fd) {
+        if ready || self.readable.contains_key(&key) {
+            match self.recv_chunk(key, fd) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 done => return Some(done),
             }
@@ -331,8 +352,10 @@ impl Driver for Epoll {
                     out.push(Event::ready(key, ev.events));
                     // The copy path's operations waiting for this report.
                     if readable {
+                        let hup = bits & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                        *self.readable.entry(key).or_default() |= hup;
                         if let Some(fd) = self.receiving.remove(&key) {
-                            match self.recv_chunk(fd) {
+                            match self.recv_chunk(key, fd) {
                                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                                     self.receiving.insert(key, fd);
                                 }
