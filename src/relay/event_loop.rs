@@ -539,11 +539,25 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn watch_client(&mut self, key: Key) {
+        let quiet = self.reads_quietly(key);
         let Some(side) = self.side(key) else { return };
         let fd = side.fd.as_raw_fd();
-        if let Err(e) = self.driver.watch(key, fd) {
+        let watched = if quiet {
+            self.driver.watch_quietly(key, fd)
+        } else {
+            self.driver.watch(key, fd)
+        };
+        if let Err(e) = watched {
             tracing::warn!(error = %e, "cannot watch client socket");
         }
+    }
+
+    /// Whether the connection's sockets are read by the copy path (and the splice path,
+    /// which asks for each readability report): plain bytes, not held. Everything else
+    /// reads on every readiness report.
+    fn reads_quietly(&self, key: Key) -> bool {
+        matches!(self.entries.get(key.slot(), key.generation()),
+            Some(Entry::Relay(c)) if matches!(c.codec, Codec::Plain) && c.hold.is_none())
     }
 
     /// Admits a direct connection at once.
@@ -746,6 +760,7 @@ impl<D: Driver> EventLoop<D> {
                 .max(Duration::from_millis(1)),
             None => self.settings.connect_timeout,
         };
+        let quiet = matches!(c.codec, Codec::Plain) && c.hold.is_none();
         // TCP_NODELAY and keepalive, set by the driver with the connect (see `tune`).
         self.driver.connect(
             key.with_tag(Tag::Upstream).with_attempt(c.attempt),
@@ -753,6 +768,7 @@ impl<D: Driver> EventLoop<D> {
             &route.upstream_sockaddr,
             timeout,
             socket_options(self.settings.tcp_keepalive).as_slice(),
+            quiet,
         );
         self.arm_idle_sweep();
         self.arm_ping_sweep(key);

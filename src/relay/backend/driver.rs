@@ -35,6 +35,8 @@ pub enum Tag {
     Receive = 5,
     /// io_uring only: a send to it.
     Send = 6,
+    /// io_uring only: a one-shot readability report on it ([`Driver::want_read`]).
+    Readable = 7,
 }
 
 /// Attempts are numbered modulo this (4 bits of the key).
@@ -54,10 +56,11 @@ impl Key {
             3 => Tag::Upstream,
             5 => Tag::Receive,
             6 => Tag::Send,
+            7 => Tag::Readable,
             _ => Tag::Ignore,
         }
     }
-    /// The key of a copy-path operation (`Receive`, `Send`) on the side `self` names.
+    /// The key of an operation (`Receive`, `Send`, `Readable`) on the side `self` names.
     pub fn op(self, tag: Tag) -> Key {
         let side = if self.tag() == Tag::Upstream {
             UPSTREAM_OP
@@ -179,7 +182,8 @@ pub trait Driver {
     /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
     /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
     /// is watched as by [`Driver::watch`].
-    /// `options` are set on the socket before the connect starts.
+    /// `options` are set on the socket before the connect starts. `quiet`: watched as by
+    /// [`Driver::watch_quietly`].
     fn connect(
         &mut self,
         key: Key,
@@ -187,10 +191,23 @@ pub trait Driver {
         addr: &SockAddr,
         timeout: Duration,
         options: &[SockOpt],
+        quiet: bool,
     );
     /// Reports readiness changes of a connected socket as [`Event::Ready`] until `unwatch`.
     /// (After a successful connect the upstream socket is already watched.)
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
+    /// [`Driver::watch`] for a socket the copy path reads (its receives bring the bytes):
+    /// that it became readable is reported only once asked with [`Driver::want_read`]
+    /// (a backend that would report it with every message, next to the receive's own
+    /// completion, would wake the loop twice a message). Writability, the peer's FIN and
+    /// errors are reported as by `watch`.
+    fn watch_quietly(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
+        self.watch(key, fd)
+    }
+    /// The loop found the socket empty on its own reads and needs to know when it has
+    /// bytes again: reported once as [`Event::Ready`] (a no-op where every readiness change
+    /// is reported anyway).
+    fn want_read(&mut self, _key: Key, _fd: RawFd) {}
     /// Stops reporting on `fd`, which the caller is about to close.
     fn unwatch(&mut self, key: Key, fd: RawFd);
     /// [`Driver::unwatch`] for a socket another process holds too (handed over at an
@@ -265,7 +282,7 @@ mod tests {
         let up = Key::new(Tag::Upstream, 7, 9).with_attempt(5);
         let client = up.with_tag(Tag::Client);
         for side in [up, client] {
-            for tag in [Tag::Receive, Tag::Send] {
+            for tag in [Tag::Receive, Tag::Send, Tag::Readable] {
                 let op = side.op(tag);
                 assert_eq!(op.tag(), tag);
                 assert_eq!(op.side(), side);

@@ -202,6 +202,7 @@ impl Driver for Epoll {
         addr: &SockAddr,
         timeout: Duration,
         options: &[SockOpt],
+        _quiet: bool,
     ) {
         for o in options {
             let _ = crate::sys::set_int_option(fd, o);

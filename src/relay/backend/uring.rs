@@ -20,6 +20,10 @@ use super::chunk::CHUNK_SIZE;
 use super::driver::{Chunk, Chunks, Driver, Event, Key, PeerAddr, Received, Sent, SockOpt, Tag};
 
 const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
+/// The mask of a socket the copy path reads (`watch_quietly`): no `POLLIN`.
+const QUIET_MASK: u32 = (libc::POLLOUT | libc::POLLRDHUP) as u32;
+/// A one-shot readability report (`want_read`).
+const READ_MASK: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 
 /// The opcodes this backend submits; all must be supported for `auto` to choose it.
 const OPCODES: [(u8, &str); 8] = [
@@ -52,6 +56,10 @@ pub struct Uring {
     stopped: HashMap<Key, Box<PeerAddr>>,
     /// Upstream sockets being connected, to watch them once connected.
     connecting: HashMap<Key, RawFd>,
+    /// Sockets watched quietly (`watch_quietly`), and those with a one-shot readability
+    /// report in the kernel (by its key).
+    quiet: HashSet<Key>,
+    read_polls: HashSet<u64>,
     /// Connect arguments the kernel reads when the entries are submitted (it copies both
     /// at prep time); kept until the next submit. Boxed: an entry holds pointers into them,
     /// which must not move when the vector grows.
@@ -155,6 +163,8 @@ impl Uring {
             listeners: HashMap::new(),
             stopped: HashMap::new(),
             connecting: HashMap::new(),
+            quiet: HashSet::new(),
+            read_polls: HashSet::new(),
             args: Vec::new(),
             wake,
             ring_sockopt: false,
@@ -291,6 +301,14 @@ impl Uring {
         self.push(e);
     }
 
+    fn mask_of(&self, key: Key) -> u32 {
+        if self.quiet.contains(&key) {
+            QUIET_MASK
+        } else {
+            POLL_MASK
+        }
+    }
+
     fn cancel(&mut self, key: Key) {
         let e = opcode::AsyncCancel::new(key.0)
             .build()
@@ -348,7 +366,7 @@ impl Uring {
                     let ok = result.is_ok();
                     out.push(Event::Connected(key, result));
                     if ok {
-                        self.poll(key, fd, POLL_MASK);
+                        self.poll(key, fd, self.mask_of(key));
                     }
                     return;
                 }
@@ -371,6 +389,15 @@ impl Uring {
                     _ => Err(io::Error::other("a receive's bytes came without a buffer")),
                 };
                 out.push(Event::Received(key.side(), result));
+            }
+            Tag::Readable => {
+                self.read_polls.remove(&key.0);
+                match res {
+                    r if r >= 0 => out.push(Event::ready(key.side(), r as u32)),
+                    r if -r == libc::ECANCELED => {}
+                    // Reported as readable: the loop's read finds out what it is.
+                    _ => out.push(Event::ready(key.side(), libc::POLLIN as u32)),
+                }
             }
             Tag::Send => {
                 let Some(mut chunk) = self.sending.remove(&key.0) else {
@@ -450,7 +477,11 @@ impl Driver for Uring {
         addr: &SockAddr,
         timeout: Duration,
         options: &[SockOpt],
+        quiet: bool,
     ) {
+        if quiet {
+            self.quiet.insert(key);
+        }
         let ring_options = if self.ring_sockopt && options.len() <= 6 {
             options
         } else {
@@ -501,17 +532,40 @@ impl Driver for Uring {
     }
 
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
-        self.poll(key, fd, POLL_MASK);
+        self.poll(key, fd, self.mask_of(key));
         Ok(())
+    }
+
+    fn watch_quietly(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
+        self.quiet.insert(key);
+        self.watch(key, fd)
+    }
+
+    fn want_read(&mut self, key: Key, fd: RawFd) {
+        let op = key.op(Tag::Readable);
+        if self.quiet.contains(&key) && self.read_polls.insert(op.0) {
+            let e = opcode::PollAdd::new(types::Fd(fd), READ_MASK)
+                .build()
+                .user_data(op.0);
+            self.push(e);
+        }
     }
 
     fn unwatch(&mut self, key: Key, _fd: RawFd) {
         self.connecting.remove(&key);
+        self.quiet.remove(&key);
         self.cancel(key);
-        // Its receive or send ends too (its completion gives the chunk back), so that the
-        // socket closes with its descriptor: a request holds its file.
-        for op in [key.op(Tag::Receive), key.op(Tag::Send)] {
-            if self.receiving.contains(&op.0) || self.sending.contains_key(&op.0) {
+        // Its receive, send or readability report ends too (a completion gives the chunk
+        // back), so that the socket closes with its descriptor: a request holds its file.
+        for op in [
+            key.op(Tag::Receive),
+            key.op(Tag::Send),
+            key.op(Tag::Readable),
+        ] {
+            if self.receiving.contains(&op.0)
+                || self.sending.contains_key(&op.0)
+                || self.read_polls.contains(&op.0)
+            {
                 self.cancel(op);
             }
         }
@@ -735,7 +789,14 @@ mod tests {
         let options = options.as_slice();
         let first = socket();
         let first_key = Key::new(Tag::Upstream, 1, 1);
-        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout, options);
+        ring.connect(
+            first_key,
+            first.as_raw_fd(),
+            &addr(&old),
+            timeout,
+            options,
+            false,
+        );
         ring.unwatch(first_key, first.as_raw_fd());
         ring.retire(first.into());
         let second = socket();
@@ -746,6 +807,7 @@ mod tests {
             &addr(&new),
             timeout,
             options,
+            false,
         );
 
         let deadline = Instant::now() + timeout;

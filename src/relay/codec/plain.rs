@@ -44,10 +44,9 @@ pub(crate) fn move_bytes<D: Driver>(
                 None => continue,
             }
         }
-        if !src.readable {
-            return Ok(Turn::Wait);
-        }
-        if !refill(src, dir, pool)? {
+        if !src.readable || !refill(src, dir, pool)? {
+            // Found empty: a quietly watched socket says when it has bytes only if asked.
+            copier.io.want_read(copier.keys.0, src.fd.as_raw_fd());
             return Ok(Turn::Wait);
         }
         dir.copying.starved = false;

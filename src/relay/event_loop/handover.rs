@@ -265,10 +265,16 @@ impl<D: Driver> EventLoop<D> {
                 }
                 Start::Relay => {
                     self.watch_client(key);
+                    let quiet = self.reads_quietly(key);
                     if let Some(Entry::Relay(c)) = self.entries.get(key.slot(), key.generation()) {
                         let fd = c.upstream.fd.as_raw_fd();
                         let ukey = key.with_tag(Tag::Upstream).with_attempt(attempt);
-                        if let Err(e) = self.driver.watch(ukey, fd) {
+                        let watched = if quiet {
+                            self.driver.watch_quietly(ukey, fd)
+                        } else {
+                            self.driver.watch(ukey, fd)
+                        };
+                        if let Err(e) = watched {
                             tracing::warn!(error = %e, "cannot watch an adopted upstream socket");
                         }
                     }
