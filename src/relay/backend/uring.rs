@@ -830,7 +830,7 @@ mod tests {
         let (key, fd) = (Key::new(Tag::Client, 1, 1), ours.as_raw_fd());
         let wake = crate::sys::eventfd().unwrap();
         let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
-        let mut receive = |ring: &mut Uring| {
+        let receive = |ring: &mut Uring| {
             assert!(
                 ring.receive(key, fd, false).is_none(),
                 "a receive completes later"
