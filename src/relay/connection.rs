@@ -155,8 +155,11 @@ pub(super) struct Copying {
     pub(super) receiving: bool,
     /// A send is in the driver, which holds the chunk meanwhile.
     pub(super) sending: bool,
-    /// Bytes received and not yet (wholly) sent.
+    /// Bytes received and not yet (wholly) sent (not while the driver sends them).
     pub(super) chunk: Option<Chunk>,
+    /// Bytes received while `chunk` was being sent: they go after it. The next receive
+    /// starts once this is empty, so a direction holds at most two chunks.
+    pub(super) queued: Option<Chunk>,
     /// A completion not taken in yet.
     pub(super) done: Option<Done>,
     /// The driver had no idle chunk: the next read is the loop's own, into a buffer.
@@ -179,7 +182,11 @@ impl Copying {
     /// Whether the copy path has this direction now (an operation in the driver, bytes
     /// held, or a completion to take in): the splice path must not touch its sockets.
     pub(super) fn active(&self) -> bool {
-        self.receiving || self.sending || self.chunk.is_some() || self.done.is_some()
+        self.receiving
+            || self.sending
+            || self.chunk.is_some()
+            || self.queued.is_some()
+            || self.done.is_some()
     }
 }
 
@@ -207,6 +214,7 @@ impl Direction {
 
     fn drop_hold(&mut self, pool: &mut PipePool) {
         self.copying.chunk = None;
+        self.copying.queued = None;
         self.copying.done = None;
         if let Some(h) = self.hold.take() {
             if self.in_flight == 0 {
@@ -784,11 +792,23 @@ mod saved {
                 state: state_code(self.state),
                 bytes: self.bytes,
                 streaming: self.streaming,
-                held: match (&self.hold, &self.copying.chunk) {
-                    (Some(h), _) if self.in_flight > 0 => h.save(self.in_flight),
-                    // The copy path's chunk: its bytes go over, the new process sends them.
-                    (_, Some(c)) if !c.is_empty() => HeldBytes::Buffer(c.bytes().to_vec()),
-                    _ => HeldBytes::None,
+                held: match &self.hold {
+                    Some(h) if self.in_flight > 0 => h.save(self.in_flight),
+                    // The copy path's chunks, in order: their bytes go over, the new
+                    // process sends them.
+                    _ => {
+                        let c = &self.copying;
+                        let bytes: Vec<u8> = [&c.chunk, &c.queued]
+                            .into_iter()
+                            .flatten()
+                            .flat_map(|c| c.bytes().iter().copied())
+                            .collect();
+                        if bytes.is_empty() {
+                            HeldBytes::None
+                        } else {
+                            HeldBytes::Buffer(bytes)
+                        }
+                    }
                 },
             }
         }

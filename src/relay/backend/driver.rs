@@ -231,8 +231,10 @@ pub trait Driver {
     fn receive(&mut self, key: Key, fd: RawFd, ready: bool) -> Option<Received>;
     /// Sends a chunk's bytes to the socket `key` names: the result now, or `None` when it
     /// comes later as [`Event::Sent`]. At most one send per socket, and never while the
-    /// loop writes to it itself.
-    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent>;
+    /// loop writes to it itself. `quick`: a receive is armed on the connection, so the loop
+    /// will wake for it anyway; a backend may then report a send that went whole with the
+    /// results of its next wait instead of waking the loop for it.
+    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk, quick: bool) -> Option<Sent>;
     /// Calls back every receive and send still in the backend (each finishes, as bytes or
     /// `ECANCELED`), and until [`Driver::resume_transfers`] starts none: each asked for
     /// finishes at once with `ECANCELED`. For an upgrade's freeze: no byte may be taken in

@@ -262,7 +262,7 @@ impl Driver for Epoll {
         None
     }
 
-    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent> {
+    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk, _quick: bool) -> Option<Sent> {
         if self.holding {
             return Some((chunk, Err(io::Error::from_raw_os_error(libc::ECANCELED))));
         }

@@ -601,6 +601,10 @@ impl Driver for Uring {
             key.op(Tag::Send),
             key.op(Tag::Readable),
         ] {
+            // A quick send that found no room is not sent on to this number again.
+            if let Some((fd, _)) = self.sending.get_mut(&op.0) {
+                *fd = None;
+            }
             if self.receiving.contains(&op.0)
                 || self.sending.contains_key(&op.0)
                 || self.read_polls.contains(&op.0)
@@ -625,19 +629,22 @@ impl Driver for Uring {
         None
     }
 
-    /// A send goes the quick way first: it may not wait for room (`MSG_DONTWAIT`) and must
-    /// send everything (`MSG_WAITALL`), and it posts a completion only if it does not
+    /// A `quick` send may not wait for room (`MSG_DONTWAIT`) and must send everything
+    /// (`MSG_WAITALL`), and it posts a completion only if it does not
     /// (`IOSQE_CQE_SKIP_SUCCESS`). So it is done, one way or the other, once the kernel has
     /// taken it in: a send with room (nearly every one) costs no completion, and the wait it
-    /// is submitted with sleeps until the reply instead of waking for the send (one
-    /// `io_uring_enter` per message fewer). One that finds no room (or room for part) posts
-    /// what it sent and goes on as an ordinary send, which waits for room in the kernel.
-    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent> {
+    /// is submitted with sleeps until the receive armed beside it (the reply, the next
+    /// message) instead of waking for the send: one `io_uring_enter` per message fewer. It
+    /// is reported with that wait's results. One that finds no room (or room for part)
+    /// posts what it sent and goes on as an ordinary send, which waits for room in the
+    /// kernel and completes on its own (as every send that is not `quick` does: without
+    /// `MSG_WAITALL`, so one called back has sent nothing).
+    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk, quick: bool) -> Option<Sent> {
         if self.holding {
             return Some((chunk, Err(io::Error::from_raw_os_error(libc::ECANCELED))));
         }
         let op = key.op(Tag::Send);
-        self.submit_send(op, fd, &chunk, self.skip_cqe);
+        self.submit_send(op, fd, &chunk, quick && self.skip_cqe);
         self.sending.insert(op.0, (Some(fd), chunk));
         None
     }
@@ -859,7 +866,7 @@ mod tests {
         assert_eq!((chunk.bytes(), ring.chunks().in_use()), (&b"hello"[..], 1));
 
         assert!(
-            ring.send(key, fd, chunk).is_none(),
+            ring.send(key, fd, chunk, true).is_none(),
             "a send completes later"
         );
         let (chunk, n) = wait_for(&mut ring, |e| match e {
@@ -957,7 +964,7 @@ mod tests {
             });
             while !chunk.is_empty() {
                 let before = chunk.len();
-                assert!(ring.send(skey, dst.as_raw_fd(), chunk).is_none());
+                assert!(ring.send(skey, dst.as_raw_fd(), chunk, true).is_none());
                 let (rest, n) = wait_for(&mut ring, |e| match e {
                     Event::Sent(k, c, r) if k == skey => Some((c, r.unwrap())),
                     _ => None,

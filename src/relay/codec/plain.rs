@@ -82,46 +82,63 @@ fn copy<D: Driver>(
     for _ in 0..ROUNDS_PER_TURN {
         if dir.ended() {
             dir.copying.chunk = None;
+            dir.copying.queued = None;
             return Ok(Some(Turn::Wait));
         }
-        let c = &mut dir.copying;
-        if c.receiving || c.sending {
-            return Ok(Some(Turn::Wait));
-        }
-        if let Some(chunk) = c.chunk.take() {
-            if !chunk.is_empty() {
-                match copier.io.send(dst_key, dst.fd.as_raw_fd(), chunk) {
+        // Send what is held, in order: the rest of a short send, then what came since.
+        if !dir.copying.sending {
+            if dir.copying.chunk.is_none() {
+                dir.copying.chunk = dir.copying.queued.take();
+            }
+            if let Some(chunk) = dir.copying.chunk.take().filter(|c| !c.is_empty()) {
+                // A receive is armed beside it (now, below), which wakes the loop anyway.
+                let quick = dir.copying.receiving || may_receive(dir);
+                match copier.io.send(dst_key, dst.fd.as_raw_fd(), chunk, quick) {
                     None => dir.copying.sending = true,
                     Some(s) => {
                         if !sent(dir, s)? {
                             return Ok(Some(Turn::Wait));
                         }
+                        continue;
                     }
                 }
-                continue;
             }
         }
-        if dir.state == HalfState::Eof {
+        let c = &dir.copying;
+        let idle = !c.sending && c.chunk.is_none() && c.queued.is_none();
+        if idle && dir.state == HalfState::Eof {
             // Everything before the EOF is delivered: pass the half-close on.
             pass_eof(dst, dir, last);
             return Ok(Some(Turn::Wait));
         }
-        if dir.streaming || dir.copying.starved {
+        if idle && (dir.streaming || c.starved) {
             return Ok(None);
         }
-        match copier.io.receive(src_key, src.fd.as_raw_fd(), src.readable) {
-            None => {
-                dir.copying.receiving = true;
-                src.readable = false;
-            }
-            Some(r) => {
-                if !received(src, dir, r)? {
-                    return Ok(Some(Turn::Wait));
+        // Receive again while the chunk before is being sent (at most one waits behind).
+        if !c.receiving && c.chunk.is_none() && may_receive(dir) {
+            match copier.io.receive(src_key, src.fd.as_raw_fd(), src.readable) {
+                None => {
+                    dir.copying.receiving = true;
+                    src.readable = false;
+                }
+                Some(r) => {
+                    if !received(src, dir, r)? {
+                        return Ok(Some(Turn::Wait));
+                    }
+                    continue;
                 }
             }
         }
+        return Ok(Some(Turn::Wait));
     }
     Ok(Some(Turn::Yield))
+}
+
+/// Whether the direction may start a receive: still open, carrying small messages, and
+/// nothing waiting to be sent behind what is in flight.
+fn may_receive(dir: &Direction) -> bool {
+    let c = &dir.copying;
+    dir.state == HalfState::Open && !dir.streaming && !c.starved && c.queued.is_none()
 }
 
 /// Takes in a receive's result. `false`: nothing more to do now (called back).
@@ -136,7 +153,13 @@ fn received(src: &mut Side, dir: &mut Direction, r: Received) -> Result<bool, Fa
                 // Stopped short: the socket is empty (unless a FIN waits behind).
                 src.readable = src.hup;
             }
-            dir.copying.chunk = Some(chunk);
+            // Behind the chunk in flight (or still held), if there is one.
+            let c = &mut dir.copying;
+            if c.sending || c.chunk.is_some() {
+                c.queued = Some(chunk);
+            } else {
+                c.chunk = Some(chunk);
+            }
             Ok(true)
         }
         Ok(None) => {
@@ -171,6 +194,7 @@ fn sent(dir: &mut Direction, (chunk, result): Sent) -> Result<bool, Failure> {
                 return Err(Failure::Write(io::Error::from(io::ErrorKind::WriteZero)));
             }
             if !chunk.is_empty() {
+                // The rest goes first, before anything received since.
                 dir.copying.chunk = Some(chunk);
             }
             Ok(true)
