@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,12 +19,15 @@ use crate::util::files::hex;
 use crate::util::log::LogLine;
 use crate::util::metrics::Scrape;
 use crate::util::net::{
-    connect, free_ports_in_a_row, listen, read_some, read_to_end, reset, Upstream, LOCALHOST,
+    accept_within, connect, free_ports_in_a_row, listen, read_some, read_to_end, reset, Upstream,
+    LOCALHOST,
 };
 use crate::util::relay::{data_path_test, map_section, relay_section, Start, THREADS};
 use crate::util::{poll, Backend, Relay};
 
 const COPY_BUFFERS: &str = "portrelay_copy_buffers";
+/// Copy buffers per loop unless `PORTRELAY_TEST_COPY_BUFFERS` says otherwise.
+const DEFAULT_BUFFERS: usize = 128;
 const BYTES: &str = "portrelay_bytes_total";
 const ACTIVE: &str = "portrelay_connections_active";
 
@@ -438,8 +441,12 @@ fn copy_buffers_come_back_after_churn(backend: Backend) {
         backend.name()
     );
 
-    let in_idle = wait_all_buffers_back(metrics, "after the churn");
-    eprintln!("after the churn: {in_idle} copy buffers idle");
+    let idle = wait_all_buffers_back(metrics, "after the churn");
+    assert_eq!(
+        idle,
+        (DEFAULT_BUFFERS * THREADS) as f64,
+        "idle copy buffers after the churn: {DEFAULT_BUFFERS} per loop, {THREADS} loops"
+    );
     let mut fds = (0, 0);
     let settled = poll(Duration::from_secs(10), Duration::from_millis(50), || {
         fds = fd_counts(pid);
@@ -568,33 +575,120 @@ fn copy_path_counts_bytes_exactly(backend: Backend) {
     wait_all_buffers_back(metrics, "after the connection");
 }
 
+/// A listener whose accepted sockets have a small receive buffer: an upstream end that
+/// does not read fills up after a few KiB.
+fn small_window_listener() -> TcpListener {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket
+        .bind(&std::net::SocketAddr::from((LOCALHOST, 0)).into())
+        .expect("bind 127.0.0.1:0");
+    socket.listen(16).expect("listen");
+    socket.into()
+}
+
+/// A client→upstream direction stuck with a copy buffer: its upstream end does not read.
+struct Stalled {
+    client: TcpStream,
+    far: TcpStream,
+    /// Bytes the client sent.
+    sent: u64,
+}
+
+/// Bytes of each message a [`Stalled`] client sends: small, so that each is copied (a read
+/// of a whole copy buffer would switch the direction to splice).
+const STALL_MESSAGE: usize = 4000;
+
+impl Stalled {
+    /// Connects through host `port` (to `upstream`) and sends messages of
+    /// [`STALL_MESSAGE`] bytes, each once the relay has counted the previous one (so that
+    /// each is read on its own), until one stays uncounted while `holding` copy buffers are
+    /// in use: the relay's send to the full upstream end holds the buffer.
+    fn start(port: u16, upstream: &TcpListener, metrics: u16, holding: f64) -> Stalled {
+        let mut client = connect(port);
+        let far = accept_within(upstream, Duration::from_secs(5));
+        let mut sent = 0u64;
+        // Bounded: at most 2,000 messages (8 MB), far past any window of the upstream end.
+        for _ in 0..2_000 {
+            let msg = vec![0x5a_u8; STALL_MESSAGE];
+            client.write_all(&msg).expect("write a message to stall");
+            sent += msg.len() as u64;
+            // Counted: send the next. Uncounted with the buffers held for 10 scrapes in a
+            // row (a send in flight completes at once on loopback): stalled.
+            let mut stuck = 0;
+            let outcome = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+                let (counted, _) = bytes_counted(metrics, port);
+                if counted == sent as f64 {
+                    return Some(false);
+                }
+                let (in_use, _) = copy_buffers(metrics);
+                stuck = if in_use == holding { stuck + 1 } else { 0 };
+                (stuck >= 10).then_some(true)
+            });
+            match outcome {
+                Some(true) => return Stalled { client, far, sent },
+                Some(false) => continue,
+                None => panic!(
+                    "after {sent} bytes the relay neither counted them nor held {holding} copy \
+                     buffers: {:?} counted, copy buffers (in_use, idle) {:?}",
+                    bytes_counted(metrics, port),
+                    copy_buffers(metrics)
+                ),
+            }
+        }
+        panic!("the upstream end took {sent} bytes without reading: no stall");
+    }
+
+    /// Lets the stalled bytes through: the client half-closes, the upstream end reads to
+    /// EOF and must get every byte sent.
+    fn release(mut self) {
+        self.client
+            .shutdown(Shutdown::Write)
+            .expect("shutdown(Write)");
+        let got = read_to_end(&mut self.far);
+        assert_eq!(
+            got.len() as u64,
+            self.sent,
+            "bytes of the stalled connection"
+        );
+        assert!(got.iter().all(|&b| b == 0x5a), "the stalled bytes differ");
+    }
+}
+
 data_path_test!(copy_path_survives_a_dry_buffer_pool);
-/// Two copy buffers per loop (`PORTRELAY_TEST_COPY_BUFFERS=2`) and 20 connections at once,
-/// each exchanging 200 small messages and one 1 MiB burst (which streams: spliced): every
-/// byte is echoed in order, and afterwards every buffer is back and idle.
+/// One loop with two copy buffers (`PORTRELAY_TEST_COPY_BUFFERS=2`), both held by
+/// connections whose upstream ends do not read: the pool is dry (2 in use, 0 idle). Then 20
+/// connections at once each exchange 200 small messages and one 1 MiB burst (which streams:
+/// spliced) through an echo, with no copy buffer to be had: every byte is echoed in order,
+/// and the pool is still dry at the end. Once the stalled connections are let through their
+/// bytes arrive whole, and both buffers are back, idle.
 fn copy_path_survives_a_dry_buffer_pool(backend: Backend) {
     const CONNECTIONS: usize = 20;
     const MESSAGES: usize = 200;
-    const PER_LOOP: usize = 2;
+    const BUFFERS: f64 = 2.0;
     let echo = Upstream::echo();
-    let how = Start::default().env(&[("PORTRELAY_TEST_COPY_BUFFERS", &PER_LOOP.to_string())]);
-    let (relay, port, metrics) = relay_to(echo.addr(), "dry", how, backend);
-    let busiest = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (busiest, stop) = (busiest.clone(), stop.clone());
-        // Bounded: at most 30 s of scrapes every 20 ms.
-        std::thread::spawn(move || {
-            poll(Duration::from_secs(30), Duration::from_millis(20), || {
-                if let Some(in_use) =
-                    Scrape::take(metrics).get(COPY_BUFFERS, &[("state", "in_use")])
-                {
-                    busiest.fetch_max(in_use as u64, Ordering::SeqCst);
-                }
-                stop.load(Ordering::SeqCst).then_some(())
-            });
-        })
-    };
+    let upstream = small_window_listener();
+    let [port, stall_a, stall_b, metrics] = free_ports::<4>();
+    let toml = relay_section(Some(metrics), "")
+        + &map_section(port, echo.addr(), "dry", "")
+        + &map_section(stall_a, upstream.local_addr().unwrap(), "stall-a", "")
+        + &map_section(stall_b, upstream.local_addr().unwrap(), "stall-b", "");
+    let how = Start::default()
+        .threads(1)
+        .env(&[("PORTRELAY_TEST_COPY_BUFFERS", &BUFFERS.to_string())]);
+    let relay = Relay::start_with(&toml, backend, how);
+    assert_eq!(
+        wait_all_buffers_back(metrics, "at start"),
+        BUFFERS,
+        "idle copy buffers of the one loop"
+    );
+    let stalls = [
+        Stalled::start(stall_a, &upstream, metrics, 1.0),
+        Stalled::start(stall_b, &upstream, metrics, 2.0),
+    ];
+    assert_eq!(copy_buffers(metrics), (BUFFERS, 0.0), "the pool is dry");
+
     let burst = Arc::new(Gen::new(3).bytes(1 << 20));
     let results: Vec<Result<u64, String>> = std::thread::scope(|scope| {
         let clients: Vec<_> = (0..CONNECTIONS)
@@ -630,8 +724,6 @@ fn copy_path_survives_a_dry_buffer_pool(backend: Backend) {
             .map(|c| c.join().unwrap_or_else(|_| Err("panicked".into())))
             .collect()
     });
-    stop.store(true, Ordering::SeqCst);
-    watcher.join().expect("the metrics watcher");
     let failures: Vec<String> = results
         .iter()
         .enumerate()
@@ -639,12 +731,6 @@ fn copy_path_survives_a_dry_buffer_pool(backend: Backend) {
         .collect();
     assert!(failures.is_empty(), "{failures:#?}");
     let sent: u64 = results.iter().map(|r| *r.as_ref().unwrap()).sum();
-    eprintln!(
-        "at most {} copy buffers in use at a scrape, of {}",
-        busiest.load(Ordering::SeqCst),
-        PER_LOOP * THREADS
-    );
-
     let lines = relay.wait_logs(
         |l| l.is_closed_on(port),
         CONNECTIONS,
@@ -658,14 +744,22 @@ fn copy_path_survives_a_dry_buffer_pool(backend: Backend) {
         .map(|l| l.num("bytes_client_to_upstream"))
         .sum();
     assert_eq!(logged, sent, "bytes to the upstream in the close lines");
-    assert_eq!(echo.bytes_in(), sent, "bytes at the upstream");
-    let idle = wait_all_buffers_back(metrics, "after the dry-pool run");
+    assert_eq!(echo.bytes_in(), sent, "bytes at the echo");
+    wait_bytes_counted(metrics, port, (sent, sent), "the echoed connections");
     assert_eq!(
-        idle,
-        (PER_LOOP * THREADS) as f64,
-        "idle copy buffers: {PER_LOOP} per loop, {THREADS} loops"
+        copy_buffers(metrics),
+        (BUFFERS, 0.0),
+        "the pool stayed dry (the stalled connections hold both buffers)"
     );
-    assert_eq!(copy_buffers(metrics), (0.0, idle));
+
+    for stall in stalls {
+        stall.release();
+    }
+    assert_eq!(
+        wait_all_buffers_back(metrics, "after the stalls ended"),
+        BUFFERS,
+        "idle copy buffers"
+    );
 }
 
 /// What a hashing echo saw on its connections: the SHA-256 of each one's bytes, at EOF.
