@@ -42,6 +42,7 @@ pub const GENERATION: &str = "portrelay_config_generation";
 pub const MAPPINGS: &str = "portrelay_mappings";
 pub const BACKEND_INFO: &str = "portrelay_io_backend_info";
 pub const PIPES: &str = "portrelay_pipes";
+pub const COPY_BUFFERS: &str = "portrelay_copy_buffers";
 pub const LISTEN_FAILURES: &str = "portrelay_listen_failures_total";
 pub const PENDING: &str = "portrelay_connections_pending";
 pub const LOOP_LAST_TURN: &str = "portrelay_loop_last_turn_seconds";
@@ -239,6 +240,8 @@ pub struct Global {
     pub connect_duration: Histogram,
     pub pipes_in_use: Gauge,
     pub pipes_idle: Gauge,
+    pub copy_buffers_in_use: Gauge,
+    pub copy_buffers_idle: Gauge,
     pub pending_admission: Gauge,
 }
 
@@ -248,6 +251,8 @@ pub fn global() -> &'static Global {
         connect_duration: histogram!(CONNECT_DURATION),
         pipes_in_use: gauge!(PIPES, "state" => "in_use"),
         pipes_idle: gauge!(PIPES, "state" => "idle"),
+        copy_buffers_in_use: gauge!(COPY_BUFFERS, "state" => "in_use"),
+        copy_buffers_idle: gauge!(COPY_BUFFERS, "state" => "idle"),
         pending_admission: gauge!(PENDING),
     })
 }
@@ -442,6 +447,10 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
         "Pipes held by the loops: in use (bytes in flight) or idle in the pool."
     );
     describe_gauge!(
+        COPY_BUFFERS,
+        "Copy buffers of the loops (small messages): in use (bytes held or being sent) or idle."
+    );
+    describe_gauge!(
         PENDING,
         "Connections pending admission: a PROXY header or a TLS handshake is awaited."
     );
@@ -483,6 +492,8 @@ pub fn install() -> anyhow::Result<Arc<Registry>> {
     let g = global();
     g.pipes_in_use.set(0.0);
     g.pipes_idle.set(0.0);
+    g.copy_buffers_in_use.set(0.0);
+    g.copy_buffers_idle.set(0.0);
     g.pending_admission.set(0.0);
     Ok(registry)
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 
 use super::admission::{MappingPermit, Permit};
+use super::backend::driver::{Chunk, Driver, Key, Received, Sent, Tag};
 use super::codec::Codec;
 use super::hold::{Holding, ReplayStep};
 use super::pipe::{Hold, PipePool};
@@ -140,6 +141,46 @@ pub struct Direction {
     /// request/response) go through a buffer instead, where a short read proves the socket
     /// empty and saves the `EAGAIN` read a splice would need.
     pub(super) streaming: bool,
+    /// The copy path: small messages received and sent by the driver.
+    pub(super) copying: Copying,
+}
+
+/// A direction on the copy path: the driver receives from the source into a chunk and
+/// sends the chunk to the destination, one operation at a time (so at most one chunk per
+/// direction, and none while it waits for bytes). Its completions come as events, taken in
+/// at the direction's next turn.
+#[derive(Default)]
+pub(super) struct Copying {
+    /// A receive from the source is in the driver.
+    pub(super) receiving: bool,
+    /// A send is in the driver, which holds the chunk meanwhile.
+    pub(super) sending: bool,
+    /// Bytes received and not yet (wholly) sent.
+    pub(super) chunk: Option<Chunk>,
+    /// A completion not taken in yet.
+    pub(super) done: Option<Done>,
+    /// The driver had no idle chunk: the next read is the loop's own, into a buffer.
+    pub(super) starved: bool,
+}
+
+pub(super) enum Done {
+    Received(Received),
+    Sent(Sent),
+}
+
+/// What the copy path of one direction works with: the driver, and the keys of its source
+/// and destination sockets.
+pub(super) struct Copier<'a, D: Driver> {
+    pub(super) io: &'a mut D,
+    pub(super) keys: (Key, Key),
+}
+
+impl Copying {
+    /// Whether the copy path has this direction now (an operation in the driver, bytes
+    /// held, or a completion to take in): the splice path must not touch its sockets.
+    pub(super) fn active(&self) -> bool {
+        self.receiving || self.sending || self.chunk.is_some() || self.done.is_some()
+    }
 }
 
 impl Direction {
@@ -150,6 +191,7 @@ impl Direction {
             in_flight: 0,
             bytes: 0,
             streaming: false,
+            copying: Copying::default(),
         }
     }
 
@@ -164,6 +206,8 @@ impl Direction {
     }
 
     fn drop_hold(&mut self, pool: &mut PipePool) {
+        self.copying.chunk = None;
+        self.copying.done = None;
         if let Some(h) = self.hold.take() {
             if self.in_flight == 0 {
                 pool.give_back(h);
@@ -277,8 +321,9 @@ impl Connection {
         now.saturating_duration_since(self.started)
     }
 
-    /// Moves bytes both ways until each direction blocks, ends, or uses up its turn.
-    pub fn pump(&mut self, pool: &mut PipePool) -> Turn {
+    /// Moves bytes both ways until each direction blocks, ends, or uses up its turn. `key`
+    /// is the connection's (its client socket's) key.
+    pub fn pump<D: Driver>(&mut self, key: Key, pool: &mut PipePool, io: &mut D) -> Turn {
         if let Some(replay) = self.hold.as_mut().and_then(|h| h.replay.as_mut()) {
             let (step, fresh) = replay.pump(&mut self.client, &mut self.upstream);
             self.to_upstream.bytes += fresh;
@@ -318,8 +363,9 @@ impl Connection {
             }
         }
         self.notice_errors(pool);
-        let a = self.pump_dir(Dir::ToUpstream, pool);
-        let b = self.pump_dir(Dir::ToClient, pool);
+        let keys = self.keys(key);
+        let a = self.pump_dir(Dir::ToUpstream, pool, io, keys);
+        let b = self.pump_dir(Dir::ToClient, pool, io, keys);
         if a == Turn::Yield || b == Turn::Yield {
             Turn::Yield
         } else {
@@ -327,23 +373,56 @@ impl Connection {
         }
     }
 
-    fn pump_dir(&mut self, d: Dir, pool: &mut PipePool) -> Turn {
-        let (src, dst, dir, reverse) = match d {
+    /// The keys of the client and the upstream socket (of the current attempt).
+    pub fn keys(&self, key: Key) -> (Key, Key) {
+        let client = key.with_tag(Tag::Client);
+        (
+            client,
+            client.with_tag(Tag::Upstream).with_attempt(self.attempt),
+        )
+    }
+
+    /// The direction a copy-path completion on the socket `side` is about: a receive
+    /// reads its source, a send writes its destination.
+    pub fn copying_of(&mut self, side: Key, received: bool) -> Option<&mut Direction> {
+        let upstream = match side.tag() {
+            Tag::Client => false,
+            Tag::Upstream if side.attempt() == self.attempt => true,
+            _ => return None,
+        };
+        Some(if upstream == received {
+            &mut self.to_client
+        } else {
+            &mut self.to_upstream
+        })
+    }
+
+    fn pump_dir<D: Driver>(
+        &mut self,
+        d: Dir,
+        pool: &mut PipePool,
+        io: &mut D,
+        (client_key, upstream_key): (Key, Key),
+    ) -> Turn {
+        let (src, dst, dir, reverse, keys) = match d {
             Dir::ToUpstream => (
                 &mut self.client,
                 &mut self.upstream,
                 &mut self.to_upstream,
                 &mut self.to_client,
+                (client_key, upstream_key),
             ),
             Dir::ToClient => (
                 &mut self.upstream,
                 &mut self.client,
                 &mut self.to_client,
                 &mut self.to_upstream,
+                (upstream_key, client_key),
             ),
         };
         let last = reverse.ended();
-        let result = self.codec.pump(d, src, dst, dir, last, pool);
+        let copier = Copier { io, keys };
+        let result = self.codec.pump(d, src, dst, dir, last, pool, copier);
         let eof_name = match d {
             Dir::ToUpstream => CloseReason::ClientEof,
             Dir::ToClient => CloseReason::UpstreamEof,
@@ -705,8 +784,10 @@ mod saved {
                 state: state_code(self.state),
                 bytes: self.bytes,
                 streaming: self.streaming,
-                held: match &self.hold {
-                    Some(h) if self.in_flight > 0 => h.save(self.in_flight),
+                held: match (&self.hold, &self.copying.chunk) {
+                    (Some(h), _) if self.in_flight > 0 => h.save(self.in_flight),
+                    // The copy path's chunk: its bytes go over, the new process sends them.
+                    (_, Some(c)) if !c.is_empty() => HeldBytes::Buffer(c.bytes().to_vec()),
                     _ => HeldBytes::None,
                 },
             }
@@ -736,6 +817,7 @@ mod saved {
                 in_flight,
                 bytes: r.bytes,
                 streaming: r.streaming,
+                copying: Copying::default(),
             })
         }
     }

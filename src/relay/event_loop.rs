@@ -18,7 +18,7 @@ use super::admission::{
 };
 use super::backend::driver::{Driver, Event, Key, PeerAddr, Tag, ATTEMPTS};
 use super::codec::Codec;
-use super::connection::{Admitted, CloseReason, Connection, Side, Turn};
+use super::connection::{Admitted, CloseReason, Connection, Done, Side, Turn};
 use super::hold::Holding;
 use super::listeners::Listeners;
 use super::pipe::PipePool;
@@ -76,6 +76,8 @@ pub struct EventLoop<D: Driver> {
     drain_until: Option<Instant>,
     /// This loop's pipe counts as last added to the relay-wide gauges.
     published_pipes: (usize, usize),
+    /// The same for its copy buffers.
+    published_chunks: (usize, usize),
     /// The next upstream sockets, made before their clients are accepted.
     reserve: Reserve,
     /// An upgrade asked this loop to freeze: done at the end of the turn, once every event
@@ -121,6 +123,7 @@ impl<D: Driver> EventLoop<D> {
             now: Instant::now(),
             drain_until: None,
             published_pipes: (0, 0),
+            published_chunks: (0, 0),
             reserve: Reserve::new()?,
             freeze_asked: None,
             handed_over: false,
@@ -155,6 +158,12 @@ impl<D: Driver> EventLoop<D> {
         }
         self.pool = PipePool::new(0, 0);
         self.publish_pipes();
+        // This loop's copy buffers leave the gauges with it.
+        let g = metrics::global();
+        g.copy_buffers_in_use
+            .decrement(self.published_chunks.0 as f64);
+        g.copy_buffers_idle
+            .decrement(self.published_chunks.1 as f64);
         result
     }
 
@@ -216,6 +225,16 @@ impl<D: Driver> EventLoop<D> {
                 .increment(now.1 as f64 - self.published_pipes.1 as f64);
             self.published_pipes = now;
         }
+        let chunks = self.driver.chunks();
+        let now = (chunks.in_use(), chunks.idle());
+        if now != self.published_chunks {
+            let g = metrics::global();
+            g.copy_buffers_in_use
+                .increment(now.0 as f64 - self.published_chunks.0 as f64);
+            g.copy_buffers_idle
+                .increment(now.1 as f64 - self.published_chunks.1 as f64);
+            self.published_chunks = now;
+        }
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -275,6 +294,8 @@ impl<D: Driver> EventLoop<D> {
                     self.progress(key);
                 }
             }
+            Event::Received(key, result) => self.copied(key, Done::Received(result)),
+            Event::Sent(key, chunk, result) => self.copied(key, Done::Sent((chunk, result))),
             Event::Unwatched(key) => {
                 if let Some(side) = self.side(key) {
                     side.readable = true;
@@ -286,6 +307,26 @@ impl<D: Driver> EventLoop<D> {
                 }
             }
         }
+    }
+
+    /// A copy-path completion on the socket `key` names: taken in at its direction's turn,
+    /// now. One for a connection gone (or an earlier attempt's socket) is dropped, and its
+    /// chunk goes back with it.
+    fn copied(&mut self, key: Key, done: Done) {
+        let received = matches!(done, Done::Received(_));
+        let Some(Entry::Relay(c)) = self.entries.get_mut(key.slot(), key.generation()) else {
+            return;
+        };
+        let Some(dir) = c.copying_of(key, received) else {
+            return;
+        };
+        if received {
+            dir.copying.receiving = false;
+        } else {
+            dir.copying.sending = false;
+        }
+        dir.copying.done = Some(done);
+        self.service(key.with_tag(Tag::Client).with_attempt(0));
     }
 
     /// The socket an event key names, if its entry is still there.
@@ -498,11 +539,25 @@ impl<D: Driver> EventLoop<D> {
     }
 
     fn watch_client(&mut self, key: Key) {
+        let quiet = self.reads_quietly(key);
         let Some(side) = self.side(key) else { return };
         let fd = side.fd.as_raw_fd();
-        if let Err(e) = self.driver.watch(key, fd) {
+        let watched = if quiet {
+            self.driver.watch_quietly(key, fd)
+        } else {
+            self.driver.watch(key, fd)
+        };
+        if let Err(e) = watched {
             tracing::warn!(error = %e, "cannot watch client socket");
         }
+    }
+
+    /// Whether the connection's sockets are read by the copy path (and the splice path,
+    /// which asks for each readability report): plain bytes, not held. Everything else
+    /// reads on every readiness report.
+    fn reads_quietly(&self, key: Key) -> bool {
+        matches!(self.entries.get(key.slot(), key.generation()),
+            Some(Entry::Relay(c)) if matches!(c.codec, Codec::Plain) && c.hold.is_none())
     }
 
     /// Admits a direct connection at once.
@@ -705,6 +760,7 @@ impl<D: Driver> EventLoop<D> {
                 .max(Duration::from_millis(1)),
             None => self.settings.connect_timeout,
         };
+        let quiet = matches!(c.codec, Codec::Plain) && c.hold.is_none();
         // TCP_NODELAY and keepalive, set by the driver with the connect (see `tune`).
         self.driver.connect(
             key.with_tag(Tag::Upstream).with_attempt(c.attempt),
@@ -712,6 +768,7 @@ impl<D: Driver> EventLoop<D> {
             &route.upstream_sockaddr,
             timeout,
             socket_options(self.settings.tcp_keepalive).as_slice(),
+            quiet,
         );
         self.arm_idle_sweep();
         self.arm_ping_sweep(key);
@@ -985,7 +1042,7 @@ impl<D: Driver> EventLoop<D> {
             return;
         }
         let before = (c.to_upstream.bytes, c.to_client.bytes);
-        let turn = c.pump(&mut self.pool);
+        let turn = c.pump(key, &mut self.pool, &mut self.driver);
         c.last_active = self.now;
         if let Some(e) = c.hold.as_mut().and_then(|h| h.lost.take()) {
             return self.upstream_failed(key.with_tag(Tag::Client), e);

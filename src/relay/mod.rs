@@ -742,6 +742,20 @@ fn tls_routes(config: &Config, routes: &HashMap<u16, Arc<Route>>) -> admission::
 /// a relay (a dead loop's connections cut without a log line, their places in the caps
 /// never given back, every reload waiting on it) is worse than a restart by the supervisor,
 /// which `Restart=on-failure` does within a second.
+/// Copy buffers per loop. Debug builds (the tests' binary) take
+/// `PORTRELAY_TEST_COPY_BUFFERS=N` (a power of two) to make the pool run dry; release builds
+/// have no such switch.
+fn copy_buffers() -> u16 {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("PORTRELAY_TEST_COPY_BUFFERS")
+        .ok()
+        .and_then(|v| v.parse::<u16>().ok())
+    {
+        return n.clamp(1, 1 << 15).next_power_of_two();
+    }
+    backend::driver::DEFAULT_CHUNKS
+}
+
 fn run_loop(
     index: usize,
     backend: Backend,
@@ -752,12 +766,13 @@ fn run_loop(
     ready: mpsc::Sender<io::Result<()>>,
 ) -> io::Result<()> {
     let wake = mailbox.wake.as_raw_fd();
+    let chunks = copy_buffers();
     let result = match backend {
-        Backend::Uring => uring::Uring::new(wake).and_then(|d| {
+        Backend::Uring => uring::Uring::new(wake, chunks).and_then(|d| {
             let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes)?;
             Ok(Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>)
         }),
-        Backend::Epoll => epoll::Epoll::new(wake).and_then(|d| {
+        Backend::Epoll => epoll::Epoll::new(wake, chunks).and_then(|d| {
             let l = event_loop::EventLoop::new(d, shared, settings, mailbox, max_pipes)?;
             Ok(Box::new(move || l.run()) as Box<dyn FnOnce() -> io::Result<()>>)
         }),

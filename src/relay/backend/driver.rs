@@ -1,6 +1,8 @@
-//! The small readiness interface between the event loop and its io backend. The loop (and
+//! The small interface between the event loop and its io backend: readiness for the splice
+//! path, completions (receive into a copy buffer, send it) for the copy path. The loop (and
 //! the connection state machine in it) is written once against [`Driver`]; `uring.rs` and
-//! `epoll.rs` are its two implementations.
+//! `epoll.rs` are its two implementations (epoll does the copy path's reads and writes
+//! itself, as completions that are ready at once).
 
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
@@ -8,13 +10,15 @@ use std::time::Duration;
 
 use socket2::SockAddr;
 
+pub use super::chunk::{Chunk, Chunks, CHUNK_SIZE, DEFAULT_CHUNKS};
 pub use crate::sys::{PeerAddr, SockOpt};
 
 /// Names what an event is about: a slot in the loop's tables, the slot's generation (so an
 /// event for a reused slot is recognised as stale), which operation or socket, and (for an
 /// upstream socket) which connect attempt: a held connection gets a new upstream socket per
 /// attempt, and a completion of an earlier attempt's socket must not be taken for the
-/// current one's. Bits: slot 63..32, generation 31..8, attempt 7..3, tag 2..0.
+/// current one's. Bits: slot 63..32, generation 31..8, attempt 6..3, tag 2..0; bit 7 tells
+/// the side (upstream) of a copy-path operation's key (tags `Receive`, `Send`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Key(pub u64);
 
@@ -27,10 +31,18 @@ pub enum Tag {
     Upstream = 3,
     /// io_uring only: completions of link timeouts and cancellations, ignored.
     Ignore = 4,
+    /// io_uring only: a receive on the socket of the side the key names.
+    Receive = 5,
+    /// io_uring only: a send to it.
+    Send = 6,
+    /// io_uring only: a one-shot readability report on it ([`Driver::want_read`]).
+    Readable = 7,
 }
 
-/// Attempts are numbered modulo this (5 bits of the key).
-pub const ATTEMPTS: u8 = 32;
+/// Attempts are numbered modulo this (4 bits of the key).
+pub const ATTEMPTS: u8 = 16;
+
+const UPSTREAM_OP: u64 = 1 << 7;
 
 impl Key {
     pub fn new(tag: Tag, slot: u32, generation: u32) -> Key {
@@ -42,8 +54,29 @@ impl Key {
             1 => Tag::Listener,
             2 => Tag::Client,
             3 => Tag::Upstream,
+            5 => Tag::Receive,
+            6 => Tag::Send,
+            7 => Tag::Readable,
             _ => Tag::Ignore,
         }
+    }
+    /// The key of an operation (`Receive`, `Send`, `Readable`) on the side `self` names.
+    pub fn op(self, tag: Tag) -> Key {
+        let side = if self.tag() == Tag::Upstream {
+            UPSTREAM_OP
+        } else {
+            0
+        };
+        Key(self.0 & !0x87 | side | tag as u64)
+    }
+    /// The side an operation's key is about (the inverse of [`Key::op`]).
+    pub fn side(self) -> Key {
+        let tag = if self.0 & UPSTREAM_OP != 0 {
+            Tag::Upstream
+        } else {
+            Tag::Client
+        };
+        Key(self.0 & !0x87 | tag as u64)
     }
     pub fn slot(self) -> u32 {
         (self.0 >> 32) as u32
@@ -57,10 +90,10 @@ impl Key {
     }
     /// The same key for connect attempt `attempt` (modulo [`ATTEMPTS`]).
     pub fn with_attempt(self, attempt: u8) -> Key {
-        Key(self.0 & !0xf8 | u64::from(attempt % ATTEMPTS) << 3)
+        Key(self.0 & !0x78 | u64::from(attempt % ATTEMPTS) << 3)
     }
     pub fn attempt(self) -> u8 {
-        ((self.0 >> 3) & 0x1f) as u8
+        ((self.0 >> 3) & 0xf) as u8
     }
 }
 
@@ -90,7 +123,19 @@ pub enum Event {
     Unwatched(Key),
     /// The loop's eventfd was signalled.
     Wake,
+    /// The receive started with [`Driver::receive`] on the socket the key names finished:
+    /// a chunk of bytes, `None` at the end of its stream, or an error (`ECANCELED`: called
+    /// back, nothing was read; `ENOBUFS`: no idle chunk, nothing was read).
+    Received(Key, io::Result<Option<Chunk>>),
+    /// The send started with [`Driver::send`] to the socket the key names finished: how
+    /// many bytes went out (the chunk has the rest, if any), or an error (`ECANCELED`:
+    /// called back, nothing went out).
+    Sent(Key, Chunk, io::Result<usize>),
 }
+
+/// What a copy-path operation gives back when it finishes at once.
+pub type Received = io::Result<Option<Chunk>>;
+pub type Sent = (Chunk, io::Result<usize>);
 
 impl Event {
     /// The readiness report of the socket `key` names, from its poll mask (epoll's
@@ -137,7 +182,8 @@ pub trait Driver {
     /// Starts a non-blocking connect of `fd` to `addr`, bounded by `timeout`; its end comes
     /// as [`Event::Connected`] (a timeout as `ErrorKind::TimedOut`); on success the socket
     /// is watched as by [`Driver::watch`].
-    /// `options` are set on the socket before the connect starts.
+    /// `options` are set on the socket before the connect starts. `quiet`: watched as by
+    /// [`Driver::watch_quietly`].
     fn connect(
         &mut self,
         key: Key,
@@ -145,10 +191,23 @@ pub trait Driver {
         addr: &SockAddr,
         timeout: Duration,
         options: &[SockOpt],
+        quiet: bool,
     );
     /// Reports readiness changes of a connected socket as [`Event::Ready`] until `unwatch`.
     /// (After a successful connect the upstream socket is already watched.)
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()>;
+    /// [`Driver::watch`] for a socket the copy path reads (its receives bring the bytes):
+    /// that it became readable is reported only once asked with [`Driver::want_read`]
+    /// (a backend that would report it with every message, next to the receive's own
+    /// completion, would wake the loop twice a message). Writability, the peer's FIN and
+    /// errors are reported as by `watch`.
+    fn watch_quietly(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
+        self.watch(key, fd)
+    }
+    /// The loop found the socket empty on its own reads and needs to know when it has
+    /// bytes again: reported once as [`Event::Ready`] (a no-op where every readiness change
+    /// is reported anyway).
+    fn want_read(&mut self, _key: Key, _fd: RawFd) {}
     /// Stops reporting on `fd`, which the caller is about to close.
     fn unwatch(&mut self, key: Key, fd: RawFd);
     /// [`Driver::unwatch`] for a socket another process holds too (handed over at an
@@ -163,6 +222,28 @@ pub trait Driver {
     fn retire(&mut self, fd: OwnedFd) {
         drop(fd);
     }
+    /// Receives once from the socket `key` names into a copy buffer: the result now, or
+    /// `None` when it comes later as [`Event::Received`]. At most one receive per socket,
+    /// and never while the loop reads it itself (bytes would be taken out of order).
+    /// `ready`: the socket may have bytes (a backend that reads on readiness tries at once;
+    /// otherwise it waits for the next report, which is due since the last read that
+    /// found the socket empty).
+    fn receive(&mut self, key: Key, fd: RawFd, ready: bool) -> Option<Received>;
+    /// Sends a chunk's bytes to the socket `key` names: the result now, or `None` when it
+    /// comes later as [`Event::Sent`]. At most one send per socket, and never while the
+    /// loop writes to it itself.
+    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent>;
+    /// Calls back every receive and send still in the backend (each finishes, as bytes or
+    /// `ECANCELED`), and until [`Driver::resume_transfers`] starts none: each asked for
+    /// finishes at once with `ECANCELED`. For an upgrade's freeze: no byte may be taken in
+    /// or sent by this process while another holds the sockets.
+    /// Completions that are ready at once are appended to `out`.
+    fn call_back_transfers(&mut self, out: &mut Vec<Event>);
+    fn resume_transfers(&mut self);
+    /// Whether a receive or send is still in the backend.
+    fn transfers_in_flight(&self) -> bool;
+    /// The loop's copy buffers (for the gauges).
+    fn chunks(&self) -> &Chunks;
     /// Waits up to `timeout` (forever if `None`) for events, appending them to `events`.
     fn wait(&mut self, timeout: Option<Duration>, events: &mut Vec<Event>) -> io::Result<()>;
     /// Hands queued requests to the kernel now (a change must take effect before the
@@ -194,5 +275,20 @@ mod tests {
         assert_ne!(k, k.with_attempt(2));
         assert_eq!(k.with_tag(Tag::Client).attempt(), 0);
         assert_eq!(k.with_tag(Tag::Ignore).tag(), Tag::Ignore);
+    }
+
+    #[test]
+    fn an_operation_key_names_its_side() {
+        let up = Key::new(Tag::Upstream, 7, 9).with_attempt(5);
+        let client = up.with_tag(Tag::Client);
+        for side in [up, client] {
+            for tag in [Tag::Receive, Tag::Send, Tag::Readable] {
+                let op = side.op(tag);
+                assert_eq!(op.tag(), tag);
+                assert_eq!(op.side(), side);
+            }
+        }
+        assert_ne!(up.op(Tag::Receive), client.op(Tag::Receive));
+        assert_ne!(up.op(Tag::Receive), up.op(Tag::Send));
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, SockRef};
 
-use super::driver::{Driver, Event, Key, PeerAddr, SockOpt, Tag};
+use super::driver::{
+    Chunk, Chunks, Driver, Event, Key, PeerAddr, Received, Sent, SockOpt, Tag, CHUNK_SIZE,
+};
 
 pub struct Epoll {
     epfd: OwnedFd,
@@ -22,6 +24,18 @@ pub struct Epoll {
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Events produced outside `epoll_wait` (a connect that finished at once).
     ready: Vec<Event>,
+    /// The copy path, done here: sockets with a receive waiting for their next readiness
+    /// report, and sends waiting for room.
+    chunks: Chunks,
+    receiving: HashMap<Key, RawFd>,
+    sending: HashMap<Key, (RawFd, Chunk)>,
+    /// Sockets reported readable since this backend last found them empty, and whether
+    /// the report said the peer closed (then its end of stream is still to be read). A
+    /// receive asked for later reads at once: the loop may have taken the report in after
+    /// it asked (an earlier event of the same batch started the receive).
+    readable: HashMap<Key, bool>,
+    /// An upgrade's freeze: no receive or send is started.
+    holding: bool,
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -33,7 +47,7 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
 }
 
 impl Epoll {
-    pub fn new(wake: RawFd) -> io::Result<Epoll> {
+    pub fn new(wake: RawFd, chunks: u16) -> io::Result<Epoll> {
         // SAFETY: epoll_create1 takes no pointers; on success the fd is new and ours.
         let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         // SAFETY: `fd` was just created and is owned by nobody else.
@@ -45,6 +59,11 @@ impl Epoll {
             connecting: HashMap::new(),
             deadlines: BinaryHeap::new(),
             ready: Vec::new(),
+            chunks: Chunks::list(chunks)?,
+            receiving: HashMap::new(),
+            sending: HashMap::new(),
+            readable: HashMap::new(),
+            holding: false,
         };
         e.ctl(
             libc::EPOLL_CTL_ADD,
@@ -90,6 +109,46 @@ impl Epoll {
                     return Some(Event::AcceptFailed(key, err));
                 }
             }
+        }
+    }
+
+    /// One recv(2) into an idle chunk.
+    fn recv_chunk(&mut self, key: Key, fd: RawFd) -> Received {
+        let Some(mut chunk) = self.chunks.take() else {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        };
+        let n = match crate::sys::recv(fd, chunk.space()) {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    self.readable.remove(&key);
+                }
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        // Stopped short: empty, unless the peer's FIN is still to be read.
+        if n < CHUNK_SIZE && self.readable.get(&key) != Some(&true) {
+            self.readable.remove(&key);
+        }
+        chunk.set_len(n);
+        Ok(Some(chunk))
+    }
+
+    /// One send(2) of what the chunk holds; `None`: no room (it waits in `sending`).
+    fn send_chunk(&mut self, key: Key, fd: RawFd, mut chunk: Chunk) -> Option<Sent> {
+        match crate::sys::send(fd, chunk.bytes()) {
+            Ok(n) => {
+                chunk.advance(n);
+                Some((chunk, Ok(n)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.sending.insert(key, (fd, chunk));
+                None
+            }
+            Err(e) => Some((chunk, Err(e))),
         }
     }
 
@@ -143,6 +202,7 @@ impl Driver for Epoll {
         addr: &SockAddr,
         timeout: Duration,
         options: &[SockOpt],
+        _quiet: bool,
     ) {
         for o in options {
             let _ = crate::sys::set_int_option(fd, o);
@@ -173,15 +233,63 @@ impl Driver for Epoll {
     }
 
     fn unwatch(&mut self, key: Key, _fd: RawFd) {
-        // Closing the fd removes it from the epoll set (it is never duplicated).
+        // Closing the fd removes it from the epoll set (it is never duplicated). A chunk
+        // waiting to be sent goes back to the pool.
         self.connecting.remove(&key);
+        self.receiving.remove(&key);
+        self.sending.remove(&key);
+        self.readable.remove(&key);
     }
 
     fn forget(&mut self, key: Key, fd: RawFd) {
         // The socket outlives this descriptor (another process holds it): the epoll set
         // would keep reporting it.
-        self.connecting.remove(&key);
+        self.unwatch(key, fd);
         let _ = self.ctl(libc::EPOLL_CTL_DEL, fd, 0, key);
+    }
+
+    fn receive(&mut self, key: Key, fd: RawFd, ready: bool) -> Option<Received> {
+        if self.holding {
+            return Some(Err(io::Error::from_raw_os_error(libc::ECANCELED)));
+        }
+        if ready || self.readable.contains_key(&key) {
+            match self.recv_chunk(key, fd) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return Some(done),
+            }
+        }
+        self.receiving.insert(key, fd);
+        None
+    }
+
+    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent> {
+        if self.holding {
+            return Some((chunk, Err(io::Error::from_raw_os_error(libc::ECANCELED))));
+        }
+        self.send_chunk(key, fd, chunk)
+    }
+
+    fn call_back_transfers(&mut self, out: &mut Vec<Event>) {
+        self.holding = true;
+        let cancelled = || io::Error::from_raw_os_error(libc::ECANCELED);
+        for (key, _) in self.receiving.drain() {
+            out.push(Event::Received(key, Err(cancelled())));
+        }
+        for (key, (_, chunk)) in self.sending.drain() {
+            out.push(Event::Sent(key, chunk, Err(cancelled())));
+        }
+    }
+
+    fn resume_transfers(&mut self) {
+        self.holding = false;
+    }
+
+    fn transfers_in_flight(&self) -> bool {
+        !self.receiving.is_empty() || !self.sending.is_empty()
+    }
+
+    fn chunks(&self) -> &Chunks {
+        &self.chunks
     }
 
     fn wait(&mut self, timeout: Option<Duration>, out: &mut Vec<Event>) -> io::Result<()> {
@@ -234,12 +342,35 @@ impl Driver for Epoll {
                 }
                 _ => {
                     let writable = bits & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                    let readable = bits
+                        & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR)
+                        != 0;
                     if writable {
                         if let Some((_, fd)) = self.connecting.remove(&key) {
                             out.push(Event::Connected(key, socket_error(fd)));
                         }
                     }
                     out.push(Event::ready(key, ev.events));
+                    // The copy path's operations waiting for this report.
+                    if readable {
+                        let hup = bits & (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0;
+                        *self.readable.entry(key).or_default() |= hup;
+                        if let Some(fd) = self.receiving.remove(&key) {
+                            match self.recv_chunk(key, fd) {
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                    self.receiving.insert(key, fd);
+                                }
+                                done => out.push(Event::Received(key, done)),
+                            }
+                        }
+                    }
+                    if writable {
+                        if let Some((fd, chunk)) = self.sending.remove(&key) {
+                            if let Some((chunk, result)) = self.send_chunk(key, fd, chunk) {
+                                out.push(Event::Sent(key, chunk, result));
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -1,12 +1,14 @@
 //! The io_uring backend: accept, connect linked to a timeout (its socket options set through
-//! the ring in the same submission), multishot poll for readiness, close. Bytes never move
-//! through io_uring: the loop calls splice(2) inline when a socket is ready
-//! (`IORING_OP_SPLICE` on sockets always runs on an io-wq thread; see docs/internals.md).
-//! So no request here ever needs an io-wq worker; the worker count is capped at one as a
-//! safety net.
+//! the ring in the same submission), multishot poll for readiness, close, and the copy
+//! path: a receive into the loop's provided-buffer ring and a send of that chunk, each
+//! submitted with the next wait. Streaming bytes never move through io_uring: the loop
+//! calls splice(2) inline when a socket is ready (`IORING_OP_SPLICE` on sockets always runs
+//! on an io-wq thread; see docs/internals.md). Socket receives and sends wait for readiness
+//! inside the kernel (its poll-driven retry), so no request here ever needs an io-wq worker;
+//! the worker count is capped at one as a safety net.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -14,19 +16,36 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use socket2::SockAddr;
 
-use super::driver::{Driver, Event, Key, PeerAddr, SockOpt, Tag};
+use super::chunk::CHUNK_SIZE;
+use super::driver::{Chunk, Chunks, Driver, Event, Key, PeerAddr, Received, Sent, SockOpt, Tag};
 
 const POLL_MASK: u32 = (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32;
+/// The mask of a socket the copy path reads (`watch_quietly`): no `POLLIN`.
+const QUIET_MASK: u32 = (libc::POLLOUT | libc::POLLRDHUP) as u32;
+/// A one-shot readability report (`want_read`).
+const READ_MASK: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 
 /// The opcodes this backend submits; all must be supported for `auto` to choose it.
-const OPCODES: [(u8, &str); 6] = [
+const OPCODES: [(u8, &str); 8] = [
     (opcode::Accept::CODE, "ACCEPT"),
     (opcode::Connect::CODE, "CONNECT"),
     (opcode::LinkTimeout::CODE, "LINK_TIMEOUT"),
     (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
     (opcode::Close::CODE, "CLOSE"),
+    (opcode::Recv::CODE, "RECV"),
+    (opcode::Send::CODE, "SEND"),
 ];
+
+/// The buffer group of the loop's copy buffers (one ring per loop, so one group).
+const CHUNK_GROUP: u16 = 0;
+
+/// How long a wait that submitted sends waits for one more completion than those sends'
+/// own before it returns with what it has: a send done at once completes at once, and
+/// waking for that alone would cost an `io_uring_enter` per message (the reply it awaits
+/// usually follows within tens of microseconds). Nothing waits on it: a completion that
+/// needs the loop (a receive, a readiness report) is one more, and ends the wait.
+const SEND_SETTLE_US: u32 = 250;
 
 pub struct Uring {
     ring: IoUring,
@@ -37,6 +56,10 @@ pub struct Uring {
     stopped: HashMap<Key, Box<PeerAddr>>,
     /// Upstream sockets being connected, to watch them once connected.
     connecting: HashMap<Key, RawFd>,
+    /// Sockets watched quietly (`watch_quietly`), and those with a one-shot readability
+    /// report in the kernel (by its key).
+    quiet: HashSet<Key>,
+    read_polls: HashSet<u64>,
     /// Connect arguments the kernel reads when the entries are submitted (it copies both
     /// at prep time); kept until the next submit. Boxed: an entry holds pointers into them,
     /// which must not move when the vector grows.
@@ -52,6 +75,18 @@ pub struct Uring {
     option_values: Vec<&'static [libc::c_int; 6]>,
     /// Completions reaped but not yet handled (while making room to submit).
     completions: Vec<(u64, i32, u32)>,
+    /// The copy buffers, idle ones in the ring registered as `CHUNK_GROUP`.
+    chunks: Chunks,
+    /// Copy-path operations in the kernel, by their keys: receives, and sends with the
+    /// chunk the kernel reads from (kept until its completion).
+    receiving: HashSet<u64>,
+    sending: HashMap<u64, Chunk>,
+    /// Sends queued since the last wait (each completes on its own).
+    sends_queued: usize,
+    /// An upgrade's freeze: no receive or send is started.
+    holding: bool,
+    /// `IORING_FEAT_MIN_TIMEOUT` (Linux 6.12): see [`SEND_SETTLE_US`].
+    min_timeout: bool,
 }
 
 /// A listener this loop accepts on.
@@ -86,7 +121,24 @@ pub fn probe() -> io::Result<()> {
             "io_uring lacks IORING_FEAT_EXT_ARG (wait with timeout)",
         ));
     }
-    Ok(())
+    register_chunks(&ring, 1).map(drop)
+}
+
+/// The copy buffers, registered with `ring` as a provided-buffer ring (Linux 5.19).
+fn register_chunks(ring: &IoUring, count: u16) -> io::Result<Chunks> {
+    let (chunks, addr) = Chunks::ring(count)?;
+    // SAFETY: the ring at `addr` has `count` entries and is never unmapped (see `Chunks`).
+    unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(addr, count, CHUNK_GROUP, 0)
+    }
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("io_uring cannot register a provided-buffer ring: {e}"),
+        )
+    })?;
+    Ok(chunks)
 }
 
 fn new_ring() -> io::Result<IoUring> {
@@ -98,21 +150,32 @@ fn new_ring() -> io::Result<IoUring> {
 }
 
 impl Uring {
-    pub fn new(wake: RawFd) -> io::Result<Uring> {
+    /// A ring with `chunks` copy buffers (a power of two).
+    pub fn new(wake: RawFd, chunks: u16) -> io::Result<Uring> {
         let ring = new_ring()?;
         // Nothing we submit uses io-wq; cap its workers at one (bounded, unbounded).
         let mut max = [1u32, 1u32];
         ring.submitter().register_iowq_max_workers(&mut max)?;
+        let chunks = register_chunks(&ring, chunks)?;
+        let min_timeout = ring.params().is_feature_min_timeout();
         let mut u = Uring {
             ring,
             listeners: HashMap::new(),
             stopped: HashMap::new(),
             connecting: HashMap::new(),
+            quiet: HashSet::new(),
+            read_polls: HashSet::new(),
             args: Vec::new(),
             wake,
             ring_sockopt: false,
             option_values: Vec::new(),
             completions: Vec::with_capacity(1024),
+            chunks,
+            receiving: HashSet::new(),
+            sending: HashMap::new(),
+            sends_queued: 0,
+            holding: false,
+            min_timeout,
         };
         u.ring_sockopt = u.probe_ring_sockopt();
         u.poll(Key::new(Tag::Wake, 0, 0), wake, libc::POLLIN as u32);
@@ -238,6 +301,14 @@ impl Uring {
         self.push(e);
     }
 
+    fn mask_of(&self, key: Key) -> u32 {
+        if self.quiet.contains(&key) {
+            QUIET_MASK
+        } else {
+            POLL_MASK
+        }
+    }
+
     fn cancel(&mut self, key: Key) {
         let e = opcode::AsyncCancel::new(key.0)
             .build()
@@ -245,7 +316,8 @@ impl Uring {
         self.push(e);
     }
 
-    fn complete(&mut self, key: Key, res: i32, more: bool, out: &mut Vec<Event>) {
+    fn complete(&mut self, key: Key, res: i32, flags: u32, out: &mut Vec<Event>) {
+        let more = cqueue::more(flags);
         match key.tag() {
             Tag::Wake => {
                 if !more {
@@ -294,7 +366,7 @@ impl Uring {
                     let ok = result.is_ok();
                     out.push(Event::Connected(key, result));
                     if ok {
-                        self.poll(key, fd, POLL_MASK);
+                        self.poll(key, fd, self.mask_of(key));
                     }
                     return;
                 }
@@ -304,6 +376,40 @@ impl Uring {
                 if !more && res != -libc::ECANCELED {
                     out.push(Event::Unwatched(key));
                 }
+            }
+            Tag::Receive => {
+                self.receiving.remove(&key.0);
+                // A completion that consumed a ring buffer names it (also with 0 bytes).
+                let chunk = cqueue::buffer_select(flags)
+                    .and_then(|id| self.chunks.filled(id, res.max(0) as usize));
+                let result = match (res, chunk) {
+                    (r, Some(chunk)) if r > 0 => Ok(Some(chunk)),
+                    (0, _) => Ok(None),
+                    (r, _) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                    _ => Err(io::Error::other("a receive's bytes came without a buffer")),
+                };
+                out.push(Event::Received(key.side(), result));
+            }
+            Tag::Readable => {
+                self.read_polls.remove(&key.0);
+                match res {
+                    r if r >= 0 => out.push(Event::ready(key.side(), r as u32)),
+                    r if -r == libc::ECANCELED => {}
+                    // Reported as readable: the loop's read finds out what it is.
+                    _ => out.push(Event::ready(key.side(), libc::POLLIN as u32)),
+                }
+            }
+            Tag::Send => {
+                let Some(mut chunk) = self.sending.remove(&key.0) else {
+                    return;
+                };
+                let result = if res >= 0 {
+                    chunk.advance(res as usize);
+                    Ok(res as usize)
+                } else {
+                    Err(io::Error::from_raw_os_error(-res))
+                };
+                out.push(Event::Sent(key.side(), chunk, result));
             }
             Tag::Ignore => {}
         }
@@ -371,7 +477,11 @@ impl Driver for Uring {
         addr: &SockAddr,
         timeout: Duration,
         options: &[SockOpt],
+        quiet: bool,
     ) {
+        if quiet {
+            self.quiet.insert(key);
+        }
         let ring_options = if self.ring_sockopt && options.len() <= 6 {
             options
         } else {
@@ -422,13 +532,101 @@ impl Driver for Uring {
     }
 
     fn watch(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
-        self.poll(key, fd, POLL_MASK);
+        self.poll(key, fd, self.mask_of(key));
         Ok(())
+    }
+
+    fn watch_quietly(&mut self, key: Key, fd: RawFd) -> io::Result<()> {
+        self.quiet.insert(key);
+        self.watch(key, fd)
+    }
+
+    fn want_read(&mut self, key: Key, fd: RawFd) {
+        let op = key.op(Tag::Readable);
+        if self.quiet.contains(&key) && self.read_polls.insert(op.0) {
+            let e = opcode::PollAdd::new(types::Fd(fd), READ_MASK)
+                .build()
+                .user_data(op.0);
+            self.push(e);
+        }
     }
 
     fn unwatch(&mut self, key: Key, _fd: RawFd) {
         self.connecting.remove(&key);
+        self.quiet.remove(&key);
         self.cancel(key);
+        // Its receive, send or readability report ends too (a completion gives the chunk
+        // back), so that the socket closes with its descriptor: a request holds its file.
+        for op in [
+            key.op(Tag::Receive),
+            key.op(Tag::Send),
+            key.op(Tag::Readable),
+        ] {
+            if self.receiving.contains(&op.0)
+                || self.sending.contains_key(&op.0)
+                || self.read_polls.contains(&op.0)
+            {
+                self.cancel(op);
+            }
+        }
+    }
+
+    fn receive(&mut self, key: Key, fd: RawFd, _ready: bool) -> Option<Received> {
+        if self.holding {
+            return Some(Err(io::Error::from_raw_os_error(libc::ECANCELED)));
+        }
+        let op = key.op(Tag::Receive);
+        let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), CHUNK_SIZE as u32)
+            .buf_group(CHUNK_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(op.0);
+        self.push(e);
+        self.receiving.insert(op.0);
+        None
+    }
+
+    fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent> {
+        if self.holding {
+            return Some((chunk, Err(io::Error::from_raw_os_error(libc::ECANCELED))));
+        }
+        let op = key.op(Tag::Send);
+        let bytes = chunk.bytes();
+        // The chunk's memory stays put while `sending` keeps the chunk (until this send's
+        // completion): the kernel reads it then.
+        let e = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(op.0);
+        self.push(e);
+        self.sending.insert(op.0, chunk);
+        self.sends_queued += 1;
+        None
+    }
+
+    fn call_back_transfers(&mut self, _out: &mut Vec<Event>) {
+        self.holding = true;
+        let ops: Vec<u64> = self
+            .receiving
+            .iter()
+            .chain(self.sending.keys())
+            .copied()
+            .collect();
+        for op in ops {
+            self.cancel(Key(op));
+        }
+    }
+
+    fn resume_transfers(&mut self) {
+        self.holding = false;
+    }
+
+    fn transfers_in_flight(&self) -> bool {
+        !self.receiving.is_empty() || !self.sending.is_empty()
+    }
+
+    fn chunks(&self) -> &Chunks {
+        &self.chunks
     }
 
     /// Closes through the ring, queued after everything that names the fd: the kernel
@@ -451,8 +649,22 @@ impl Driver for Uring {
             }
             None => args,
         };
-        // Completions reaped while submitting are handled now, without waiting.
-        let want = usize::from(self.completions.is_empty());
+        // Completions reaped while submitting are handled now, without waiting. Sends just
+        // queued complete on their own: wait for one completion more than theirs (for at
+        // most SEND_SETTLE_US past the first), see `SEND_SETTLE_US`.
+        let sends = std::mem::take(&mut self.sends_queued);
+        let want = if !self.completions.is_empty() {
+            0
+        } else if sends > 0 && self.min_timeout {
+            1 + sends.min(64)
+        } else {
+            1
+        };
+        let args = if want > 1 {
+            args.min_wait_usec(SEND_SETTLE_US)
+        } else {
+            args
+        };
         let result = self.ring.submitter().submit_with_args(want, &args);
         self.submitted();
         match result {
@@ -474,7 +686,7 @@ impl Driver for Uring {
         self.stash_completions();
         let mut batch = std::mem::take(&mut self.completions);
         for &(key, res, flags) in &batch {
-            self.complete(Key(key), res, cqueue::more(flags), out);
+            self.complete(Key(key), res, flags, out);
         }
         batch.clear();
         // What `complete` stashed meanwhile (a full queue while re-arming) stays queued.
@@ -570,14 +782,21 @@ mod tests {
         old.set_nonblocking(true).unwrap();
         let addr = |l: &TcpListener| SockAddr::from(l.local_addr().unwrap());
         let wake = crate::sys::eventfd().unwrap();
-        let mut ring = Uring::new(wake.as_raw_fd()).unwrap();
+        let mut ring = Uring::new(wake.as_raw_fd(), 4).unwrap();
         let timeout = Duration::from_secs(5);
 
         let options = crate::relay::route::socket_options(Some(Duration::from_secs(77)));
         let options = options.as_slice();
         let first = socket();
         let first_key = Key::new(Tag::Upstream, 1, 1);
-        ring.connect(first_key, first.as_raw_fd(), &addr(&old), timeout, options);
+        ring.connect(
+            first_key,
+            first.as_raw_fd(),
+            &addr(&old),
+            timeout,
+            options,
+            false,
+        );
         ring.unwatch(first_key, first.as_raw_fd());
         ring.retire(first.into());
         let second = socket();
@@ -588,6 +807,7 @@ mod tests {
             &addr(&new),
             timeout,
             options,
+            false,
         );
 
         let deadline = Instant::now() + timeout;

@@ -2,7 +2,9 @@
 //! on the client's socket. The connection state machine (directions, half-close, resets,
 //! counting) is the same for every codec; it asks its codec to move a direction's bytes.
 //!
-//! - `plain`: bytes as they are (direct and PROXY entrances): both directions splice.
+//! - `plain`: bytes as they are (direct and PROXY entrances): both directions splice once
+//!   they stream, and go through the driver's copy path (receive, send) while they carry
+//!   small messages.
 //! - `tls`: records through rustls (the TLS entrance): both directions copy.
 //! - `websocket`: frames, on `ws://` or inside TLS (`wss://`): client → upstream copies
 //!   (masked), upstream → client splices on `ws://`.
@@ -15,7 +17,8 @@ pub use websocket::WsCodec;
 
 use rustls::ServerConnection;
 
-use super::connection::{Dir, Direction, Failure, Side, Turn};
+use super::backend::driver::Driver;
+use super::connection::{Copier, Dir, Direction, Failure, Side, Turn};
 use super::pipe::PipePool;
 
 /// How the client end of a connection carries its bytes.
@@ -31,8 +34,9 @@ pub enum Codec {
 impl Codec {
     /// Moves the bytes of direction `d` from `src` to `dst` until a socket blocks, the
     /// direction ends or its turn is used up. `last`: the other direction has ended, so the
-    /// close that follows sends the FIN.
-    pub(super) fn pump(
+    /// close that follows sends the FIN. `copier`: the copy path (plain bytes only).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn pump<D: Driver>(
         &mut self,
         d: Dir,
         src: &mut Side,
@@ -40,9 +44,10 @@ impl Codec {
         dir: &mut Direction,
         last: bool,
         pool: &mut PipePool,
+        copier: Copier<'_, D>,
     ) -> Result<Turn, Failure> {
         match (self, d) {
-            (Codec::Plain, _) => plain::move_bytes(src, dst, dir, last, pool),
+            (Codec::Plain, _) => plain::move_bytes(src, dst, dir, last, pool, copier),
             (Codec::Tls(tls), Dir::ToUpstream) => tls::decrypt(src, dst, dir, last, tls, pool),
             (Codec::Tls(tls), Dir::ToClient) => tls::encrypt(src, dst, dir, last, tls),
             (Codec::WebSocket(ws), Dir::ToUpstream) => {

@@ -30,6 +30,14 @@ const SETTLE: Duration = Duration::from_secs(2);
 impl<D: Driver> EventLoop<D> {
     pub(super) fn freeze(&mut self, reply: mpsc::Sender<Frozen>, verdict: mpsc::Receiver<Verdict>) {
         self.listeners.hold(&mut self.driver);
+        // No byte may be taken in (into this process's memory) or sent from here once the
+        // new process holds the sockets: every copy-path receive and send is called back,
+        // and what they took in or sent is settled into the records.
+        let mut events = Vec::new();
+        self.driver.call_back_transfers(&mut events);
+        for ev in events {
+            self.handle(ev);
+        }
         self.settle();
         let mut records = Vec::new();
         let mut moved = Vec::new();
@@ -59,8 +67,9 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    /// Runs the loop (accepting nothing) until no accept is in the kernel and no connect is
-    /// in flight, for at most [`SETTLE`].
+    /// Runs the loop (accepting nothing, receiving and sending nothing on the copy path)
+    /// until no accept, copy-path operation or connect is in flight, for at most
+    /// [`SETTLE`].
     fn settle(&mut self) {
         let until = Instant::now() + SETTLE;
         let mut events = Vec::new();
@@ -69,7 +78,9 @@ impl<D: Driver> EventLoop<D> {
                 matches!(self.entries.get(s, g), Some(Entry::Relay(c))
                     if !c.connected && !c.hold.as_ref().is_some_and(|h| h.waiting))
             });
-            if (!connecting && !self.driver.accepts_in_flight()) || Instant::now() >= until {
+            let busy =
+                connecting || self.driver.accepts_in_flight() || self.driver.transfers_in_flight();
+            if !busy || Instant::now() >= until {
                 return;
             }
             if self
@@ -134,6 +145,7 @@ impl<D: Driver> EventLoop<D> {
     /// Rollback: accept again and give every entry a turn (what arrived meanwhile waits in
     /// the kernel and is reported anyway; the kick is for certainty).
     fn thaw(&mut self) {
+        self.driver.resume_transfers();
         for key in self.listeners.release(&mut self.driver) {
             self.timers
                 .add(self.now, super::ACCEPT_BACKOFF, Timer::ResumeAccept(key));
@@ -253,10 +265,16 @@ impl<D: Driver> EventLoop<D> {
                 }
                 Start::Relay => {
                     self.watch_client(key);
+                    let quiet = self.reads_quietly(key);
                     if let Some(Entry::Relay(c)) = self.entries.get(key.slot(), key.generation()) {
                         let fd = c.upstream.fd.as_raw_fd();
                         let ukey = key.with_tag(Tag::Upstream).with_attempt(attempt);
-                        if let Err(e) = self.driver.watch(ukey, fd) {
+                        let watched = if quiet {
+                            self.driver.watch_quietly(ukey, fd)
+                        } else {
+                            self.driver.watch(ukey, fd)
+                        };
+                        if let Err(e) = watched {
                             tracing::warn!(error = %e, "cannot watch an adopted upstream socket");
                         }
                     }
