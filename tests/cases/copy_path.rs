@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::relay::socket_and_pipe_fds;
-use crate::util::files::hex;
+use crate::util::files::{hex, sha256};
 use crate::util::log::LogLine;
 use crate::util::metrics::Scrape;
 use crate::util::net::{
@@ -186,9 +186,17 @@ fn wait_ended(conn: &mut TcpStream, within: Duration) -> Result<(), String> {
     }
 }
 
-/// Connects to `port`, with an error rather than a panic.
+/// Connects to `port`, with an error rather than a panic. A plain connect (no bind first):
+/// its local port may be one in TIME_WAIT towards another address, so thousands of them
+/// do not use up the ephemeral ports that the rest of the suite binds.
 fn try_connect(port: u16) -> Result<TcpStream, String> {
-    crate::util::net::try_connect_from(LOCALHOST, port).map_err(|e| format!("connect: {e}"))
+    let addr = std::net::SocketAddr::from((LOCALHOST, port));
+    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
+    conn.set_read_timeout(Some(crate::util::net::IO_TIMEOUT))
+        .and_then(|()| conn.set_write_timeout(Some(crate::util::net::IO_TIMEOUT)))
+        .map_err(|e| format!("timeouts: {e}"))?;
+    Ok(conn)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -198,7 +206,9 @@ fn try_connect(port: u16) -> Result<TcpStream, String> {
 /// that the close lines can be told apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Ending {
-    /// A few small messages, each echo checked, then a close.
+    /// A few small messages, each echo checked, then [`BYE`], after which the upstream
+    /// closes (first: the TIME_WAIT of 4,000 such connections is then on the upstream's
+    /// and the relay's listening ports, not on ephemeral ones) and the client closes too.
     Clean,
     /// A message, then an RST from the client at once (its echo may be in flight).
     ClientReset,
@@ -221,10 +231,10 @@ impl Ending {
 
     /// The ending of churn connection `id` (the idle ones are opened apart).
     fn of(id: usize) -> Ending {
-        match id % 10 {
-            0..=3 => Ending::Clean,
-            4 | 5 => Ending::ClientReset,
-            6 | 7 => Ending::HalfClose,
+        match id % 20 {
+            0..=7 => Ending::Clean,
+            8..=12 => Ending::ClientReset,
+            13..=15 => Ending::HalfClose,
             _ => Ending::UpstreamReset,
         }
     }
@@ -232,7 +242,8 @@ impl Ending {
     /// The close reason the relay must log for it.
     fn reason(self) -> &'static str {
         match self {
-            Ending::Clean | Ending::HalfClose => "client_eof",
+            Ending::Clean => "upstream_eof",
+            Ending::HalfClose => "client_eof",
             Ending::ClientReset | Ending::UpstreamReset => "reset",
             Ending::Idle => "idle",
         }
@@ -307,6 +318,9 @@ impl Churn {
                     echo_once(&mut conn, &msg)?;
                     sent += msg.len();
                 }
+                echo_once(&mut conn, BYE)?;
+                sent += BYE.len();
+                wait_ended(&mut conn, Duration::from_secs(10))?;
                 drop(conn);
                 self.count_exact(ending, sent);
             }
@@ -373,6 +387,31 @@ impl Churn {
     }
 }
 
+/// What ends a clean connection of the churn: its upstream echoes it, then closes.
+const BYE: &[u8] = b"\x00\xffbye, says the client\xff\x00";
+
+/// An echo that closes once the bytes it has echoed end with [`BYE`].
+fn echo_until_bye() -> Upstream {
+    let listener = listen((LOCALHOST, 0).into()).expect("bind 127.0.0.1:0");
+    Upstream::serve(listener, |mut conn, stats| {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut tail: Vec<u8> = Vec::with_capacity(2 * BYE.len());
+        loop {
+            let n = read_some(&mut conn, &mut buf)?;
+            if n == 0 {
+                return conn.shutdown(Shutdown::Write);
+            }
+            stats.bytes_in.fetch_add(n as u64, Ordering::SeqCst);
+            conn.write_all(&buf[..n])?;
+            tail.extend_from_slice(&buf[..n]);
+            tail.drain(..tail.len().saturating_sub(BYE.len()));
+            if tail == BYE {
+                return conn.shutdown(Shutdown::Both);
+            }
+        }
+    })
+}
+
 /// An upstream that reads one message, then resets (SO_LINGER 0).
 fn resetting_upstream() -> Upstream {
     let listener = listen((LOCALHOST, 0).into()).expect("bind 127.0.0.1:0");
@@ -394,14 +433,15 @@ fn fd_counts(pid: u32) -> (usize, usize) {
 
 data_path_test!(copy_buffers_come_back_after_churn);
 /// 10,000 connections through one relay (`idle_timeout` 500 ms), 24 at a time plus batches
-/// of idle ones, ending every way: clean closes after small echoed messages, client resets
-/// with an echo in flight, half-closes, upstreams that reset after reading, and idle
+/// of idle ones, ending every way: clean ends after small echoed messages (the upstream
+/// closes, then the client), client resets with an echo in flight, half-closes, upstreams that reset after reading, and idle
 /// timeouts. Afterwards no connection is active, no copy buffer is in use, the relay holds
 /// as many sockets as before and no pipe in use; every connection has one close line with
 /// the reason its ending implies, and the bytes of the clean and half-closed ones are
 /// counted exactly.
 fn copy_buffers_come_back_after_churn(backend: Backend) {
     let echo = Upstream::echo();
+    let until_bye = echo_until_bye();
     let resetting = resetting_upstream();
     let [metrics, clean, client_reset, half_close, upstream_reset, idle] = free_ports::<6>();
     let ports: BTreeMap<Ending, u16> = [
@@ -419,6 +459,7 @@ fn copy_buffers_come_back_after_churn(backend: Backend) {
     for (ending, port) in &ports {
         let to = match ending {
             Ending::UpstreamReset => resetting.addr(),
+            Ending::Clean => until_bye.addr(),
             _ => echo.addr(),
         };
         toml += &map_section(port, to, &format!("{ending:?}").to_lowercase(), "");
@@ -599,13 +640,14 @@ fn small_window_listener() -> TcpListener {
 struct Stalled {
     client: TcpStream,
     far: TcpStream,
-    /// Bytes the client sent.
+    /// Bytes the client sent, and their SHA-256 so far.
     sent: u64,
+    digest: Sha256,
 }
 
 /// Bytes of each message a [`Stalled`] client sends: small, so that each is copied (a read
 /// of a whole copy buffer would switch the direction to splice).
-const STALL_MESSAGE: usize = 4000;
+const STALL_MESSAGE: usize = 12_000;
 
 impl Stalled {
     /// Connects through host `port` (to `upstream`) and sends messages of
@@ -616,25 +658,35 @@ impl Stalled {
         let mut client = connect(port);
         let far = accept_within(upstream, Duration::from_secs(5));
         let mut sent = 0u64;
-        // Bounded: at most 2,000 messages (8 MB), far past any window of the upstream end.
-        for _ in 0..2_000 {
-            let msg = vec![0x5a_u8; STALL_MESSAGE];
+        let (mut gen, mut digest) = (Gen::new(u64::from(port)), Sha256::new());
+        // Bounded: at most 1,000 messages (12 MB), past any window and send buffer on the
+        // way to the upstream end (the relay's send buffer grows to a few MB).
+        for _ in 0..1_000 {
+            let msg = gen.bytes(STALL_MESSAGE);
             client.write_all(&msg).expect("write a message to stall");
+            digest.update(&msg);
             sent += msg.len() as u64;
-            // Counted: send the next. Uncounted with the buffers held for 10 scrapes in a
+            // Counted: send the next. Uncounted with the buffers held for 20 scrapes in a
             // row (a send in flight completes at once on loopback): stalled.
             let mut stuck = 0;
-            let outcome = poll(Duration::from_secs(10), Duration::from_millis(20), || {
+            let outcome = poll(Duration::from_secs(10), Duration::from_millis(5), || {
                 let (counted, _) = bytes_counted(metrics, port);
                 if counted == sent as f64 {
                     return Some(false);
                 }
                 let (in_use, _) = copy_buffers(metrics);
                 stuck = if in_use == holding { stuck + 1 } else { 0 };
-                (stuck >= 10).then_some(true)
+                (stuck >= 20).then_some(true)
             });
             match outcome {
-                Some(true) => return Stalled { client, far, sent },
+                Some(true) => {
+                    return Stalled {
+                        client,
+                        far,
+                        sent,
+                        digest,
+                    }
+                }
                 Some(false) => continue,
                 None => panic!(
                     "after {sent} bytes the relay neither counted them nor held {holding} copy \
@@ -659,7 +711,8 @@ impl Stalled {
             self.sent,
             "bytes of the stalled connection"
         );
-        assert!(got.iter().all(|&b| b == 0x5a), "the stalled bytes differ");
+        let want: [u8; 32] = self.digest.finalize().into();
+        assert_eq!(hex(&sha256(&got)), hex(&want), "the stalled bytes differ");
     }
 }
 
