@@ -904,4 +904,11 @@ fn copy_path_messages_stay_in_order_across_splice_switches(backend: Backend) {
     assert_eq!(upstream.bytes_in(), total, "bytes at the upstream");
     wait_bytes_counted(metrics, port, (total, total), "after the close");
     wait_all_buffers_back(metrics, default_buffers(THREADS), "after the connection");
+    // The bursts were spliced: their pipes are pooled now.
+    let s = Scrape::take(metrics);
+    assert_eq!(s.value("portrelay_pipes", &[("state", "in_use")]), 0.0);
+    assert!(
+        s.value("portrelay_pipes", &[("state", "idle")]) >= 1.0,
+        "no pipe pooled: the bursts were never spliced"
+    );
 }
