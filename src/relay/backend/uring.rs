@@ -40,13 +40,6 @@ const OPCODES: [(u8, &str); 8] = [
 /// The buffer group of the loop's copy buffers (one ring per loop, so one group).
 const CHUNK_GROUP: u16 = 0;
 
-/// How long a wait that submitted sends waits for one more completion than those sends'
-/// own before it returns with what it has: a send done at once completes at once, and
-/// waking for that alone would cost an `io_uring_enter` per message (the reply it awaits
-/// usually follows within tens of microseconds). Nothing waits on it: a completion that
-/// needs the loop (a receive, a readiness report) is one more, and ends the wait.
-const SEND_SETTLE_US: u32 = 250;
-
 pub struct Uring {
     ring: IoUring,
     /// Listeners being accepted on, to re-arm the accept once it completes.
@@ -78,15 +71,19 @@ pub struct Uring {
     /// The copy buffers, idle ones in the ring registered as `CHUNK_GROUP`.
     chunks: Chunks,
     /// Copy-path operations in the kernel, by their keys: receives, and sends with the
-    /// chunk the kernel reads from (kept until its completion).
+    /// chunk the kernel reads from (kept until the send is settled) and the socket (`None`
+    /// once unwatched: a send is never submitted again to a number that may be reused).
     receiving: HashSet<u64>,
-    sending: HashMap<u64, Chunk>,
-    /// Sends queued since the last wait (each completes on its own).
-    sends_queued: usize,
+    sending: HashMap<u64, (Option<RawFd>, Chunk)>,
+    /// Sends submitted the quick way (see `send`) whose outcome is not settled yet: each
+    /// has sent everything once the kernel has taken it in without posting a completion.
+    quick: HashSet<u64>,
+    /// Bytes a send had sent before the rest went on as a waiting send.
+    sent_before: HashMap<u64, usize>,
+    /// `IORING_FEAT_CQE_SKIP` (Linux 5.17): quick sends.
+    skip_cqe: bool,
     /// An upgrade's freeze: no receive or send is started.
     holding: bool,
-    /// `IORING_FEAT_MIN_TIMEOUT` (Linux 6.12): see [`SEND_SETTLE_US`].
-    min_timeout: bool,
 }
 
 /// A listener this loop accepts on.
@@ -157,7 +154,7 @@ impl Uring {
         let mut max = [1u32, 1u32];
         ring.submitter().register_iowq_max_workers(&mut max)?;
         let chunks = register_chunks(&ring, chunks)?;
-        let min_timeout = ring.params().is_feature_min_timeout();
+        let skip_cqe = ring.params().is_feature_skip_cqe_on_success();
         let mut u = Uring {
             ring,
             listeners: HashMap::new(),
@@ -173,9 +170,10 @@ impl Uring {
             chunks,
             receiving: HashSet::new(),
             sending: HashMap::new(),
-            sends_queued: 0,
+            quick: HashSet::new(),
+            sent_before: HashMap::new(),
+            skip_cqe,
             holding: false,
-            min_timeout,
         };
         u.ring_sockopt = u.probe_ring_sockopt();
         u.poll(Key::new(Tag::Wake, 0, 0), wake, libc::POLLIN as u32);
@@ -309,6 +307,34 @@ impl Uring {
         }
     }
 
+    fn submit_send(&mut self, op: Key, fd: RawFd, chunk: &Chunk, quick: bool) {
+        let bytes = chunk.bytes();
+        // The chunk's memory stays put while `sending` keeps the chunk (until the send is
+        // settled): the kernel reads it until then.
+        let e = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32);
+        let e = if quick {
+            self.quick.insert(op.0);
+            e.flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | libc::MSG_WAITALL)
+                .build()
+                .flags(squeue::Flags::SKIP_SUCCESS)
+        } else {
+            e.flags(libc::MSG_NOSIGNAL).build()
+        };
+        self.push(e.user_data(op.0));
+    }
+
+    /// After a wait whose submission the kernel took in whole: every quick send without a
+    /// completion sent everything.
+    fn settle_quick_sends(&mut self, out: &mut Vec<Event>) {
+        for op in self.quick.drain() {
+            if let Some((_, mut chunk)) = self.sending.remove(&op) {
+                let n = chunk.len() + self.sent_before.remove(&op).unwrap_or(0);
+                chunk.advance(chunk.len());
+                out.push(Event::Sent(Key(op).side(), chunk, Ok(n)));
+            }
+        }
+    }
+
     fn cancel(&mut self, key: Key) {
         let e = opcode::AsyncCancel::new(key.0)
             .build()
@@ -400,14 +426,27 @@ impl Uring {
                 }
             }
             Tag::Send => {
-                let Some(mut chunk) = self.sending.remove(&key.0) else {
+                let quick = self.quick.remove(&key.0);
+                let Some((fd, mut chunk)) = self.sending.remove(&key.0) else {
                     return;
                 };
-                let result = if res >= 0 {
+                if res > 0 {
                     chunk.advance(res as usize);
-                    Ok(res as usize)
-                } else {
-                    Err(io::Error::from_raw_os_error(-res))
+                }
+                if quick && (res > 0 || res == -libc::EAGAIN) && !chunk.is_empty() {
+                    // No room for all of it: the rest goes on as a send that waits for room.
+                    *self.sent_before.entry(key.0).or_default() += res.max(0) as usize;
+                    if let Some(fd) = fd {
+                        self.submit_send(key, fd, &chunk, false);
+                        self.sending.insert(key.0, (Some(fd), chunk));
+                        return;
+                    }
+                }
+                let before = self.sent_before.remove(&key.0).unwrap_or(0);
+                let result = match res {
+                    r if r >= 0 => Ok(before + r as usize),
+                    _ if before > 0 => Ok(before),
+                    r => Err(io::Error::from_raw_os_error(-r)),
                 };
                 out.push(Event::Sent(key.side(), chunk, result));
             }
@@ -586,21 +625,20 @@ impl Driver for Uring {
         None
     }
 
+    /// A send goes the quick way first: it may not wait for room (`MSG_DONTWAIT`) and must
+    /// send everything (`MSG_WAITALL`), and it posts a completion only if it does not
+    /// (`IOSQE_CQE_SKIP_SUCCESS`). So it is done, one way or the other, once the kernel has
+    /// taken it in: a send with room (nearly every one) costs no completion, and the wait it
+    /// is submitted with sleeps until the reply instead of waking for the send (one
+    /// `io_uring_enter` per message fewer). One that finds no room (or room for part) posts
+    /// what it sent and goes on as an ordinary send, which waits for room in the kernel.
     fn send(&mut self, key: Key, fd: RawFd, chunk: Chunk) -> Option<Sent> {
         if self.holding {
             return Some((chunk, Err(io::Error::from_raw_os_error(libc::ECANCELED))));
         }
         let op = key.op(Tag::Send);
-        let bytes = chunk.bytes();
-        // The chunk's memory stays put while `sending` keeps the chunk (until this send's
-        // completion): the kernel reads it then.
-        let e = opcode::Send::new(types::Fd(fd), bytes.as_ptr(), bytes.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(op.0);
-        self.push(e);
-        self.sending.insert(op.0, chunk);
-        self.sends_queued += 1;
+        self.submit_send(op, fd, &chunk, self.skip_cqe);
+        self.sending.insert(op.0, (Some(fd), chunk));
         None
     }
 
@@ -649,23 +687,11 @@ impl Driver for Uring {
             }
             None => args,
         };
-        // Completions reaped while submitting are handled now, without waiting. Sends just
-        // queued complete on their own: wait for one completion more than theirs (for at
-        // most SEND_SETTLE_US past the first), see `SEND_SETTLE_US`.
-        let sends = std::mem::take(&mut self.sends_queued);
-        let want = if !self.completions.is_empty() {
-            0
-        } else if sends > 0 && self.min_timeout {
-            1 + sends.min(64)
-        } else {
-            1
-        };
-        let args = if want > 1 {
-            args.min_wait_usec(SEND_SETTLE_US)
-        } else {
-            args
-        };
+        // Completions reaped while submitting are handled now, without waiting.
+        let want = usize::from(self.completions.is_empty());
         let result = self.ring.submitter().submit_with_args(want, &args);
+        // Everything queued was taken in (quick sends among it are done by now).
+        let taken_in = self.ring.submission().is_empty();
         self.submitted();
         match result {
             Ok(_) => {}
@@ -692,6 +718,9 @@ impl Driver for Uring {
         // What `complete` stashed meanwhile (a full queue while re-arming) stays queued.
         batch.append(&mut self.completions);
         self.completions = batch;
+        if taken_in && self.completions.is_empty() {
+            self.settle_quick_sends(out);
+        }
         Ok(())
     }
 
@@ -762,6 +791,187 @@ mod tests {
 
     fn socket() -> Socket {
         Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), None).unwrap()
+    }
+
+    /// Waits (bounded) until `pick` takes one of the ring's events.
+    fn wait_for<T>(ring: &mut Uring, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut events = Vec::new();
+            ring.wait(Some(Duration::from_millis(50)), &mut events)
+                .unwrap();
+            if let Some(t) = events.into_iter().find_map(&mut pick) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the awaited completion never came"
+            );
+        }
+    }
+
+    /// The copy path on the ring: a waiting receive holds no chunk; bytes arrive in one;
+    /// a send counts exactly; with every chunk lent out a receive reads nothing
+    /// (`ENOBUFS`); a receive called back by `unwatch` ends; every chunk comes back.
+    #[test]
+    fn the_copy_path_lends_chunks_only_while_bytes_are_held() {
+        if let Err(e) = probe() {
+            if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() {
+                eprintln!("SKIPPED: io_uring unavailable: {e}");
+                return;
+            }
+            panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip");
+        }
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (key, fd) = (Key::new(Tag::Client, 1, 1), ours.as_raw_fd());
+        let wake = crate::sys::eventfd().unwrap();
+        let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
+        let receive = |ring: &mut Uring| {
+            assert!(
+                ring.receive(key, fd, false).is_none(),
+                "a receive completes later"
+            );
+            wait_for(ring, |e| match e {
+                Event::Received(k, r) if k == key => Some(r),
+                _ => None,
+            })
+        };
+
+        assert!(ring.receive(key, fd, false).is_none());
+        let mut events = Vec::new();
+        ring.wait(Some(Duration::from_millis(20)), &mut events)
+            .unwrap();
+        assert!(events.is_empty(), "nothing arrived: {events:?}");
+        assert_eq!(
+            ring.chunks().in_use(),
+            0,
+            "a waiting receive holds no chunk"
+        );
+        peer.write_all(b"hello").unwrap();
+        let chunk = wait_for(&mut ring, |e| match e {
+            Event::Received(k, Ok(Some(c))) if k == key => Some(c),
+            _ => None,
+        });
+        assert_eq!((chunk.bytes(), ring.chunks().in_use()), (&b"hello"[..], 1));
+
+        assert!(
+            ring.send(key, fd, chunk).is_none(),
+            "a send completes later"
+        );
+        let (chunk, n) = wait_for(&mut ring, |e| match e {
+            Event::Sent(k, c, Ok(n)) if k == key => Some((c, n)),
+            _ => None,
+        });
+        assert_eq!((n, chunk.len()), (5, 0));
+        drop(chunk);
+        assert_eq!(ring.chunks().in_use(), 0);
+        let mut back = [0u8; 5];
+        peer.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"hello");
+
+        let mut held = Vec::new();
+        for byte in [b"a", b"b"] {
+            peer.write_all(byte).unwrap();
+            held.push(receive(&mut ring).unwrap().expect("a chunk"));
+        }
+        peer.write_all(b"c").unwrap();
+        let dry = receive(&mut ring).expect_err("no idle chunk");
+        assert_eq!(dry.raw_os_error(), Some(libc::ENOBUFS));
+        held.clear();
+        let c = receive(&mut ring).unwrap().expect("the byte still waits");
+        assert_eq!(c.bytes(), b"c", "nothing was lost to the dry pool");
+        drop(c);
+
+        assert!(ring.receive(key, fd, false).is_none());
+        ring.unwatch(key, fd);
+        let called_back = wait_for(&mut ring, |e| match e {
+            Event::Received(k, r) if k == key => Some(r),
+            _ => None,
+        });
+        assert_eq!(
+            called_back
+                .map(|c| c.map(|c| c.len()))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ECANCELED)
+        );
+        assert_eq!((ring.chunks().in_use(), ring.chunks().idle()), (0, 2));
+        assert!(!ring.transfers_in_flight());
+    }
+
+    /// Sends to a socket that is often full (small buffers, a slow reader) go the quick way,
+    /// find no room or room for part, and go on as waiting sends: the reader gets every
+    /// byte once, in order, and the counts add up to exactly what was sent.
+    #[test]
+    fn sends_that_find_no_room_lose_and_repeat_nothing() {
+        if let Err(e) = probe() {
+            if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() {
+                eprintln!("SKIPPED: io_uring unavailable: {e}");
+                return;
+            }
+            panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip");
+        }
+        use std::io::{Read, Write};
+        let pair = || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let peer = socket();
+            peer.set_recv_buffer_size(4096).unwrap();
+            let _ = peer.connect(&SockAddr::from(l.local_addr().unwrap()));
+            let (ours, _) = l.accept().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            let ours = Socket::from(ours);
+            ours.set_send_buffer_size(4096).unwrap();
+            peer.set_nonblocking(false).unwrap();
+            (ours, std::net::TcpStream::from(peer))
+        };
+        let (src, mut src_peer) = pair();
+        let (dst, mut dst_peer) = pair();
+        const TOTAL: usize = 2 << 20;
+        let data: Vec<u8> = (0..TOTAL).map(|i| (i * 7 + i / 251) as u8).collect();
+        let expect = data.clone();
+        let writer = std::thread::spawn(move || src_peer.write_all(&data).unwrap());
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::with_capacity(TOTAL);
+            let mut buf = [0u8; 700];
+            while got.len() < TOTAL {
+                match dst_peer.read(&mut buf).unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            got
+        });
+        let wake = crate::sys::eventfd().unwrap();
+        let mut ring = Uring::new(wake.as_raw_fd(), 4).unwrap();
+        let (rkey, skey) = (Key::new(Tag::Client, 1, 1), Key::new(Tag::Upstream, 1, 1));
+        let mut sent = 0;
+        while sent < TOTAL {
+            assert!(ring.receive(rkey, src.as_raw_fd(), true).is_none());
+            let mut chunk = wait_for(&mut ring, |e| match e {
+                Event::Received(k, r) if k == rkey => Some(r.unwrap().expect("bytes")),
+                _ => None,
+            });
+            while !chunk.is_empty() {
+                let before = chunk.len();
+                assert!(ring.send(skey, dst.as_raw_fd(), chunk).is_none());
+                let (rest, n) = wait_for(&mut ring, |e| match e {
+                    Event::Sent(k, c, r) if k == skey => Some((c, r.unwrap())),
+                    _ => None,
+                });
+                assert_eq!(n, before - rest.len(), "the count is what left the chunk");
+                sent += n;
+                chunk = rest;
+            }
+        }
+        writer.join().unwrap();
+        let got = reader.join().unwrap();
+        assert_eq!(sent, TOTAL);
+        assert!(got == expect, "the reader got other bytes than were sent");
+        assert_eq!(ring.chunks().in_use(), 0);
     }
 
     /// A socket whose connect is still queued when the loop lets it go (a reload closed its
