@@ -659,6 +659,7 @@ impl Stalled {
         let far = accept_within(upstream, Duration::from_secs(5));
         let mut sent = 0u64;
         let (mut gen, mut digest) = (Gen::new(u64::from(port)), Sha256::new());
+        let deadline = Instant::now() + Duration::from_secs(20);
         // Bounded: at most 1,000 messages (12 MB), past any window and send buffer on the
         // way to the upstream end (the relay's send buffer grows to a few MB).
         for _ in 0..1_000 {
@@ -669,7 +670,8 @@ impl Stalled {
             // Counted: send the next. Uncounted with the buffers held for 20 scrapes in a
             // row (a send in flight completes at once on loopback): stalled.
             let mut stuck = 0;
-            let outcome = poll(Duration::from_secs(10), Duration::from_millis(5), || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = poll(left, Duration::from_millis(5), || {
                 let (counted, _) = bytes_counted(metrics, port);
                 if counted == sent as f64 {
                     return Some(false);
@@ -689,8 +691,10 @@ impl Stalled {
                 }
                 Some(false) => continue,
                 None => panic!(
-                    "after {sent} bytes the relay neither counted them nor held {holding} copy \
-                     buffers: {:?} counted, copy buffers (in_use, idle) {:?}",
+                    "no stall within 20 s: after {sent} bytes ({} messages, each sent once the \
+                     previous one was counted) the relay has counted {:?} and holds copy \
+                     buffers (in_use, idle) {:?}, expected {holding} held",
+                    sent / STALL_MESSAGE as u64,
                     bytes_counted(metrics, port),
                     copy_buffers(metrics)
                 ),
