@@ -27,6 +27,9 @@
 //!   bucket, exempt CIDRs, reloads, held connections, the log summary, `check` errors.
 //! - `transparent`: `source = "client"` in network namespaces the test makes: sshd sees the
 //!   client's address (ssh, scp), the fallbacks by reason, `scripts/transparent-routing`.
+//! - `copy_path`: the copy buffers of small messages: every one back after 10,000
+//!   connections that end every way, exact byte counts, a pool run dry, order kept across
+//!   switches to splice and back.
 //! - `upgrade`: live upgrades (`portrelay upgrade`, SIGUSR2) under scp, interactive ssh,
 //!   half-closed, held, WebSocket, TLS-entry and 2,000 idle connections; rollbacks, across
 //!   backends, counters that continue.
@@ -47,6 +50,8 @@ mod admin;
 mod booting;
 #[path = "cases/control.rs"]
 mod control;
+#[path = "cases/copy_path.rs"]
+mod copy_path;
 #[path = "cases/hardening.rs"]
 mod hardening;
 #[path = "cases/harness.rs"]

@@ -677,7 +677,7 @@ fn relay_alive(pid: u32) -> bool {
 }
 
 /// The relay's sockets and pipes, by fd link text ("socket:[inode]", "pipe:[inode]").
-fn socket_and_pipe_fds(pid: u32) -> std::collections::HashSet<String> {
+pub(crate) fn socket_and_pipe_fds(pid: u32) -> std::collections::HashSet<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()
