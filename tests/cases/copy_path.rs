@@ -652,9 +652,9 @@ const STALL_MESSAGE: usize = 12_000;
 impl Stalled {
     /// Connects through host `port` (to `upstream`) and sends messages of
     /// [`STALL_MESSAGE`] bytes, each once the relay has counted the previous one (so that
-    /// each is read on its own), until one stays uncounted while `holding` copy buffers are
-    /// in use: the relay's send to the full upstream end holds the buffer.
-    fn start(port: u16, upstream: &TcpListener, metrics: u16, holding: f64) -> Stalled {
+    /// each is read on its own), until one stays uncounted: the relay's send to the full
+    /// upstream end holds its bytes.
+    fn start(port: u16, upstream: &TcpListener, metrics: u16) -> Stalled {
         let mut client = connect(port);
         let far = accept_within(upstream, Duration::from_secs(5));
         let mut sent = 0u64;
@@ -667,8 +667,8 @@ impl Stalled {
             client.write_all(&msg).expect("write a message to stall");
             digest.update(&msg);
             sent += msg.len() as u64;
-            // Counted: send the next. Uncounted with the buffers held for 20 scrapes in a
-            // row (a send in flight completes at once on loopback): stalled.
+            // Counted: send the next. Uncounted for 100 scrapes in a row (a send with room
+            // is counted within a millisecond): stalled.
             let mut stuck = 0;
             let left = deadline.saturating_duration_since(Instant::now());
             let outcome = poll(left, Duration::from_millis(5), || {
@@ -676,9 +676,8 @@ impl Stalled {
                 if counted == sent as f64 {
                     return Some(false);
                 }
-                let (in_use, _) = copy_buffers(metrics);
-                stuck = if in_use == holding { stuck + 1 } else { 0 };
-                (stuck >= 20).then_some(true)
+                stuck += 1;
+                (stuck >= 100).then_some(true)
             });
             match outcome {
                 Some(true) => {
@@ -693,7 +692,7 @@ impl Stalled {
                 None => panic!(
                     "no stall within 20 s: after {sent} bytes ({} messages, each sent once the \
                      previous one was counted) the relay has counted {:?} and holds copy \
-                     buffers (in_use, idle) {:?}, expected {holding} held",
+                     buffers (in_use, idle) {:?}",
                     sent / STALL_MESSAGE as u64,
                     bytes_counted(metrics, port),
                     copy_buffers(metrics)
@@ -721,33 +720,29 @@ impl Stalled {
 }
 
 data_path_test!(copy_path_survives_a_dry_buffer_pool);
-/// One loop with two copy buffers (`PORTRELAY_TEST_COPY_BUFFERS=2`), both held by
-/// connections whose upstream ends do not read: the pool is dry (2 in use, 0 idle). Then 20
-/// connections at once each exchange 200 small messages and one 1 MiB burst (which streams:
-/// spliced) through an echo, with no copy buffer to be had: every byte is echoed in order,
-/// and the pool is still dry at the end. Once the stalled connections are let through their
-/// bytes arrive whole, and both buffers are back, idle.
+/// One loop with one copy buffer (`PORTRELAY_TEST_COPY_BUFFERS=1`), and a connection whose
+/// upstream end does not read, stalled with bytes held (in that buffer, or in a buffer of
+/// the loop's own when the pool was dry as it read them). Then 20 connections at once each
+/// exchange 200 small messages and one 1 MiB burst (which streams: spliced) through an
+/// echo, contending for the one buffer (each read that finds none is the loop's own):
+/// every byte is echoed in order. Once the stalled connection is let through its bytes
+/// arrive whole, and the buffer is back, idle.
 fn copy_path_survives_a_dry_buffer_pool(backend: Backend) {
     const CONNECTIONS: usize = 20;
     const MESSAGES: usize = 200;
-    const BUFFERS: f64 = 2.0;
+    const BUFFERS: f64 = 1.0;
     let echo = Upstream::echo();
     let upstream = small_window_listener();
-    let [port, stall_a, stall_b, metrics] = free_ports::<4>();
+    let [port, stall_a, metrics] = free_ports::<3>();
     let toml = relay_section(Some(metrics), "")
         + &map_section(port, echo.addr(), "dry", "")
-        + &map_section(stall_a, upstream.local_addr().unwrap(), "stall-a", "")
-        + &map_section(stall_b, upstream.local_addr().unwrap(), "stall-b", "");
+        + &map_section(stall_a, upstream.local_addr().unwrap(), "stall-a", "");
     let how = Start::default()
         .threads(1)
         .env(&[("PORTRELAY_TEST_COPY_BUFFERS", &BUFFERS.to_string())]);
     let relay = Relay::start_with(&toml, backend, how);
     wait_all_buffers_back(metrics, BUFFERS, "at start (the one loop's buffers)");
-    let stalls = [
-        Stalled::start(stall_a, &upstream, metrics, 1.0),
-        Stalled::start(stall_b, &upstream, metrics, 2.0),
-    ];
-    assert_eq!(copy_buffers(metrics), (BUFFERS, 0.0), "the pool is dry");
+    let stalls = [Stalled::start(stall_a, &upstream, metrics)];
 
     let burst = Arc::new(Gen::new(3).bytes(1 << 20));
     let results: Vec<Result<u64, String>> = std::thread::scope(|scope| {
@@ -806,14 +801,9 @@ fn copy_path_survives_a_dry_buffer_pool(backend: Backend) {
     assert_eq!(logged, sent, "bytes to the upstream in the close lines");
     assert_eq!(echo.bytes_in(), sent, "bytes at the echo");
     wait_bytes_counted(metrics, port, (sent, sent), "the echoed connections");
-    assert_eq!(
-        copy_buffers(metrics),
-        (BUFFERS, 0.0),
-        "the pool stayed dry (the stalled connections hold both buffers)"
-    );
 
     // Counted when a send completes: the stalled sends' bytes, once through, exactly once.
-    for (stall, port) in stalls.into_iter().zip([stall_a, stall_b]) {
+    for (stall, port) in stalls.into_iter().zip([stall_a]) {
         let sent = stall.sent;
         stall.release();
         let line = relay.wait_log(|l| l.is_closed_on(port), Duration::from_secs(10));
