@@ -40,8 +40,11 @@ const OPCODES: [(u8, &str); 8] = [
 /// The buffer group of the loop's copy buffers (one ring per loop, so one group).
 const CHUNK_GROUP: u16 = 0;
 
-/// How long a quick send may go uncounted (see `Uring::wait`).
-const QUICK_SEND_COUNTED: Duration = Duration::from_millis(1);
+/// How long a quick send may go uncounted (see `Uring::wait`). Not shorter: a wait with a
+/// timer that is the CPU's next one costs a timer reprogramming on the way in and out
+/// (on a VM, exits): with 1 ms here a round trip cost the relay 1.5 × the CPU of epoll's,
+/// and 30 µs more latency, `perf stat` and `bench/run`; with 20 ms, 100 ms or none, alike.
+const QUICK_SEND_COUNTED: Duration = Duration::from_millis(20);
 
 pub struct Uring {
     ring: IoUring,
