@@ -43,6 +43,15 @@ const ACCEPT_BATCH: usize = 64;
 /// How long a client at a TLS entry has to send its ClientHello and finish the handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Adds the change from `published` to `now` (in use, idle) to the two gauges.
+fn publish(now: (usize, usize), published: &mut (usize, usize), gauges: [&::metrics::Gauge; 2]) {
+    if now != *published {
+        gauges[0].increment(now.0 as f64 - published.0 as f64);
+        gauges[1].increment(now.1 as f64 - published.1 as f64);
+        *published = now;
+    }
+}
+
 /// A slot of the loop's table: a client socket being admitted, or a relayed connection.
 /// Unboxed: boxing the connection would cost an allocation per connection, to save space
 /// only in slots of pending admissions (which `max_pending_admissions` bounds).
@@ -216,25 +225,20 @@ impl<D: Driver> EventLoop<D> {
     /// Adds this loop's change in pipe counts to the relay-wide gauges (no atomics when
     /// nothing changed).
     fn publish_pipes(&mut self) {
-        let now = (self.pool.in_use(), self.pool.idle());
-        if now != self.published_pipes {
-            let g = metrics::global();
-            g.pipes_in_use
-                .increment(now.0 as f64 - self.published_pipes.0 as f64);
-            g.pipes_idle
-                .increment(now.1 as f64 - self.published_pipes.1 as f64);
-            self.published_pipes = now;
-        }
+        let g = metrics::global();
+        let pipes = (self.pool.in_use(), self.pool.idle());
+        publish(
+            pipes,
+            &mut self.published_pipes,
+            [&g.pipes_in_use, &g.pipes_idle],
+        );
         let chunks = self.driver.chunks();
-        let now = (chunks.in_use(), chunks.idle());
-        if now != self.published_chunks {
-            let g = metrics::global();
-            g.copy_buffers_in_use
-                .increment(now.0 as f64 - self.published_chunks.0 as f64);
-            g.copy_buffers_idle
-                .increment(now.1 as f64 - self.published_chunks.1 as f64);
-            self.published_chunks = now;
-        }
+        let chunks = (chunks.in_use(), chunks.idle());
+        publish(
+            chunks,
+            &mut self.published_chunks,
+            [&g.copy_buffers_in_use, &g.copy_buffers_idle],
+        );
     }
 
     fn next_timeout(&self) -> Option<Duration> {

@@ -815,6 +815,19 @@ mod tests {
         Socket::new(Domain::IPV4, Type::STREAM.nonblocking().cloexec(), None).unwrap()
     }
 
+    /// Whether io_uring runs here; where it does not, a skip if skips are allowed, else
+    /// the test fails.
+    fn ring_or_skip() -> bool {
+        match probe() {
+            Ok(()) => true,
+            Err(e) if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() => {
+                eprintln!("SKIPPED: io_uring unavailable: {e}");
+                false
+            }
+            Err(e) => panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip"),
+        }
+    }
+
     /// Waits (bounded) until `pick` takes one of the ring's events.
     fn wait_for<T>(ring: &mut Uring, mut pick: impl FnMut(Event) -> Option<T>) -> T {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -837,12 +850,8 @@ mod tests {
     /// (`ENOBUFS`); a receive called back by `unwatch` ends; every chunk comes back.
     #[test]
     fn the_copy_path_lends_chunks_only_while_bytes_are_held() {
-        if let Err(e) = probe() {
-            if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() {
-                eprintln!("SKIPPED: io_uring unavailable: {e}");
-                return;
-            }
-            panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip");
+        if !ring_or_skip() {
+            return;
         }
         use std::io::{Read, Write};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -930,12 +939,8 @@ mod tests {
     /// byte once, in order, and the counts add up to exactly what was sent.
     #[test]
     fn sends_that_find_no_room_lose_and_repeat_nothing() {
-        if let Err(e) = probe() {
-            if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() {
-                eprintln!("SKIPPED: io_uring unavailable: {e}");
-                return;
-            }
-            panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip");
+        if !ring_or_skip() {
+            return;
         }
         use std::io::{Read, Write};
         let pair = || {
@@ -1002,12 +1007,8 @@ mod tests {
     /// connects that socket to the old connection's upstream.
     #[test]
     fn a_retired_socket_number_never_takes_a_queued_connect() {
-        if let Err(e) = probe() {
-            if std::env::var_os("PORTRELAY_TEST_ALLOW_SKIP").is_some() {
-                eprintln!("SKIPPED: io_uring unavailable: {e}");
-                return;
-            }
-            panic!("io_uring unavailable ({e}); set PORTRELAY_TEST_ALLOW_SKIP=1 to skip");
+        if !ring_or_skip() {
+            return;
         }
         let old = TcpListener::bind("127.0.0.1:0").unwrap();
         let new = TcpListener::bind("127.0.0.1:0").unwrap();
