@@ -40,10 +40,15 @@ ALL = [
     "redir",
     "portrelay-uring",
     "portrelay-epoll",
+    "floor",
 ]
-QUICK = ["direct", "haproxy-splice", "nginx", "portrelay-uring", "portrelay-epoll"]
+QUICK = ["direct", "haproxy-splice", "nginx", "portrelay-uring", "portrelay-epoll", "floor"]
 PEERS = ["haproxy-splice", "haproxy-nosplice", "nginx", "socat", "rinetd", "redir"]
-TESTS = ["bulk", "latency", "connrate", "idle", "scp"]
+TESTS = ["bulk", "latency", "pinned", "connrate", "idle", "scp"]
+# Contestants that take part in some tests only. The floor relay is a measure of the kernel's
+# share of relaying one message at a time, and no more: with a thread pair per connection and
+# plain copies it is neither a floor for connection rate nor for bulk (splice beats it).
+ONLY_TESTS = {"floor": {"latency", "pinned"}}
 
 # Addresses inside the two network namespaces this script creates for nft-dnat.
 NS_SRV_ADDR = "10.231.0.1"
@@ -161,6 +166,20 @@ def tree(roots):
     sids = set(roots)
     out |= {pid for pid, (_, sid, _) in table.items() if sid in sids}
     return sorted(out)
+
+
+def set_affinity(pids, cpus):
+    """Every thread of every process in pids onto cpus (threads made later inherit it)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass  # a thread that has just exited
 
 
 def members(c):
@@ -599,6 +618,8 @@ stream {{
             return [["rinetd", "-f", "-c", cfg]]
         if c.name == "redir":
             return [["redir", "-n", "-l", "err", f"127.0.0.1:{p}", f"127.0.0.1:{u}"] for p, u, _ in maps]
+        if c.name == "floor":
+            return [[self.tools, "floor", "127.0.0.1"] + [str(x) for p, u, _ in maps for x in (p, u)]]
         if c.name.startswith("portrelay"):
             backend = c.name.split("-")[1]
             m = "".join(f'[[map]]\nport = {p}\nto = "127.0.0.1:{u}"\nname = "{k}"\n' for p, u, k in maps)
@@ -731,10 +752,12 @@ shutdown_grace = "2s"
             names = [n for n in names if n not in skip or n == "direct"]
         return names
 
-    def active(self):
+    def active(self, test=None):
         out = []
         for c in self.contestants:
             if c.skipped:
+                continue
+            if test and test not in ONLY_TESTS.get(c.name, {test}):
                 continue
             if c.has_process() and not c.alive():
                 if not c.died:
@@ -819,6 +842,38 @@ shutdown_grace = "2s"
                     row["relay_cpu_us_per_rt"] = cpu * 1e6 / (self.lat_count + self.lat_warmup)
         except subprocess.TimeoutExpired:
             row["error"] = "latency client timed out"
+        self.record(row)
+        self.say(row, "p50_us", "p99_us")
+
+    def test_pinned(self, c, rep):
+        """The latency test with the client, the echo upstream and every thread of the
+        contestant on one CPU: no wake-up crosses CPUs, so what is left is each relay's own
+        path (its syscalls, its switches) with much less of this VM's cross-CPU noise."""
+        cpu = max(os.sched_getaffinity(0))
+        every = os.sched_getaffinity(0)
+        echo = [p.pid for p in self.procs.live if p.bench_name == ("echo-ns" if c.netns else "echo-lo")]
+        pids = echo + (members(c) if c.has_process() else [])
+        row = {"test": "pinned", "contestant": c.name, "rep": rep, "size": 64, "cpu": cpu}
+
+        def go():
+            argv = ["taskset", "-c", str(cpu), self.tools, "lat", c.host, str(c.ports["echo"]),
+                    str(self.lat_count), str(self.lat_warmup), "64"]
+            return run(c.cmd(argv), 120)
+
+        set_affinity(pids, {cpu})
+        try:
+            r, cpu_s, busy, wall = self.measure(c, go)
+            if r.returncode != 0:
+                row["error"] = (r.stderr or r.stdout).strip()[-300:]
+            else:
+                row.update(json.loads(r.stdout))
+                row["host_busy"] = busy
+                if cpu_s is not None:
+                    row["relay_cpu_us_per_rt"] = cpu_s * 1e6 / (self.lat_count + self.lat_warmup)
+        except subprocess.TimeoutExpired:
+            row["error"] = "latency client timed out"
+        finally:
+            set_affinity(pids, every)
         self.record(row)
         self.say(row, "p50_us", "p99_us")
 
@@ -1031,21 +1086,24 @@ shutdown_grace = "2s"
             # machine's load spreads over all of them instead of landing on one
             for rep in range(1, self.reps + 1):
                 if "bulk" in tests:
-                    for c in self.active():
+                    for c in self.active("bulk"):
                         self.test_bulk(c, rep, 1)
                         self.test_bulk(c, rep, 4)
                 if "latency" in tests:
-                    for c in self.active():
+                    for c in self.active("latency"):
                         self.test_latency(c, rep)
+                if "pinned" in tests:
+                    for c in self.active("pinned"):
+                        self.test_pinned(c, rep)
                 if "connrate" in tests:
-                    for c in self.active():
+                    for c in self.active("connrate"):
                         self.test_connrate(c, rep)
             if "idle" in tests:
                 for rep in range(1, self.idle_reps + 1):
-                    for c in self.active():
+                    for c in self.active("idle"):
                         self.test_idle(c, rep)
             if "scp" in tests:
-                for c in self.active():
+                for c in self.active("scp"):
                     self.test_scp(c)
             self.active()  # records relays that died during the last test
             self.collect_logs()
@@ -1124,6 +1182,8 @@ DESCRIPTIONS = {
     "redir": "redir (a process per connection)",
     "portrelay-uring": "portrelay --io-backend uring (threads: one per core)",
     "portrelay-epoll": "portrelay --io-backend epoll (threads: one per core)",
+    "floor": "the least a relay can be (tools.c `floor`): two threads per connection, each a "
+             "blocking recv then send; latency tests only: the kernel's share of relaying a message",
 }
 
 

@@ -6,6 +6,11 @@
 //                                             connect, SIZE-byte echo, close; INFLIGHT at once
 //   tools idle  ADDR PORT COUNT INFLIGHT SIZE open COUNT connections, echo on each, hold until
 //                                             a line arrives on stdin, echo on each again
+//   tools floor ADDR PORT UPPORT [PORT UPPORT ...]
+//                                             the least a relay can be: per connection two
+//                                             threads, each a blocking recv then send, one wake
+//                                             and two syscalls per message; no limits, no logs,
+//                                             no timeouts (the kernel's share of relaying)
 //
 // Results are one JSON object a line on stdout. Every wait is bounded: a connection that
 // does not answer within TIMEOUT_MS counts as a failure. Compiled by bench/run at run time
@@ -475,13 +480,124 @@ static int cmd_idle(int argc, char **argv) {
     return 0;
 }
 
+/* ---------------------------------------------------------------- floor relay */
+
+struct floor_pair {
+    int client, upstream;
+    int done; /* directions finished; the second closes both sockets */
+    pthread_mutex_t lock;
+};
+
+struct floor_dir {
+    struct floor_pair *pair;
+    int from, to;
+};
+
+static void *floor_copy(void *arg) {
+    struct floor_dir *d = arg;
+    char buf[MAXSIZE];
+    for (;;) {
+        ssize_t r = recv(d->from, buf, sizeof buf, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        ssize_t off = 0;
+        while (off < r) {
+            ssize_t w = send(d->to, buf + off, (size_t)(r - off), MSG_NOSIGNAL);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) goto out;
+            off += w;
+        }
+    }
+out:
+    shutdown(d->to, SHUT_WR);
+    struct floor_pair *p = d->pair;
+    free(d);
+    pthread_mutex_lock(&p->lock);
+    int last = ++p->done == 2;
+    pthread_mutex_unlock(&p->lock);
+    if (last) {
+        close(p->client);
+        close(p->upstream);
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+    }
+    return NULL;
+}
+
+struct floor_listener {
+    int fd;
+    struct sockaddr_in upstream;
+};
+
+static void floor_start(pthread_attr_t *attr, struct floor_pair *p, int from, int to) {
+    struct floor_dir *d = malloc(sizeof *d);
+    d->pair = p;
+    d->from = from;
+    d->to = to;
+    pthread_t t;
+    if (pthread_create(&t, attr, floor_copy, d) != 0) die("pthread_create");
+}
+
+static void *floor_accept(void *arg) {
+    struct floor_listener *l = arg;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attr, 4 * MAXSIZE);
+    for (;;) {
+        int c = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0) {
+            if (errno == EINTR || errno == ECONNABORTED) continue;
+            die("accept4");
+        }
+        int u = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (u < 0 || connect(u, (struct sockaddr *)&l->upstream, sizeof l->upstream) < 0) {
+            if (u >= 0) close(u);
+            close(c);
+            continue;
+        }
+        nodelay(c);
+        nodelay(u);
+        struct floor_pair *p = calloc(1, sizeof *p);
+        p->client = c;
+        p->upstream = u;
+        pthread_mutex_init(&p->lock, NULL);
+        floor_start(&attr, p, c, u);
+        floor_start(&attr, p, u, c);
+    }
+    return NULL;
+}
+
+static int cmd_floor(int argc, char **argv) {
+    if (argc < 3 || (argc - 1) % 2) return 2;
+    int n = (argc - 1) / 2;
+    signal(SIGPIPE, SIG_IGN);
+    raise_nofile();
+    pthread_t t[64];
+    if (n > 64) return 2;
+    for (int i = 0; i < n; i++) {
+        struct floor_listener *l = calloc(1, sizeof *l);
+        struct sockaddr_in sa = parse_addr(argv[0], argv[1 + 2 * i]);
+        l->upstream = parse_addr(argv[0], argv[2 + 2 * i]);
+        l->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1;
+        setsockopt(l->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(l->fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+        if (listen(l->fd, 4096) < 0) die("listen");
+        pthread_create(&t[i], NULL, floor_accept, l);
+    }
+    for (int i = 0; i < n; i++) pthread_join(t[i], NULL);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2) {
         if (!strcmp(argv[1], "echo")) return cmd_echo(argc - 2, argv + 2);
         if (!strcmp(argv[1], "lat")) return cmd_lat(argc - 2, argv + 2);
         if (!strcmp(argv[1], "rate")) return cmd_rate(argc - 2, argv + 2);
         if (!strcmp(argv[1], "idle")) return cmd_idle(argc - 2, argv + 2);
+        if (!strcmp(argv[1], "floor")) return cmd_floor(argc - 2, argv + 2);
     }
-    fprintf(stderr, "usage: tools echo|lat|rate|idle ... (see the comment at the top of tools.c)\n");
+    fprintf(stderr, "usage: tools echo|lat|rate|idle|floor ... (see the comment at the top of tools.c)\n");
     return 2;
 }
