@@ -268,6 +268,8 @@ pub struct Connection {
     pub hold: Option<Box<Holding>>,
     /// The upstream socket's connect attempt (its events' keys carry it).
     pub attempt: u8,
+    /// Its sockets are watched as the copy path reads them (see `reads_quietly`).
+    pub quiet: bool,
     /// Which side sent FIN first: the reason of a clean end.
     first_eof: Option<CloseReason>,
     /// The reason of an unclean end (reset, error), first one wins.
@@ -284,6 +286,13 @@ pub struct Admitted {
 }
 
 impl Connection {
+    /// Whether its sockets are read by the copy path (and the splice path, which asks for
+    /// each readability report): plain bytes, not held. Everything else reads on every
+    /// readiness report.
+    pub fn reads_quietly(&self) -> bool {
+        matches!(self.codec, Codec::Plain) && self.hold.is_none()
+    }
+
     pub fn new(client: Side, upstream: OwnedFd, admitted: Admitted, now: Instant) -> Connection {
         let Admitted {
             route,
@@ -297,6 +306,7 @@ impl Connection {
             client,
             upstream: Side::new(upstream),
             connected: false,
+            quiet: false,
             to_upstream: Direction::new(),
             to_client: Direction::new(),
             route,
@@ -942,6 +952,8 @@ mod saved {
                 client,
                 upstream,
                 connected: r.connected,
+                // Watched as `reads_quietly` says at adoption; its first turn confirms it.
+                quiet: false,
                 to_upstream,
                 to_client,
                 client_addr: ClientAddr(r.client_addr),

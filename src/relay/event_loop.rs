@@ -556,12 +556,11 @@ impl<D: Driver> EventLoop<D> {
         }
     }
 
-    /// Whether the connection's sockets are read by the copy path (and the splice path,
-    /// which asks for each readability report): plain bytes, not held. Everything else
-    /// reads on every readiness report.
+    /// Whether the connection's sockets are read by the copy path
+    /// ([`Connection::reads_quietly`]).
     fn reads_quietly(&self, key: Key) -> bool {
         matches!(self.entries.get(key.slot(), key.generation()),
-            Some(Entry::Relay(c)) if matches!(c.codec, Codec::Plain) && c.hold.is_none())
+            Some(Entry::Relay(c)) if c.reads_quietly())
     }
 
     /// Admits a direct connection at once.
@@ -764,7 +763,7 @@ impl<D: Driver> EventLoop<D> {
                 .max(Duration::from_millis(1)),
             None => self.settings.connect_timeout,
         };
-        let quiet = matches!(c.codec, Codec::Plain) && c.hold.is_none();
+        let quiet = c.reads_quietly();
         // TCP_NODELAY and keepalive, set by the driver with the connect (see `tune`).
         self.driver.connect(
             key.with_tag(Tag::Upstream).with_attempt(c.attempt),
@@ -1044,6 +1043,20 @@ impl<D: Driver> EventLoop<D> {
         };
         if !c.connected {
             return;
+        }
+        if !c.quiet && c.reads_quietly() {
+            // Read by the copy path from now on (a PROXY header taken, a hold ended): no
+            // readability report per message. A side whose watch changed tries its next
+            // read (the old watch's last report may have been taken already).
+            c.quiet = true;
+            let client = key.with_tag(Tag::Client);
+            let upstream = key.with_tag(Tag::Upstream).with_attempt(c.attempt);
+            if self.driver.quieten(client, c.client.fd.as_raw_fd()) {
+                c.client.readable = true;
+            }
+            if self.driver.quieten(upstream, c.upstream.fd.as_raw_fd()) {
+                c.upstream.readable = true;
+            }
         }
         let before = (c.to_upstream.bytes, c.to_client.bytes);
         let turn = c.pump(key, &mut self.pool, &mut self.driver);

@@ -208,6 +208,12 @@ pub trait Driver {
     /// bytes again: reported once as [`Event::Ready`] (a no-op where every readiness change
     /// is reported anyway).
     fn want_read(&mut self, _key: Key, _fd: RawFd) {}
+    /// A socket watched by [`Driver::watch`] is read by the copy path from now on: watched
+    /// as by [`Driver::watch_quietly`]. `true` when its watch changed (a backend that
+    /// reports every readiness change has nothing to change).
+    fn quieten(&mut self, _key: Key, _fd: RawFd) -> bool {
+        false
+    }
     /// Stops reporting on `fd`, which the caller is about to close.
     fn unwatch(&mut self, key: Key, fd: RawFd);
     /// [`Driver::unwatch`] for a socket another process holds too (handed over at an

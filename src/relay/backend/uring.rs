@@ -351,6 +351,14 @@ impl Uring {
         self.push(e);
     }
 
+    /// [`Uring::cancel`] of every request with the key, not only the first found.
+    fn cancel_all(&mut self, key: Key) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(key.0).all())
+            .build()
+            .user_data(key.with_tag(Tag::Ignore).0);
+        self.push(e);
+    }
+
     fn complete(&mut self, key: Key, res: i32, flags: u32, out: &mut Vec<Event>) {
         let more = cqueue::more(flags);
         match key.tag() {
@@ -589,6 +597,18 @@ impl Driver for Uring {
         self.watch(key, fd)
     }
 
+    fn quieten(&mut self, key: Key, fd: RawFd) -> bool {
+        if !self.quiet.insert(key) {
+            return false;
+        }
+        // The poll that reports readability ends (its cancelled end is no stop of its
+        // own: `complete` drops it) and one without `POLLIN` takes its place. The cancel
+        // is issued first, in the same submission, so it cannot find the new poll.
+        self.cancel(key);
+        self.poll(key, fd, QUIET_MASK);
+        true
+    }
+
     fn want_read(&mut self, key: Key, fd: RawFd) {
         let op = key.op(Tag::Readable);
         if self.quiet.contains(&key) && self.read_polls.insert(op.0) {
@@ -602,7 +622,9 @@ impl Driver for Uring {
     fn unwatch(&mut self, key: Key, _fd: RawFd) {
         self.connecting.remove(&key);
         self.quiet.remove(&key);
-        self.cancel(key);
+        // Every poll with its key: `quieten` may have replaced one in this very submission
+        // (the one it cancelled stays findable until its end is posted).
+        self.cancel_all(key);
         // Its receive, send or readability report ends too (a completion gives the chunk
         // back), so that the socket closes with its descriptor: a request holds its file.
         for op in [
@@ -850,6 +872,94 @@ mod tests {
                 "the awaited completion never came"
             );
         }
+    }
+
+    /// A socket watched with readability reports and then quietened reports no more
+    /// arrivals (its receives bring them), still its peer's FIN; quietening it twice
+    /// changes nothing; and a socket quietened and let go in one submission closes (no
+    /// poll is left holding it).
+    #[test]
+    fn quieten_stops_readability_reports_and_leaves_no_poll_behind() {
+        if !ring_or_skip() {
+            return;
+        }
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let (key, fd) = (Key::new(Tag::Client, 1, 1), ours.as_raw_fd());
+        let wake = crate::sys::eventfd().unwrap();
+        let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
+        let reports = |ring: &mut Uring, for_ms: u64| {
+            let mut seen = Vec::new();
+            let until = Instant::now() + Duration::from_millis(for_ms);
+            while Instant::now() < until {
+                let mut events = Vec::new();
+                ring.wait(Some(Duration::from_millis(10)), &mut events)
+                    .unwrap();
+                seen.extend(events.into_iter().filter_map(|e| match e {
+                    Event::Ready {
+                        key: k,
+                        readable,
+                        hup,
+                        ..
+                    } if k == key => Some((readable, hup)),
+                    _ => None,
+                }));
+            }
+            seen
+        };
+
+        ring.watch(key, fd).unwrap();
+        peer.write_all(b"x").unwrap();
+        let seen = reports(&mut ring, 100);
+        assert!(seen.iter().any(|&(r, _)| r), "watched: {seen:?}");
+        let mut byte = [0u8; 1];
+        ours.read_exact(&mut byte).unwrap();
+
+        assert!(ring.quieten(key, fd), "its watch changes");
+        assert!(
+            !ring.quieten(key, fd),
+            "a quiet socket has nothing to change"
+        );
+        reports(&mut ring, 50); // the old poll's end, the new one's first report
+        peer.write_all(b"y").unwrap();
+        let seen = reports(&mut ring, 150);
+        assert!(seen.iter().all(|&(r, _)| !r), "quiet: {seen:?}");
+        assert!(ring.receive(key, fd, false).is_none());
+        let chunk = wait_for(&mut ring, |e| match e {
+            Event::Received(k, Ok(Some(c))) if k == key => Some(c),
+            _ => None,
+        });
+        assert_eq!(chunk.bytes(), b"y", "its receives bring the bytes");
+        drop(chunk);
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let seen = reports(&mut ring, 150);
+        assert!(
+            seen.iter().any(|&(_, hup)| hup),
+            "the FIN is reported: {seen:?}"
+        );
+        ring.unwatch(key, fd);
+        drop(ring);
+
+        // Quietened and let go before the ring has taken either in.
+        let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fd = ours.as_raw_fd();
+        ring.watch(key, fd).unwrap();
+        reports(&mut ring, 20);
+        assert!(ring.quieten(key, fd));
+        ring.unwatch(key, fd);
+        ring.retire(OwnedFd::from(ours));
+        reports(&mut ring, 50);
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest)
+            .expect("the socket closed: no poll holds it");
+        assert!(rest.is_empty());
     }
 
     /// The copy path on the ring: a waiting receive holds no chunk; bytes arrive in one;
