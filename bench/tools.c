@@ -1,7 +1,10 @@
 // Load generators and the echo upstream for bench/run. One binary, four subcommands:
 //
 //   tools echo  ADDR PORT THREADS             echo server (epoll, one loop per thread)
-//   tools lat   ADDR PORT COUNT WARMUP SIZE   request/response round trips on one connection
+//   tools lat   ADDR PORT COUNT WARMUP SIZE [proxy]
+//                                             request/response round trips on one connection
+//                                             (proxy: a PROXY v1 header first, as from a
+//                                             trusted proxy)
 //   tools rate  ADDR PORT INFLIGHT SECONDS SIZE MAXCONNS
 //                                             connect, SIZE-byte echo, close; INFLIGHT at once
 //   tools idle  ADDR PORT COUNT INFLIGHT SIZE open COUNT connections, echo on each, hold until
@@ -190,6 +193,10 @@ static int cmd_lat(int argc, char **argv) {
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("connect");
     nodelay(fd);
+    if (argc > 5 && !strcmp(argv[5], "proxy")) {
+        const char *hdr = "PROXY TCP4 192.0.2.7 127.0.0.1 40000 22\r\n";
+        if (write(fd, hdr, strlen(hdr)) != (ssize_t)strlen(hdr)) die("write PROXY header");
+    }
     unsigned char out[MAXSIZE], in[MAXSIZE];
     uint64_t *rtt = calloc((size_t)count, sizeof *rtt);
     long errors = 0;
