@@ -824,13 +824,30 @@ shutdown_grace = "2s"
                 self.wait_listening([self.upstreams["iperf"]], addr=addr, netns=netns, procs=[np])
                 return
 
-    def test_latency(self, c, rep):
-        row = {"test": "latency", "contestant": c.name, "rep": rep, "size": 64}
+    def test_latency(self, c, rep, pin=None):
+        """64-byte round trips on one connection. `pin`: a CPU for the client, the echo
+        upstream and every thread of the contestant, for the test's duration (the `pinned`
+        test): no wake-up crosses CPUs, so what is left is each relay's own path (its
+        syscalls, its switches) with much less of this VM's cross-CPU noise."""
+        test = "latency" if pin is None else "pinned"
+        row = {"test": test, "contestant": c.name, "rep": rep, "size": 64}
+        taskset = []
+        pids = []
+        if pin is not None:
+            row["cpu"] = pin
+            taskset = ["taskset", "-c", str(pin)]
+            echo = "echo-ns" if c.netns else "echo-lo"
+            pids = [p.pid for p in self.procs.live if p.bench_name == echo]
+            pids += members(c) if c.has_process() else []
+        every = os.sched_getaffinity(0)
 
         def go():
-            argv = [self.tools, "lat", c.host, str(c.ports["echo"]), str(self.lat_count), str(self.lat_warmup), "64"]
+            argv = taskset + [self.tools, "lat", c.host, str(c.ports["echo"]), str(self.lat_count),
+                              str(self.lat_warmup), "64"]
             return run(c.cmd(argv), 120)
 
+        if pin is not None:
+            set_affinity(pids, {pin})
         try:
             r, cpu, busy, wall = self.measure(c, go)
             if r.returncode != 0:
@@ -842,38 +859,9 @@ shutdown_grace = "2s"
                     row["relay_cpu_us_per_rt"] = cpu * 1e6 / (self.lat_count + self.lat_warmup)
         except subprocess.TimeoutExpired:
             row["error"] = "latency client timed out"
-        self.record(row)
-        self.say(row, "p50_us", "p99_us")
-
-    def test_pinned(self, c, rep):
-        """The latency test with the client, the echo upstream and every thread of the
-        contestant on one CPU: no wake-up crosses CPUs, so what is left is each relay's own
-        path (its syscalls, its switches) with much less of this VM's cross-CPU noise."""
-        cpu = max(os.sched_getaffinity(0))
-        every = os.sched_getaffinity(0)
-        echo = [p.pid for p in self.procs.live if p.bench_name == ("echo-ns" if c.netns else "echo-lo")]
-        pids = echo + (members(c) if c.has_process() else [])
-        row = {"test": "pinned", "contestant": c.name, "rep": rep, "size": 64, "cpu": cpu}
-
-        def go():
-            argv = ["taskset", "-c", str(cpu), self.tools, "lat", c.host, str(c.ports["echo"]),
-                    str(self.lat_count), str(self.lat_warmup), "64"]
-            return run(c.cmd(argv), 120)
-
-        set_affinity(pids, {cpu})
-        try:
-            r, cpu_s, busy, wall = self.measure(c, go)
-            if r.returncode != 0:
-                row["error"] = (r.stderr or r.stdout).strip()[-300:]
-            else:
-                row.update(json.loads(r.stdout))
-                row["host_busy"] = busy
-                if cpu_s is not None:
-                    row["relay_cpu_us_per_rt"] = cpu_s * 1e6 / (self.lat_count + self.lat_warmup)
-        except subprocess.TimeoutExpired:
-            row["error"] = "latency client timed out"
         finally:
-            set_affinity(pids, every)
+            if pin is not None:
+                set_affinity(pids, every)
         self.record(row)
         self.say(row, "p50_us", "p99_us")
 
@@ -1094,7 +1082,7 @@ shutdown_grace = "2s"
                         self.test_latency(c, rep)
                 if "pinned" in tests:
                     for c in self.active("pinned"):
-                        self.test_pinned(c, rep)
+                        self.test_latency(c, rep, pin=max(os.sched_getaffinity(0)))
                 if "connrate" in tests:
                     for c in self.active("connrate"):
                         self.test_connrate(c, rep)

@@ -857,6 +857,14 @@ mod tests {
         }
     }
 
+    /// A connection to `listener`: the peer's end, and ours (non-blocking).
+    fn connected(listener: &TcpListener) -> (std::net::TcpStream, std::net::TcpStream) {
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (peer, ours)
+    }
+
     /// Waits (bounded) until `pick` takes one of the ring's events.
     fn wait_for<T>(ring: &mut Uring, mut pick: impl FnMut(Event) -> Option<T>) -> T {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -885,9 +893,7 @@ mod tests {
         }
         use std::io::{Read, Write};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (mut ours, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (mut peer, mut ours) = connected(&listener);
         let (key, fd) = (Key::new(Tag::Client, 1, 1), ours.as_raw_fd());
         let wake = crate::sys::eventfd().unwrap();
         let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
@@ -945,9 +951,7 @@ mod tests {
 
         // Quietened and let go before the ring has taken either in.
         let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (mut peer, ours) = connected(&listener);
         let fd = ours.as_raw_fd();
         ring.watch(key, fd).unwrap();
         reports(&mut ring, 20);
@@ -972,9 +976,7 @@ mod tests {
         }
         use std::io::{Read, Write};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (mut peer, ours) = connected(&listener);
         let (key, fd) = (Key::new(Tag::Client, 1, 1), ours.as_raw_fd());
         let wake = crate::sys::eventfd().unwrap();
         let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
