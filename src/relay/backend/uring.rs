@@ -603,7 +603,9 @@ impl Driver for Uring {
         }
         // The poll that reports readability ends (its cancelled end is no stop of its
         // own: `complete` drops it) and one without `POLLIN` takes its place. The cancel
-        // is issued first, in the same submission, so it cannot find the new poll.
+        // is issued first, in the same submission, so it cannot find the new poll. (Should
+        // the old poll have ended on its own just before, its `Unwatched` makes the loop
+        // watch again: a second quiet poll, duplicate reports until `unwatch` ends both.)
         self.cancel(key);
         self.poll(key, fd, QUIET_MASK);
         true
@@ -897,10 +899,14 @@ mod tests {
         let (key, fd) = (Key::new(Tag::Client, 1, 1), ours.as_raw_fd());
         let wake = crate::sys::eventfd().unwrap();
         let mut ring = Uring::new(wake.as_raw_fd(), 2).unwrap();
-        let reports = |ring: &mut Uring, for_ms: u64| {
-            let mut seen = Vec::new();
+        // The ring's reports on `key` (readable, hup, or the watch's end) for `for_ms`,
+        // or until one of them is `wanted` (then bounded at 5 s).
+        type Seen = (bool, bool, bool);
+        let reports = |ring: &mut Uring, for_ms: u64, wanted: &dyn Fn(&Seen) -> bool| {
+            let mut seen: Vec<Seen> = Vec::new();
             let until = Instant::now() + Duration::from_millis(for_ms);
-            while Instant::now() < until {
+            let bound = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until || (for_ms == 0 && Instant::now() < bound) {
                 let mut events = Vec::new();
                 ring.wait(Some(Duration::from_millis(10)), &mut events)
                     .unwrap();
@@ -910,17 +916,22 @@ mod tests {
                         readable,
                         hup,
                         ..
-                    } if k == key => Some((readable, hup)),
+                    } if k == key => Some((readable, hup, false)),
+                    Event::Unwatched(k) if k == key => Some((false, false, true)),
                     _ => None,
                 }));
+                if seen.iter().any(wanted) {
+                    break;
+                }
             }
             seen
         };
+        let none = |_: &Seen| false;
 
         ring.watch(key, fd).unwrap();
         peer.write_all(b"x").unwrap();
-        let seen = reports(&mut ring, 100);
-        assert!(seen.iter().any(|&(r, _)| r), "watched: {seen:?}");
+        let seen = reports(&mut ring, 0, &|&(r, _, _)| r);
+        assert!(seen.iter().any(|&(r, _, _)| r), "watched: {seen:?}");
         let mut byte = [0u8; 1];
         ours.read_exact(&mut byte).unwrap();
 
@@ -929,10 +940,19 @@ mod tests {
             !ring.quieten(key, fd),
             "a quiet socket has nothing to change"
         );
-        reports(&mut ring, 50); // the old poll's end, the new one's first report
+        // The old poll's end (cancelled: not a stop the loop would re-watch for), the
+        // new one's first report.
+        let seen = reports(&mut ring, 50, &none);
+        assert!(
+            seen.iter().all(|&(_, _, end)| !end),
+            "no watch ended: {seen:?}"
+        );
         peer.write_all(b"y").unwrap();
-        let seen = reports(&mut ring, 150);
-        assert!(seen.iter().all(|&(r, _)| !r), "quiet: {seen:?}");
+        let seen = reports(&mut ring, 150, &none);
+        assert!(
+            seen.iter().all(|&(r, _, end)| !r && !end),
+            "quiet: {seen:?}"
+        );
         assert!(ring.receive(key, fd, false).is_none());
         let chunk = wait_for(&mut ring, |e| match e {
             Event::Received(k, Ok(Some(c))) if k == key => Some(c),
@@ -941,9 +961,9 @@ mod tests {
         assert_eq!(chunk.bytes(), b"y", "its receives bring the bytes");
         drop(chunk);
         peer.shutdown(std::net::Shutdown::Write).unwrap();
-        let seen = reports(&mut ring, 150);
+        let seen = reports(&mut ring, 0, &|&(_, hup, _)| hup);
         assert!(
-            seen.iter().any(|&(_, hup)| hup),
+            seen.iter().any(|&(_, hup, _)| hup),
             "the FIN is reported: {seen:?}"
         );
         ring.unwatch(key, fd);
@@ -954,11 +974,11 @@ mod tests {
         let (mut peer, ours) = connected(&listener);
         let fd = ours.as_raw_fd();
         ring.watch(key, fd).unwrap();
-        reports(&mut ring, 20);
+        reports(&mut ring, 20, &none);
         assert!(ring.quieten(key, fd));
         ring.unwatch(key, fd);
         ring.retire(OwnedFd::from(ours));
-        reports(&mut ring, 50);
+        reports(&mut ring, 50, &none);
         peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut rest = Vec::new();
         peer.read_to_end(&mut rest)
